@@ -1,0 +1,340 @@
+"""The command line: `homeiq-trainer train | runs | serve | demo | discovery`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from homeiq_trainer import __version__
+from homeiq_trainer.messages import Phase, ProgressEvent, RunStatus, TrainParams
+from homeiq_trainer.settings import ConfigError, Settings, load_settings
+
+_LOGGER = logging.getLogger("homeiq_trainer")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+# Plain progress lines when stdout is not a terminal: at most one per this many seconds.
+LOG_PROGRESS_EVERY_S = 5.0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # Third-party chatter (weight loading bars, HTTP) is not ours to show.
+    for noisy in ("httpx", "urllib3", "filelock", "transformers", "peft", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
+    try:
+        from homeiq_trainer.addon import AddonError, addon_settings_source
+    except ImportError:  # TEMP until addon.py lands
+        addon_options = None
+    else:
+        try:
+            addon_options = addon_settings_source()
+        except AddonError as exc:
+            raise ConfigError(str(exc)) from None
+    return load_settings(args.config, overrides, addon_options=addon_options)
+
+
+def _section_overrides(pairs: dict[str, tuple[str, str]], args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for attr, (section, key) in pairs.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+class ConsoleObserver:
+    """A rich progress bar on a terminal, plain log lines elsewhere."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self._progress: Any = None
+        self._task: Any = None
+        self._last_log = 0.0
+
+    def phase(self, phase: Phase, message: str = "") -> None:
+        if phase is not Phase.TRAINING:
+            self.close()
+        _LOGGER.info("%s: %s", phase.value.replace("_", " "), message)
+
+    def progress(self, event: ProgressEvent) -> None:
+        loss = f"{event.loss:.4f}" if event.loss is not None else "-"
+        if self.interactive:
+            if self._progress is None:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeRemainingColumn,
+                )
+
+                self._progress = Progress(
+                    TextColumn("training"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}"),
+                    TextColumn("{task.fields[rate]}"),
+                    TimeRemainingColumn(),
+                    transient=False,
+                )
+                self._progress.start()
+                self._task = self._progress.add_task("train", total=event.total_steps, loss="-", rate="")
+            rate = f"{event.samples_per_s:.1f} samples/s" if event.samples_per_s else ""
+            self._progress.update(self._task, completed=event.step, loss=loss, rate=rate)
+            return
+        now = time.monotonic()
+        if now - self._last_log >= LOG_PROGRESS_EVERY_S or event.step == event.total_steps:
+            self._last_log = now
+            _LOGGER.info(
+                "step %d/%d (%.0f%%) epoch %.2f loss %s eta %ss",
+                event.step,
+                event.total_steps,
+                event.percent,
+                event.epoch,
+                loss,
+                f"{event.eta_s:.0f}" if event.eta_s is not None else "?",
+            )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run one training run in the foreground."""
+    from homeiq_trainer.history import HistoryStore
+    from homeiq_trainer.jobs import JobRequest, crash_result, open_run, record_result, recover
+    from homeiq_trainer.training.run import execute_run
+
+    overrides = _section_overrides(
+        {
+            "source_db": ("data", "source_db"),
+            "output_dir": ("storage", "output_dir"),
+            "history_db": ("storage", "history_db"),
+        },
+        args,
+    )
+    settings = _settings(args, overrides)
+    _setup_logging(settings.log_level)
+    params = TrainParams(
+        epochs=args.epochs,
+        max_samples=args.max_samples,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        resume_from=args.resume_from,
+        base_model=args.base_model,
+    )
+    store = HistoryStore(settings.storage.history_db)
+    recover(store, settings)
+    run = open_run(store, settings, JobRequest(params=params, triggered_by=args.triggered_by))
+    store.mark_running(run.id)  # type: ignore[arg-type]
+    _LOGGER.info("Run %s started (history row %s)", run.run_identifier, run.id)
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        _LOGGER.warning("Signal %d: stopping at the next step", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    observer = ConsoleObserver(interactive=sys.stdout.isatty() and not args.no_progress)
+    try:
+        result = execute_run(settings, params, run.run_identifier, observer, stop)
+    except Exception as exc:  # the outermost loop of this command: record, then report in one line
+        _LOGGER.debug("Training raised", exc_info=True)
+        result = crash_result(run, exc)
+    finally:
+        observer.close()
+    run = record_result(store, run, result)
+    store.close()
+
+    if result.status is RunStatus.COMPLETED:
+        print(
+            f"{run.run_identifier} completed: {result.data.examples} examples "
+            f"({result.train_examples} train / {result.eval_examples} eval), "
+            f"final loss {_fmt(result.final_loss)}, eval loss {_fmt(result.eval_loss)}, "
+            f"adapter {result.run_dir}"
+        )
+        return EXIT_OK
+    if result.status is RunStatus.CANCELLED:
+        print(f"{run.run_identifier} cancelled; latest adapter unchanged", file=sys.stderr)
+        return EXIT_CANCELLED
+    reason = (result.error or "training failed").strip().splitlines()
+    print(f"error: {run.run_identifier} failed: {reason[-1] if reason else 'training failed'}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List the history, newest first."""
+    from homeiq_trainer.history import HistoryStore, run_to_dict
+
+    settings = _settings(args)
+    if not settings.storage.history_db.exists():
+        rows: list[dict[str, Any]] = []
+    else:
+        store = HistoryStore(settings.storage.history_db)
+        rows = [run_to_dict(run) for run in store.recent(args.limit)]
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print("no runs yet")
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"training runs ({settings.storage.history_db})")
+    for column in ("id", "run", "status", "samples", "loss", "started", "finished", "note"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        note = (row["error"] or "").strip().splitlines()
+        table.add_row(
+            str(row["id"]),
+            row["run_id"],
+            row["status"],
+            str(row["dataset_size"] or "-"),
+            _fmt(row["final_loss"]),
+            (row["started_at"] or "-")[:19],
+            (row["finished_at"] or "-")[:19],
+            (note[-1][:80] if note else f"by {row['triggered_by']}"),
+        )
+    Console(width=max(100, Console().width)).print(table)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the MQTT daemon until SIGTERM/SIGINT."""
+    from homeiq_trainer.app import serve
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    return serve(settings)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Internal: the training child process the daemon supervises."""
+    from homeiq_trainer.worker import main as worker_main
+
+    return worker_main(args.event_fd)
+
+
+def cmd_discovery(args: argparse.Namespace) -> int:
+    """Print or remove the Home Assistant discovery and retained state topics."""
+    from homeiq_trainer.app import remove_retained, show_discovery
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    if args.remove:
+        return remove_retained(settings)
+    return show_discovery(settings)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the demo database and model, then run the whole thing end to end."""
+    from homeiq_trainer.showcase import run_demo
+
+    _setup_logging("INFO")
+    return run_demo(Path(args.directory), daemon=not args.train_only, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    parser = argparse.ArgumentParser(prog="homeiq-trainer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, help="TOML file (default: $HOMEIQ_CONFIG, else built-in defaults)")
+        return p
+
+    train = with_config(sub.add_parser("train", help="run one training run in the foreground"))
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-samples", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lora-r", type=int)
+    train.add_argument("--lora-alpha", type=int)
+    train.add_argument("--lora-dropout", type=float)
+    train.add_argument("--base-model", help="hub id or local directory of a seq2seq model")
+    train.add_argument("--resume-from", help="'latest' or a run identifier from the history")
+    train.add_argument("--source-db", type=Path, help="HomeIQ's database (read-only)")
+    train.add_argument("--output-dir", type=Path)
+    train.add_argument("--history-db", type=Path)
+    train.add_argument("--triggered-by", default="cli", help="recorded in the history (default: cli)")
+    train.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    train.set_defaults(func=cmd_train)
+
+    runs = with_config(sub.add_parser("runs", help="list the run history, newest first"))
+    runs.add_argument("--limit", type=int, default=25)
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    runs.set_defaults(func=cmd_runs)
+
+    serve = with_config(sub.add_parser("serve", help="run the MQTT daemon"))
+    serve.set_defaults(func=cmd_serve)
+
+    discovery = with_config(sub.add_parser("discovery", help="show or remove Home Assistant discovery"))
+    discovery.add_argument("--remove", action="store_true", help="clear retained discovery and state topics")
+    discovery.set_defaults(func=cmd_discovery)
+
+    demo = sub.add_parser("demo", help="end-to-end demo with a local broker, demo data and a tiny model")
+    demo.add_argument("--directory", default="demo", help="where the demo keeps its files (default: ./demo)")
+    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--train-only", action="store_true", help="no broker or daemon, only `train`")
+    demo.set_defaults(func=cmd_demo)
+
+    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    worker.add_argument("--event-fd", type=int, required=True)
+    worker.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # pydantic's ValidationError for bad CLI values
+        from pydantic import ValidationError
+
+        from homeiq_trainer.settings import describe_validation_error
+
+        if isinstance(exc, ValidationError):
+            print(f"error: {describe_validation_error(exc, 'invalid argument')}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED

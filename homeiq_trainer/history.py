@@ -1,0 +1,231 @@
+"""Run history: HomeIQ's `training_runs` table, kept by SQLModel in our own database."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, Text, event
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from homeiq_trainer.messages import RunStatus, utcnow
+
+_LOGGER = logging.getLogger(__name__)
+
+ERROR_TAIL_CHARS = 5000
+INTERRUPTED_MESSAGE = "interrupted: the process running it stopped before the run finished"
+
+
+class TrainingRun(SQLModel, table=True):
+    """One training run; HomeIQ's columns and meanings, plus ours at the end."""
+
+    __tablename__ = "training_runs"
+    __table_args__ = (
+        Index("idx_training_runs_status", "status"),
+        Index("idx_training_runs_started_at", "started_at"),
+        Index("idx_training_runs_run_identifier", "run_identifier", unique=True),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    training_type: str = Field(default="soft_prompt", max_length=20)
+    status: str = Field(default=RunStatus.QUEUED.value, max_length=20)
+    started_at: datetime
+    finished_at: datetime | None = None
+    dataset_size: int | None = None
+    base_model: str | None = None
+    output_dir: str | None = None
+    run_identifier: str
+    final_loss: float | None = None
+    error_message: str | None = Field(default=None, sa_column=Column(Text))
+    metadata_path: str | None = None
+    triggered_by: str = "admin"
+    iteration_history_json: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
+    # Ours:
+    eval_loss: float | None = None
+    request_id: str | None = None
+    parameters_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    data_report_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite keeps naive timestamps; ours are always UTC.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def run_to_dict(run: TrainingRun) -> dict[str, Any]:
+    """The record as published and printed (timestamps ISO 8601 with a zone)."""
+    started, finished = _aware(run.started_at), _aware(run.finished_at)
+    return {
+        "id": run.id,
+        "run_id": run.run_identifier,
+        "status": run.status,
+        "triggered_by": run.triggered_by,
+        "started_at": started.isoformat() if started else None,
+        "finished_at": finished.isoformat() if finished else None,
+        "dataset_size": run.dataset_size,
+        "base_model": run.base_model,
+        "output_dir": run.output_dir,
+        "final_loss": run.final_loss,
+        "eval_loss": run.eval_loss,
+        "error": run.error_message,
+    }
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets HomeIQ's admin page read the history while a run writes it.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class HistoryStore:
+    """The run history, with one method per thing that happens to a run."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._engine: Engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
+        event.listen(self._engine, "connect", _sqlite_pragmas)
+        SQLModel.metadata.create_all(self._engine)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self._engine.dispose()
+
+    def _update(self, run_id: int, **values: Any) -> TrainingRun:
+        with self._lock, Session(self._engine, expire_on_commit=False) as session:
+            run = session.get(TrainingRun, run_id)
+            if run is None:
+                raise KeyError(f"no training run with id {run_id}")
+            for key, value in values.items():
+                setattr(run, key, value)
+            session.add(run)
+            session.commit()
+            return run
+
+    def create(
+        self,
+        run_identifier: str,
+        base_model: str,
+        output_dir: str,
+        triggered_by: str,
+        parameters: dict[str, Any],
+        request_id: str | None = None,
+    ) -> TrainingRun:
+        """Record a new queued run."""
+        run = TrainingRun(
+            run_identifier=run_identifier,
+            status=RunStatus.QUEUED.value,
+            started_at=utcnow(),
+            base_model=base_model,
+            output_dir=output_dir,
+            triggered_by=triggered_by,
+            request_id=request_id,
+            parameters_json=parameters,
+        )
+        with self._lock, Session(self._engine, expire_on_commit=False) as session:
+            session.add(run)
+            session.commit()
+            session.refresh(run)
+        return run
+
+    def mark_running(self, run_id: int) -> TrainingRun:
+        """The run's process picked it up."""
+        return self._update(run_id, status=RunStatus.RUNNING.value)
+
+    def finish(
+        self,
+        run_id: int,
+        status: RunStatus,
+        *,
+        dataset_size: int | None = None,
+        final_loss: float | None = None,
+        eval_loss: float | None = None,
+        loss_history: list[dict[str, float]] | None = None,
+        metadata_path: str | None = None,
+        output_dir: str | None = None,
+        data_report: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> TrainingRun:
+        """Close the run with its outcome; `error` keeps its last 5000 characters."""
+        values: dict[str, Any] = {
+            "status": status.value,
+            "finished_at": utcnow(),
+            "dataset_size": dataset_size,
+            "final_loss": final_loss,
+            "eval_loss": eval_loss,
+            "iteration_history_json": loss_history,
+            "metadata_path": metadata_path,
+            "data_report_json": data_report,
+            "error_message": error[-ERROR_TAIL_CHARS:] if error else None,
+        }
+        if output_dir is not None:
+            values["output_dir"] = output_dir
+        return self._update(run_id, **values)
+
+    def mark_interrupted(self) -> list[TrainingRun]:
+        """Fail every run still queued or running: its process is gone."""
+        with self._lock, Session(self._engine, expire_on_commit=False) as session:
+            stale = session.exec(
+                select(TrainingRun).where(
+                    TrainingRun.status.in_([RunStatus.QUEUED.value, RunStatus.RUNNING.value])  # type: ignore[attr-defined]
+                )
+            ).all()
+            for run in stale:
+                run.status = RunStatus.FAILED.value
+                run.finished_at = utcnow()
+                run.error_message = INTERRUPTED_MESSAGE
+                session.add(run)
+            session.commit()
+        for run in stale:
+            _LOGGER.warning("Run %s was left %s by a stopped process; marked failed", run.run_identifier, "open")
+        return list(stale)
+
+    def get(self, run_id: int) -> TrainingRun | None:
+        """One run by its row id."""
+        with Session(self._engine, expire_on_commit=False) as session:
+            return session.get(TrainingRun, run_id)
+
+    def by_identifier(self, run_identifier: str) -> TrainingRun | None:
+        """One run by its run identifier."""
+        with Session(self._engine, expire_on_commit=False) as session:
+            return session.exec(select(TrainingRun).where(TrainingRun.run_identifier == run_identifier)).first()
+
+    def recent(self, limit: int = 25) -> list[TrainingRun]:
+        """The newest runs first."""
+        with Session(self._engine, expire_on_commit=False) as session:
+            query = select(TrainingRun).order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
+            return list(session.exec(query.limit(limit)).all())
+
+    def latest_finished(self) -> TrainingRun | None:
+        """The newest run that has ended, whatever its outcome."""
+        with Session(self._engine, expire_on_commit=False) as session:
+            query = (
+                select(TrainingRun)
+                .where(TrainingRun.finished_at.is_not(None))  # type: ignore[union-attr]
+                .order_by(TrainingRun.finished_at.desc(), TrainingRun.id.desc())  # type: ignore[union-attr]
+            )
+            return session.exec(query.limit(1)).first()
+
+    def latest_completed(self) -> TrainingRun | None:
+        """The newest completed run."""
+        with Session(self._engine, expire_on_commit=False) as session:
+            query = (
+                select(TrainingRun)
+                .where(TrainingRun.status == RunStatus.COMPLETED.value)
+                .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined]
+            )
+            return session.exec(query.limit(1)).first()
+
+    def identifiers(self) -> set[str]:
+        """Every run identifier in the history."""
+        with Session(self._engine) as session:
+            return set(session.exec(select(TrainingRun.run_identifier)).all())

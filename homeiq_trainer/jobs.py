@@ -1,0 +1,71 @@
+"""The bookkeeping around a run that the CLI and the daemon share: open its history row, close it."""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from homeiq_trainer.history import HistoryStore, TrainingRun
+from homeiq_trainer.messages import RunResult, RunStatus, TrainParams
+from homeiq_trainer.settings import Settings
+from homeiq_trainer.training import artifacts
+from homeiq_trainer.training.run import hyperparameters, parameters_record
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What to run and on whose behalf."""
+
+    params: TrainParams
+    triggered_by: str = "cli"
+    request_id: str | None = None
+
+
+def recover(store: HistoryStore, settings: Settings) -> list[TrainingRun]:
+    """After a crash: fail runs left open and remove half-written run directories."""
+    artifacts.remove_stale_staging(settings.storage.output_dir)
+    return store.mark_interrupted()
+
+
+def open_run(store: HistoryStore, settings: Settings, request: JobRequest) -> TrainingRun:
+    """Create the queued history row, with a fresh run identifier."""
+    output_dir = settings.storage.output_dir
+    run_identifier = artifacts.new_run_identifier(store.identifiers(), output_dir)
+    return store.create(
+        run_identifier=run_identifier,
+        base_model=hyperparameters(settings, request.params).base_model,
+        output_dir=str(output_dir / run_identifier),
+        triggered_by=request.triggered_by,
+        parameters=parameters_record(settings, request.params),
+        request_id=request.request_id,
+    )
+
+
+def crash_result(run: TrainingRun, error: BaseException | str) -> RunResult:
+    """A failed result for a run whose training raised or whose process died."""
+    text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
+    return RunResult(
+        run_identifier=run.run_identifier,
+        status=RunStatus.FAILED,
+        base_model=run.base_model or "",
+        error=text.strip() or "training failed",
+    )
+
+
+def record_result(store: HistoryStore, run: TrainingRun, result: RunResult) -> TrainingRun:
+    """Close the history row from the run's result (the row and `training_run.json` agree)."""
+    assert run.id is not None
+    metadata_path = str(Path(result.run_dir) / artifacts.METADATA_FILE) if result.run_dir else None
+    return store.finish(
+        run.id,
+        result.status,
+        dataset_size=result.data.examples or None,
+        final_loss=result.final_loss,
+        eval_loss=result.eval_loss,
+        loss_history=result.loss_history or None,
+        metadata_path=metadata_path,
+        output_dir=result.run_dir,
+        data_report=result.data.model_dump(mode="json") if result.data.rows_read else None,
+        error=result.error,
+    )

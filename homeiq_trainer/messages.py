@@ -1,0 +1,199 @@
+"""The shapes that travel: run statuses, phases, training events and results.
+
+Everything that crosses a process boundary (training child → daemon) or goes out on MQTT is defined
+here, so the JSON shapes live in one place.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RUN_ID_PATTERN = r"^run_\d{8}_\d{6}(_\d{1,3})?$"
+RunIdentifier = Annotated[str, Field(pattern=RUN_ID_PATTERN, max_length=32)]
+
+
+def utcnow() -> datetime:
+    """Aware UTC now."""
+    return datetime.now(UTC)
+
+
+class RunStatus(StrEnum):
+    """Where a run stands; the first two are active."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+class Phase(StrEnum):
+    """What a running run is doing."""
+
+    STARTING = "starting"
+    LOADING_DATA = "loading_data"
+    LOADING_MODEL = "loading_model"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    SAVING = "saving"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainParams(_Wire):
+    """Per-run overrides of the configured training settings (from the CLI or a command)."""
+
+    epochs: int | None = Field(None, ge=1, le=100)
+    max_samples: int | None = Field(None, ge=1, le=1_000_000)
+    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+    batch_size: int | None = Field(None, ge=1, le=512)
+    lora_r: int | None = Field(None, ge=1, le=256)
+    lora_alpha: int | None = Field(None, ge=1, le=1024)
+    lora_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    resume_from: str | None = Field(None, pattern=r"^(latest|run_\d{8}_\d{6}(_\d{1,3})?)$", max_length=32)
+    base_model: str | None = Field(None, min_length=1, max_length=512)
+
+
+class DataReport(_Wire):
+    """What the data step found."""
+
+    rows_read: int = 0
+    examples: int = 0
+    skipped: dict[str, int] = Field(default_factory=dict)
+    newest_created_at: datetime | None = None
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+class PhaseEvent(_Wire):
+    """A run entered a phase."""
+
+    kind: Literal["phase"] = "phase"
+    phase: Phase
+    message: str = ""
+
+
+class ProgressEvent(_Wire):
+    """A training step finished."""
+
+    kind: Literal["progress"] = "progress"
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None = None
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+
+    @property
+    def percent(self) -> float:
+        return round(100.0 * self.step / self.total_steps, 1) if self.total_steps else 0.0
+
+
+class RunResult(_Wire):
+    """How a training run ended, as the engine reports it."""
+
+    kind: Literal["result"] = "result"
+    run_identifier: str
+    status: RunStatus
+    base_model: str
+    run_dir: str | None = None
+    promoted: bool = False
+    data: DataReport = Field(default_factory=DataReport)
+    train_examples: int = 0
+    eval_examples: int = 0
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    loss_history: list[dict[str, float]] = Field(default_factory=list)
+    train_runtime_s: float | None = None
+    train_samples_per_second: float | None = None
+    padding_efficiency: float | None = None
+    device: str | None = None
+    error: str | None = None
+
+
+TrainingEvent = Annotated[PhaseEvent | ProgressEvent | RunResult, Field(discriminator="kind")]
+
+
+class EventEnvelope(_Wire):
+    """One line on the child's event pipe."""
+
+    event: TrainingEvent
+
+
+# --- MQTT commands and state -------------------------------------------------------------------
+
+PLAIN_COMMANDS = ("start", "cancel", "status", "runs")
+
+
+class StartParams(TrainParams):
+    """What a `start` command may set: the per-run overrides plus a new-data threshold."""
+
+    min_new_samples: int | None = Field(None, ge=1, le=1_000_000)
+
+    def train_params(self) -> TrainParams:
+        return TrainParams.model_validate(self.model_dump(exclude={"min_new_samples"}))
+
+
+class Command(_Wire):
+    """A command on `<base>/command` (plain words become this too)."""
+
+    action: Literal["start", "cancel", "status", "runs"]
+    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+-]+$")
+    triggered_by: str = Field("mqtt", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@ -]+$")
+    params: StartParams | None = None
+
+    @model_validator(mode="after")
+    def _params_only_for_start(self) -> Command:
+        if self.params is not None and self.action != "start":
+            raise ValueError(f"params are only accepted with action 'start', not {self.action!r}")
+        return self
+
+
+class ErrorInfo(_Wire):
+    code: str
+    message: str
+
+
+class Response(_Wire):
+    """The one answer to every command, on `<base>/response`."""
+
+    request_id: str | None
+    action: str | None
+    status: Literal["ok", "error"]
+    data: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+class StatePayload(_Wire):
+    """Retained on `<base>/state`."""
+
+    state: str
+    run_id: str | None = None
+    phase: str | None = None
+    message: str = ""
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ProgressPayload(_Wire):
+    """Retained on `<base>/progress`."""
+
+    run_id: str | None = None
+    percent: float = 0.0
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    loss: float | None = None
+    samples_per_s: float | None = None
+    eta_s: float | None = None

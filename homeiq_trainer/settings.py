@@ -1,0 +1,254 @@
+"""Settings: one root object from TOML, the environment and (in the add-on) the UI options."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "HOMEIQ_CONFIG"
+DEFAULT_BASE_MODEL = "google/flan-t5-small"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataSettings(_Section):
+    """Where the training examples come from."""
+
+    source_db: Path = Path("data/ai_automation.db")
+    """HomeIQ's SQLite database holding `ask_ai_queries`; opened read-only."""
+    max_samples: int = Field(2000, ge=1, le=1_000_000)
+    """Most usable examples per run (filled after skipping bad rows)."""
+    eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    """Share of examples held out to report eval_loss."""
+    min_eval_examples: int = Field(20, ge=1, le=100_000)
+    """Below this many examples no evaluation split is made."""
+    busy_timeout_s: float = Field(10.0, gt=0, le=600)
+    """How long to wait for HomeIQ's writers before giving up with a clear error, in seconds."""
+
+
+class StorageSettings(_Section):
+    """Where homeiq-trainer keeps what it writes."""
+
+    history_db: Path = Path("data/homeiq_trainer.db")
+    """homeiq-trainer's own SQLite database with the `training_runs` table."""
+    output_dir: Path = Path("data/ask_ai_soft_prompt")
+    """Run directories and the `latest` symlink go here."""
+    keep_runs: int = Field(5, ge=1, le=1000)
+    """Newest run directories kept; the one `latest` points to is never deleted."""
+
+
+class LoraSettings(_Section):
+    """LoRA adapter shape (HomeIQ's defaults)."""
+
+    r: int = Field(16, ge=1, le=256)
+    """Rank of the update matrices."""
+    alpha: int = Field(16, ge=1, le=1024)
+    """Scaling numerator (alpha / r)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA path."""
+    target_modules: tuple[str, ...] = ("q", "v")
+    """Module names that get adapters (T5: q, k, v, o, wi, wo)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(not name.strip() for name in value):
+            raise ValueError("needs at least one non-empty module name")
+        return value
+
+
+class TrainingSettings(_Section):
+    """How a run trains."""
+
+    base_model: str = DEFAULT_BASE_MODEL
+    """Hugging Face hub id or local directory of a seq2seq model."""
+    allowed_base_models: tuple[str, ...] = ()
+    """Extra base models a command may ask for; `base_model` is always allowed."""
+    epochs: int = Field(3, ge=1, le=100)
+    """Passes over the training split."""
+    learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
+    """Peak AdamW learning rate."""
+    batch_size: int = Field(8, ge=1, le=512)
+    """Examples per optimizer micro-batch."""
+    gradient_accumulation_steps: int = Field(1, ge=1, le=128)
+    """Micro-batches per optimizer step."""
+    source_max_tokens: int = Field(256, ge=8, le=4096)
+    """Instructions are truncated to this many tokens (never padded to it)."""
+    target_max_tokens: int = Field(256, ge=8, le=4096)
+    """Responses are truncated to this many tokens (never padded to it)."""
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    """Seed for the split, the sampler and the weights of the adapter."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA with bf16 where available, else CPU fp32."""
+    threads: int = Field(0, ge=0, le=1024)
+    """Torch CPU threads; 0 means the cores this process may use."""
+    group_by_length: bool = True
+    """Batch examples of similar source and target length to avoid padding."""
+
+
+class MqttSettings(_Section):
+    """The broker connection and topic layout."""
+
+    host: str = "localhost"
+    """Broker host name or address."""
+    port: int = Field(1883, ge=1, le=65535)
+    """Broker TCP port."""
+    username: str | None = None
+    """User name, if the broker wants one."""
+    password: SecretStr | None = None
+    """Password; never logged or published."""
+    tls: bool = False
+    """Connect with TLS."""
+    ca_certs: Path | None = None
+    """CA bundle that signed the broker's certificate (system store when unset)."""
+    certfile: Path | None = None
+    """Client certificate for mutual TLS."""
+    keyfile: Path | None = None
+    """Key of the client certificate."""
+    tls_insecure: bool = False
+    """Skip the broker host name check (not the chain); for self-signed set-ups only."""
+    client_id: str = Field(default_factory=lambda: f"homeiq-trainer-{socket.gethostname()}", min_length=1)
+    """MQTT client id; stable and unique per instance."""
+    base_topic: str = "homeiq/trainer"
+    """Every topic of this instance lives under this prefix."""
+    discovery_prefix: str = "homeassistant"
+    """Home Assistant's MQTT discovery prefix."""
+    discovery: bool = True
+    """Announce entities to Home Assistant."""
+    ha_status_topic: str = "homeassistant/status"
+    """Home Assistant's birth/will topic; `online` there makes us re-announce."""
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    """MQTT keepalive, in seconds."""
+
+    @field_validator("base_topic", "discovery_prefix", "ha_status_topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or any(ch in value for ch in "#+\0"):
+            raise ValueError("must be a non-empty topic without wildcards")
+        return value
+
+
+class DaemonSettings(_Section):
+    """How the MQTT daemon behaves."""
+
+    instance_id: str = Field("homeiq_trainer", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """Identifies this instance in Home Assistant (device identifier and unique ids)."""
+    progress_interval_s: float = Field(0.5, ge=0.1, le=60)
+    """Fastest rate of progress messages, in seconds between two."""
+    max_payload_bytes: int = Field(16384, ge=64, le=1_048_576)
+    """Commands larger than this are refused."""
+    stop_timeout_s: float = Field(30.0, ge=1, le=600)
+    """How long a cancelled or stopping run may take before its process is killed, in seconds."""
+    stall_timeout_s: float = Field(900.0, ge=10, le=86400)
+    """A training process silent for this long is considered hung and killed, in seconds."""
+    runs_published: int = Field(10, ge=1, le=50)
+    """How many runs the retained `runs` topic lists."""
+    announce_delay_max_s: float = Field(3.0, ge=0, le=60)
+    """Upper bound of the random delay before re-announcing after Home Assistant's birth, in seconds."""
+
+
+class Settings(BaseSettings):
+    """Everything homeiq-trainer can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HOMEIQ_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        nested_model_default_partial_update=True,
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Logging threshold."""
+    data: DataSettings = DataSettings()
+    storage: StorageSettings = StorageSettings()
+    training: TrainingSettings = TrainingSettings()
+    lora: LoraSettings = LoraSettings()
+    mqtt: MqttSettings = MqttSettings()
+    daemon: DaemonSettings = DaemonSettings()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        addon_options = _CONTEXT.get("addon_options")
+        if addon_options:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=addon_options))
+        toml_file = _CONTEXT.get("toml_file")
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def allowed_base_models(self) -> tuple[str, ...]:
+        """Base models a command may ask for."""
+        return (self.training.base_model, *self.training.allowed_base_models)
+
+
+# Sources need per-call input that pydantic-settings gives no argument for; load_settings sets
+# it for the duration of one construction.
+_CONTEXT: dict[str, Any] = {}
+_CONTEXT_LOCK = threading.Lock()
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    overrides: dict[str, Any] | None = None,
+    addon_options: dict[str, Any] | None = None,
+) -> Settings:
+    """Load settings: overrides > environment > add-on options > TOML file > defaults."""
+    path = config_file or os.environ.get(CONFIG_ENV) or None
+    toml_file = Path(path) if path else None
+    if toml_file is not None and not toml_file.is_file():
+        raise ConfigError(f"configuration file not found: {toml_file}")
+    with _CONTEXT_LOCK:
+        _CONTEXT.update(toml_file=toml_file, addon_options=addon_options)
+        try:
+            return Settings(**(overrides or {}))
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, "invalid configuration")) from None
+        except ValueError as exc:  # TOML syntax errors arrive as tomllib.TOMLDecodeError
+            raise ConfigError(f"cannot read {toml_file}: {exc}") from None
+        finally:
+            _CONTEXT.clear()
+
+
+def describe_validation_error(exc: ValidationError, what: str) -> str:
+    """One line naming every offending key, without echoing input values (they may be secrets)."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = [str(part) for part in error["loc"]]
+        key = ".".join(loc) or "(root)"
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        env = f" (HOMEIQ_{'__'.join(loc).upper()})" if len(loc) == 2 and what == "invalid configuration" else ""
+        parts.append(f"{key}{env}: {message}")
+    return f"{what}: " + "; ".join(parts)

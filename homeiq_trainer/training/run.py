@@ -1,0 +1,177 @@
+"""A whole training run as a job: data → training → artifacts → `latest`, the same from CLI and daemon."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from homeiq_trainer import __version__
+from homeiq_trainer.messages import Phase, RunResult, RunStatus, TrainParams, utcnow
+from homeiq_trainer.settings import Settings
+from homeiq_trainer.training import artifacts
+from homeiq_trainer.training.artifacts import ArtifactError
+from homeiq_trainer.training.data import DataError, load_examples
+from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class RunRefused(Exception):
+    """The run's inputs are unusable (bad resume target, base model mismatch); nothing was trained."""
+
+
+def hyperparameters(settings: Settings, params: TrainParams) -> Hyperparameters:
+    """Configured training settings with the per-run overrides applied."""
+    t, lora, data = settings.training, settings.lora, settings.data
+    return Hyperparameters(
+        base_model=params.base_model or t.base_model,
+        epochs=params.epochs or t.epochs,
+        learning_rate=params.learning_rate or t.learning_rate,
+        batch_size=params.batch_size or t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        source_max_tokens=t.source_max_tokens,
+        target_max_tokens=t.target_max_tokens,
+        lora_r=params.lora_r or lora.r,
+        lora_alpha=params.lora_alpha or lora.alpha,
+        lora_dropout=lora.dropout if params.lora_dropout is None else params.lora_dropout,
+        lora_target_modules=lora.target_modules,
+        seed=t.seed,
+        device=t.device,
+        threads=t.threads,
+        eval_fraction=data.eval_fraction,
+        min_eval_examples=data.min_eval_examples,
+        group_by_length=t.group_by_length,
+    )
+
+
+def parameters_record(settings: Settings, params: TrainParams) -> dict[str, Any]:
+    """The hyperparameters as stored in the history and `training_run.json`."""
+    hp = hyperparameters(settings, params)
+    record = {key: getattr(hp, key) for key in hp.__dataclass_fields__}
+    record["lora_target_modules"] = list(hp.lora_target_modules)
+    record["max_samples"] = params.max_samples or settings.data.max_samples
+    record["resume_from"] = params.resume_from
+    return record
+
+
+def _resume_target(settings: Settings, params: TrainParams) -> tuple[Path | None, str | None]:
+    if params.resume_from is None:
+        return None, None
+    try:
+        run_dir = artifacts.resolve_run_dir(settings.storage.output_dir, params.resume_from)
+    except ArtifactError as exc:
+        raise RunRefused(str(exc)) from None
+    base = artifacts.read_metadata(run_dir).get("base_model")
+    return run_dir, base if isinstance(base, str) else None
+
+
+def execute_run(
+    settings: Settings,
+    params: TrainParams,
+    run_identifier: str,
+    observer: TrainingObserver | None = None,
+    stop: threading.Event | None = None,
+) -> RunResult:
+    """Run one training job to its end and say how it ended.
+
+    Known failures (bad data, unusable resume target, files that cannot be written, a model that
+    cannot be loaded) come back as a `failed` result with a one-line reason; anything else rises.
+    """
+    from homeiq_trainer.training.engine import train_adapter
+
+    observer = observer or NullObserver()
+    stop = stop or threading.Event()
+    output_dir = settings.storage.output_dir
+    hp = hyperparameters(settings, params)
+    result = RunResult(run_identifier=run_identifier, status=RunStatus.RUNNING, base_model=hp.base_model)
+    staging = artifacts.staging_dir(output_dir, run_identifier)
+    trainer_scratch = output_dir / f".trainer-{staging.name}"
+    try:
+        resume_dir, resumed_base = _resume_target(settings, params)
+        if resume_dir is not None and resumed_base and params.base_model is None:
+            hp = hyperparameters(settings, params.model_copy(update={"base_model": resumed_base}))
+            result.base_model = hp.base_model
+        elif resume_dir is not None and resumed_base and resumed_base != hp.base_model:
+            raise RunRefused(
+                f"cannot resume {params.resume_from}: it was trained on {resumed_base}, not {hp.base_model}"
+            )
+
+        observer.phase(Phase.LOADING_DATA, f"reading {settings.data.source_db}")
+        examples, report = load_examples(
+            settings.data.source_db,
+            params.max_samples or settings.data.max_samples,
+            settings.data.busy_timeout_s,
+        )
+        result.data = report
+        if stop.is_set():
+            return result.model_copy(update={"status": RunStatus.CANCELLED})
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        outcome = train_adapter(examples, hp, staging, observer=observer, stop=stop, resume_adapter=resume_dir)
+        result = result.model_copy(
+            update={
+                "train_examples": outcome.train_examples,
+                "eval_examples": outcome.eval_examples,
+                "loss_history": outcome.loss_history,
+                "device": outcome.device,
+            }
+        )
+        if outcome.cancelled:
+            return result.model_copy(update={"status": RunStatus.CANCELLED})
+
+        final_dir = output_dir / run_identifier
+        metadata = {
+            "run_id": run_identifier,
+            "base_model": hp.base_model,
+            "samples_used": report.examples,
+            "train_examples": outcome.train_examples,
+            "eval_examples": outcome.eval_examples,
+            "epochs": hp.epochs,
+            "learning_rate": hp.learning_rate,
+            "run_directory": str(final_dir.resolve()),
+            "trained_at": utcnow().isoformat(),
+            "final_loss": outcome.final_loss,
+            "eval_loss": outcome.eval_loss,
+            "train_runtime_s": outcome.train_runtime_s,
+            "train_samples_per_second": outcome.train_samples_per_second,
+            "padding_efficiency": outcome.padding_efficiency,
+            "device": outcome.device,
+            "steps": outcome.steps,
+            "data": report.model_dump(mode="json"),
+            "hyperparameters": parameters_record(settings, params.model_copy(update={"base_model": hp.base_model})),
+            "loss_history": outcome.loss_history,
+            "trainer_version": __version__,
+        }
+        artifacts.write_metadata(staging, metadata)
+        final_dir = artifacts.finalize(staging, output_dir, run_identifier)
+        artifacts.promote(output_dir, run_identifier)
+        artifacts.apply_retention(output_dir, settings.storage.keep_runs)
+        return result.model_copy(
+            update={
+                "status": RunStatus.COMPLETED,
+                "run_dir": str(final_dir),
+                "promoted": True,
+                "final_loss": outcome.final_loss,
+                "eval_loss": outcome.eval_loss,
+                "train_runtime_s": outcome.train_runtime_s,
+                "train_samples_per_second": outcome.train_samples_per_second,
+                "padding_efficiency": outcome.padding_efficiency,
+            }
+        )
+    except (DataError, ArtifactError, RunRefused) as exc:
+        return result.model_copy(update={"status": RunStatus.FAILED, "error": str(exc)})
+    except OSError as exc:
+        # Disk full, permissions, or a base model that is neither a local directory nor reachable.
+        return result.model_copy(update={"status": RunStatus.FAILED, "error": _os_error_line(exc)})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(trainer_scratch, ignore_errors=True)
+
+
+def _os_error_line(exc: OSError) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first}"[:500]

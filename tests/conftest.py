@@ -1,0 +1,122 @@
+"""Shared fixtures: a tiny local T5, HomeIQ-shaped databases, settings, and a real Mosquitto."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Tests must never pick up a developer's configuration.
+for _key in [k for k in os.environ if k.startswith("HOMEIQ_")]:
+    del os.environ[_key]
+
+from homeiq_trainer.demo import build_tiny_model, create_source_db  # noqa: E402
+from homeiq_trainer.settings import Settings, load_settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised T5 of ~100k parameters and its tokenizer, saved with save_pretrained."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture
+def source_db(tmp_path: Path) -> Path:
+    """A HomeIQ-shaped ask_ai_queries database with 200 rows, 10% of them bad."""
+    return create_source_db(tmp_path / "homeiq" / "ai_automation.db", rows=200)
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, tiny_model: Path, source_db: Path) -> SettingsFactory:
+    """Settings pointing at temp paths and the tiny model; sections can be overridden."""
+
+    def factory(**sections: dict[str, Any]) -> Settings:
+        overrides: dict[str, dict[str, Any]] = {
+            "data": {"source_db": str(source_db)},
+            "storage": {"output_dir": str(tmp_path / "out"), "history_db": str(tmp_path / "history.db")},
+            "training": {"base_model": str(tiny_model), "epochs": 1, "batch_size": 8, "learning_rate": 0.01},
+            "daemon": {"announce_delay_max_s": 0.0},
+        }
+        for section, values in sections.items():
+            overrides.setdefault(section, {}).update(values)
+        return load_settings(None, overrides)
+
+    return factory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker:
+    """A private Mosquitto on a free port: no persistence, so no retained state leaks between tests."""
+
+    def __init__(self, directory: Path, port: int | None = None, extra_config: str = "") -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.extra_config = extra_config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.config = directory / "mosquitto.conf"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.extra_config:
+            listener = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        else:
+            listener = self.extra_config
+        self.config.write_text(f"user root\npersistence false\n{listener}")
+        self.proc = subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self, down_s: float = 0.5) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+def _mosquitto_available() -> bool:
+    return shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A running private broker."""
+    if not _mosquitto_available():
+        pytest.fail("mosquitto is not installed; run the README's test command, which installs it")
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()

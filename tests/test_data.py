@@ -1,0 +1,242 @@
+"""Data rules: HomeIQ's selection, every bad-row kind, fill-to-max, duplicates, read-only access."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from homeiq_trainer.demo import ASK_AI_SCHEMA
+from homeiq_trainer.training.data import (
+    SKIP_DUPLICATE,
+    SKIP_EMPTY_LIST,
+    SKIP_EMPTY_QUERY,
+    SKIP_INVALID_JSON,
+    SKIP_NO_DESCRIPTION,
+    SKIP_NOT_A_LIST,
+    DataError,
+    count_new_examples,
+    example_from_row,
+    load_examples,
+)
+
+
+def make_db(path: Path, rows: list[tuple[str, object]], wal: bool = False) -> Path:
+    """rows: (original_query, suggestions) newest first."""
+    conn = sqlite3.connect(path)
+    if wal:
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(ASK_AI_SCHEMA)
+    n = len(rows)
+    for i, (query, suggestions) in enumerate(rows):
+        created = datetime(2025, 11, 1, 12, 0, 0).replace(minute=0, second=0).timestamp() + (n - i) * 60
+        conn.execute(
+            "INSERT INTO ask_ai_queries (query_id, original_query, suggestions, created_at) VALUES (?, ?, ?, ?)",
+            (
+                f"query-{i:06d}",
+                query,
+                suggestions,
+                datetime.fromtimestamp(created).isoformat(sep=" ", timespec="microseconds"),
+            ),
+        )
+    conn.commit()
+    conn.close()
+    return path
+
+
+def good(description: str, confidence: object = 0.9) -> str:
+    return json.dumps([{"description": description, "confidence": confidence}])
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("query", "suggestions", "expected"),
+    [
+        (
+            "Turn on the porch light",
+            good("  Porch light at sunset  "),
+            ("Turn on the porch light", "Porch light at sunset"),
+        ),
+        ("q", "{not json", SKIP_INVALID_JSON),
+        ("q", "null", SKIP_NOT_A_LIST),
+        ("q", '{"description": "x"}', SKIP_NOT_A_LIST),
+        ("q", "[]", SKIP_EMPTY_LIST),
+        ("q", '[1, 2, "x"]', SKIP_EMPTY_LIST),
+        ("q", json.dumps([{"description": "   "}]), SKIP_NO_DESCRIPTION),
+        ("q", json.dumps([{"description": 42}]), SKIP_NO_DESCRIPTION),
+        ("   ", good("fine"), SKIP_EMPTY_QUERY),
+        ("q", b"\xff\xfe", SKIP_INVALID_JSON),
+        ("q", "[" * 100_000, SKIP_INVALID_JSON),
+    ],
+)
+def test_example_from_row(query: str, suggestions: object, expected: object) -> None:
+    assert example_from_row(query, suggestions) == expected
+
+
+def test_highest_confidence_wins_missing_and_string_confidences() -> None:
+    suggestions = json.dumps(
+        [
+            {"description": "no confidence"},
+            {"description": "string confidence", "confidence": "0.95"},
+            {"description": "low", "confidence": 0.5},
+            {"description": "garbage confidence", "confidence": "high"},
+        ]
+    )
+    assert example_from_row("q", suggestions) == ("q", "string confidence")
+    # Ties keep the first, as HomeIQ's max() did; missing counts as 0.
+    tie = json.dumps([{"description": "first"}, {"description": "second", "confidence": None}])
+    assert example_from_row("q", tie) == ("q", "first")
+
+
+def test_non_ascii_and_long_text_survive() -> None:
+    long_text = "Schalte das Licht im Flur ein 💡 " * 200
+    assert example_from_row("Licht an bei Sonnenuntergang 🌅", good(long_text)) == (
+        "Licht an bei Sonnenuntergang 🌅",
+        long_text.strip(),
+    )
+
+
+def test_fills_to_max_valid_examples_past_bad_rows(tmp_path: Path) -> None:
+    # HomeIQ limited before filtering: 10 newest rows bad, so LIMIT 10 gave nothing.
+    rows: list[tuple[str, object]] = [("bad", "{oops")] * 10 + [(f"query {i}", good(f"answer {i}")) for i in range(20)]
+    db = make_db(tmp_path / "a.db", rows)
+    examples, report = load_examples(db, max_samples=10)
+    assert len(examples) == 10
+    assert [e.instruction for e in examples] == [f"query {i}" for i in range(10)]  # newest first
+    assert report.skipped == {SKIP_INVALID_JSON: 10}
+    assert report.rows_read == 20
+
+
+def test_counts_every_skip_reason_and_drops_exact_duplicates(tmp_path: Path) -> None:
+    rows: list[tuple[str, object]] = [
+        ("same", good("answer")),
+        ("same", good("answer")),  # exact duplicate pair
+        ("same", good("other answer")),  # same query, new answer: kept
+        ("x", "not json"),
+        ("x", "null"),
+        ("x", "[]"),
+        ("x", json.dumps([{"description": ""}])),
+        ("", good("y")),
+        ("x", None),  # suggestions IS NULL: never read, as in HomeIQ
+    ]
+    db = make_db(tmp_path / "b.db", rows)
+    examples, report = load_examples(db, max_samples=100)
+    assert [(e.instruction, e.response) for e in examples] == [("same", "answer"), ("same", "other answer")]
+    assert report.rows_read == 8
+    assert report.skipped == {
+        SKIP_DUPLICATE: 1,
+        SKIP_INVALID_JSON: 1,
+        SKIP_NOT_A_LIST: 1,
+        SKIP_EMPTY_LIST: 1,
+        SKIP_NO_DESCRIPTION: 1,
+        SKIP_EMPTY_QUERY: 1,
+    }
+
+
+def test_paging_reads_past_many_bad_rows(tmp_path: Path) -> None:
+    rows: list[tuple[str, object]] = [("bad", "[]")] * 3000 + [(f"q{i}", good(f"a{i}")) for i in range(5)]
+    db = make_db(tmp_path / "c.db", rows)
+    examples, report = load_examples(db, max_samples=5)
+    assert len(examples) == 5
+    assert report.rows_read == 3005
+
+
+def test_missing_file_is_a_clear_error_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "ai_automation.db"
+    with pytest.raises(DataError, match="source database not found"):
+        load_examples(missing, 10)
+    assert not missing.exists()
+    assert not missing.parent.exists()
+
+
+def test_missing_table_and_not_a_database(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).execute("CREATE TABLE other (x)").connection.commit()
+    with pytest.raises(DataError, match="no ask_ai_queries table"):
+        load_examples(empty, 10)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(DataError, match="cannot read"):
+        load_examples(junk, 10)
+
+
+def test_zero_usable_examples_fails_with_counts(tmp_path: Path) -> None:
+    db = make_db(tmp_path / "d.db", [("x", "[]"), ("y", "{")])
+    with pytest.raises(DataError, match="no usable examples"):
+        load_examples(db, 10)
+
+
+def test_source_bytes_unchanged(source_db: Path) -> None:
+    before = sha(source_db)
+    siblings = set(source_db.parent.iterdir())
+    load_examples(source_db, 50)
+    count_new_examples(source_db, None, limit=5)
+    assert sha(source_db) == before
+    assert set(source_db.parent.iterdir()) == siblings  # no journal, WAL or shm left behind
+
+
+@pytest.mark.parametrize("wal", [False, True], ids=["rollback-journal", "wal"])
+def test_concurrent_writer_is_not_blocked(tmp_path: Path, wal: bool) -> None:
+    rows: list[tuple[str, object]] = [(f"q{i}", good(f"a{i}") if i % 3 else "[]") for i in range(20_000)]
+    db = make_db(tmp_path / "busy.db", rows, wal=wal)
+    writer = textwrap.dedent(
+        f"""
+        import sqlite3, sys, time
+        conn = sqlite3.connect({str(db)!r}, timeout=0.05)  # a writer with little patience
+        errors = 0
+        end = time.monotonic() + 3
+        i = 0
+        while time.monotonic() < end:
+            try:
+                conn.execute("INSERT INTO ask_ai_queries (query_id, original_query, suggestions, created_at) "
+                             "VALUES (?, 'new', '[]', '2030-01-01 00:00:00')", (f"w{{i}}",))
+                conn.commit()
+                i += 1
+            except sqlite3.OperationalError as exc:
+                errors += 1
+                print(exc, file=sys.stderr)
+        print(i, errors)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    loads = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        examples, _ = load_examples(db, max_samples=10_000)
+        assert len(examples) == 10_000
+        loads += 1
+    out, _ = proc.communicate(timeout=30)
+    writes, errors = map(int, out.split())
+    assert loads >= 2
+    assert writes > 50
+    assert errors == 0, f"the writer saw {errors} 'database is locked' errors"
+
+
+def test_count_new_examples_since(tmp_path: Path) -> None:
+    rows: list[tuple[str, object]] = [(f"q{i}", good(f"a{i}")) for i in range(10)]
+    db = make_db(tmp_path / "e.db", rows)
+    examples, report = load_examples(db, 10)
+    assert report.newest_created_at is not None
+    assert count_new_examples(db, report.newest_created_at, limit=100) == 0
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "INSERT INTO ask_ai_queries (query_id, original_query, suggestions, created_at) VALUES "
+        "('n1', 'new one', ?, '2031-01-01 00:00:00.000001'), ('n2', 'bad', '[]', '2031-01-01 00:00:00.000002')",
+        (good("fresh"),),
+    )
+    conn.commit()
+    conn.close()
+    assert count_new_examples(db, report.newest_created_at, limit=100) == 1
+    assert count_new_examples(db, None, limit=3) == 3

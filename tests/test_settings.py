@@ -1,0 +1,109 @@
+"""Configuration: TOML, environment, defaults; unknown keys and bad values named and refused."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from homeiq_trainer.settings import ConfigError, Settings, load_settings
+
+SHIPPED = Path(__file__).resolve().parents[1] / "config" / "homeiq_trainer.toml"
+
+
+def test_defaults_match_the_issue() -> None:
+    s = load_settings()
+    assert s.storage.output_dir == Path("data/ask_ai_soft_prompt")
+    assert s.training.base_model == "google/flan-t5-small"
+    assert (s.lora.r, s.lora.alpha, s.lora.dropout, s.lora.target_modules) == (16, 16, 0.05, ("q", "v"))
+    assert s.mqtt.base_topic == "homeiq/trainer"
+    assert s.mqtt.discovery_prefix == "homeassistant"
+
+
+def test_toml_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[training]\nepochs = 5\nbatch_size = 4\n[data]\nmax_samples = 10\n")
+    monkeypatch.setenv("HOMEIQ_TRAINING__BATCH_SIZE", "16")
+    s = load_settings(config, {"data": {"max_samples": 7}})
+    assert (s.training.epochs, s.training.batch_size, s.data.max_samples) == (5, 16, 7)
+    monkeypatch.setenv("HOMEIQ_CONFIG", str(config))
+    assert load_settings().training.epochs == 5
+
+
+def test_env_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {
+        "HOMEIQ_DATA__SOURCE_DB": "/x/ai.db",
+        "HOMEIQ_DATA__MAX_SAMPLES": "12",
+        "HOMEIQ_STORAGE__HISTORY_DB": "/x/h.db",
+        "HOMEIQ_STORAGE__OUTPUT_DIR": "/x/out",
+        "HOMEIQ_TRAINING__BASE_MODEL": "/models/t5",
+        "HOMEIQ_TRAINING__EPOCHS": "2",
+        "HOMEIQ_TRAINING__LEARNING_RATE": "0.001",
+        "HOMEIQ_TRAINING__BATCH_SIZE": "3",
+        "HOMEIQ_LORA__R": "8",
+        "HOMEIQ_LORA__TARGET_MODULES": '["q", "k", "v"]',
+    }.items():
+        monkeypatch.setenv(key, value)
+    s = load_settings()
+    assert s.data.source_db == Path("/x/ai.db") and s.data.max_samples == 12
+    assert s.storage.history_db == Path("/x/h.db") and s.storage.output_dir == Path("/x/out")
+    assert s.training.base_model == "/models/t5" and s.training.epochs == 2
+    assert s.training.learning_rate == 0.001 and s.training.batch_size == 3
+    assert s.lora.r == 8 and s.lora.target_modules == ("q", "k", "v")
+
+
+def test_unknown_toml_key_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[training]\nepochs = 2\nepoch = 3\n")
+    with pytest.raises(ConfigError, match=r"training\.epoch .*unknown key"):
+        load_settings(config)
+    config.write_text("[trainig]\nepochs = 2\n")
+    with pytest.raises(ConfigError, match="trainig"):
+        load_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [("HOMEIQ_TRAINING__EPOCHS", "0"), ("HOMEIQ_TRAINING__LEARNING_RATE", "-1"), ("HOMEIQ_MQTT__PORT", "70000")],
+)
+def test_out_of_range_env_is_named(monkeypatch: pytest.MonkeyPatch, env: str, value: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=env):
+        load_settings()
+
+
+def test_missing_or_broken_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[training\n")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(broken)
+
+
+def test_secret_never_in_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOMEIQ_MQTT__PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("HOMEIQ_MQTT__PORT", "nope")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "hunter2" not in str(info.value)
+    monkeypatch.setenv("HOMEIQ_MQTT__PORT", "1883")
+    assert "hunter2" not in repr(load_settings())
+
+
+def test_shipped_config_lists_every_key_with_its_default() -> None:
+    shipped = tomllib.loads(SHIPPED.read_text())
+    defaults = Settings().model_dump(mode="json")
+    for section, fields in Settings.model_fields.items():
+        if section == "log_level":
+            assert shipped["log_level"] == defaults["log_level"]
+            continue
+        model = fields.annotation
+        for key in model.model_fields:  # type: ignore[union-attr]
+            if key in ("password", "client_id", "username", "ca_certs", "certfile", "keyfile"):
+                continue  # optional or per-host: shipped commented out
+            assert key in shipped[section], f"config/homeiq_trainer.toml lacks [{section}] {key}"
+            expected = defaults[section][key]
+            assert shipped[section][key] == (list(expected) if isinstance(expected, tuple) else expected), key
+    assert load_settings(SHIPPED) == load_settings(SHIPPED)
