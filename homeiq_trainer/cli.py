@@ -40,15 +40,12 @@ def _setup_logging(level: str) -> None:
 
 
 def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
+    from homeiq_trainer.addon import AddonError, addon_settings_source
+
     try:
-        from homeiq_trainer.addon import AddonError, addon_settings_source
-    except ImportError:  # TEMP until addon.py lands
-        addon_options = None
-    else:
-        try:
-            addon_options = addon_settings_source()
-        except AddonError as exc:
-            raise ConfigError(str(exc)) from None
+        addon_options = addon_settings_source()
+    except AddonError as exc:
+        raise ConfigError(str(exc)) from None
     return load_settings(args.config, overrides, addon_options=addon_options)
 
 

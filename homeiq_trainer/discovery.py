@@ -1,0 +1,310 @@
+"""Home Assistant MQTT device discovery: one retained message that describes the whole device.
+
+Home Assistant drops a whole device payload for a single key it does not know, so the payload is
+built from models that forbid unknown keys and check each platform's required options.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from homeiq_trainer import __version__
+from homeiq_trainer.messages import RunStatus
+from homeiq_trainer.settings import Settings
+from homeiq_trainer.topics import AVAILABLE, NOT_AVAILABLE, Topics
+
+SUPPORT_URL = "https://github.com/homeiq/homeiq-trainer"
+IDLE = "idle"
+STATE_OPTIONS = [IDLE, *(status.value for status in RunStatus)]
+# Home Assistant refuses states longer than 255 characters.
+MAX_STATE_CHARS = 250
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceInfo(_Strict):
+    """The `device` block."""
+
+    identifiers: list[str] = Field(min_length=1)
+    name: str
+    manufacturer: str
+    model: str
+    sw_version: str
+
+
+class OriginInfo(_Strict):
+    """The `origin` block: who publishes this discovery."""
+
+    name: str
+    sw_version: str
+    support_url: str
+
+
+class Availability(_Strict):
+    """One availability topic."""
+
+    topic: str
+    payload_available: str = AVAILABLE
+    payload_not_available: str = NOT_AVAILABLE
+
+
+Platform = Literal["button", "sensor", "binary_sensor"]
+_PLATFORM_KEYS: dict[str, set[str]] = {
+    "button": {"command_topic", "payload_press"},
+    "sensor": {
+        "state_topic",
+        "value_template",
+        "device_class",
+        "state_class",
+        "unit_of_measurement",
+        "options",
+        "suggested_display_precision",
+        "json_attributes_topic",
+        "json_attributes_template",
+    },
+    "binary_sensor": {
+        "state_topic",
+        "value_template",
+        "device_class",
+        "payload_on",
+        "payload_off",
+        "json_attributes_topic",
+        "json_attributes_template",
+    },
+}
+_COMMON_KEYS = {
+    "platform",
+    "unique_id",
+    "name",
+    "default_entity_id",
+    "object_id",
+    "icon",
+    "entity_category",
+    "enabled_by_default",
+    "qos",
+}
+
+
+class Component(_Strict):
+    """One entity of the device."""
+
+    platform: Platform
+    unique_id: str = Field(min_length=1)
+    name: str
+    default_entity_id: str = Field(pattern=r"^[a-z_]+\.[a-z0-9_]+$")
+    object_id: str = Field(pattern=r"^[a-z0-9_]+$")
+    icon: str | None = None
+    entity_category: Literal["diagnostic", "config"] | None = None
+    enabled_by_default: bool | None = None
+    qos: int | None = Field(None, ge=0, le=2)
+    command_topic: str | None = None
+    payload_press: str | None = None
+    state_topic: str | None = None
+    value_template: str | None = None
+    device_class: str | None = None
+    state_class: Literal["measurement", "total", "total_increasing"] | None = None
+    unit_of_measurement: str | None = None
+    options: list[str] | None = None
+    suggested_display_precision: int | None = None
+    payload_on: str | None = None
+    payload_off: str | None = None
+    json_attributes_topic: str | None = None
+    json_attributes_template: str | None = None
+
+    @model_validator(mode="after")
+    def _fits_platform(self) -> Component:
+        given = {key for key, value in self if value is not None}
+        unknown = given - _COMMON_KEYS - _PLATFORM_KEYS[self.platform]
+        if unknown:
+            raise ValueError(f"{self.platform} does not take {sorted(unknown)}")
+        if self.platform == "button" and not self.command_topic:
+            raise ValueError("a button needs a command_topic")
+        if self.platform != "button" and not self.state_topic:
+            raise ValueError(f"a {self.platform} needs a state_topic")
+        if self.device_class == "enum" and not self.options:
+            raise ValueError("an enum sensor needs options")
+        if self.state_class is not None and self.device_class in ("enum", "timestamp"):
+            raise ValueError(f"a {self.device_class} sensor cannot have a state_class")
+        if not self.default_entity_id.startswith(f"{self.platform}.") or not self.default_entity_id.endswith(
+            f".{self.object_id}"
+        ):
+            raise ValueError("default_entity_id must be <platform>.<object_id>")
+        return self
+
+
+class DeviceDiscovery(_Strict):
+    """The whole device-based discovery payload."""
+
+    device: DeviceInfo
+    origin: OriginInfo
+    availability: list[Availability] = Field(min_length=1)
+    qos: int = Field(1, ge=0, le=2)
+    components: dict[str, Component] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> DeviceDiscovery:
+        ids = [component.unique_id for component in self.components.values()]
+        if len(ids) != len(set(ids)):
+            raise ValueError("unique_id values must be unique")
+        return self
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON object to publish."""
+        return self.model_dump(exclude_none=True)
+
+
+def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceDiscovery:
+    """The device and its entities for this instance."""
+    topics = topics or Topics.from_settings(settings)
+    instance = settings.daemon.instance_id
+    slug = instance.lower().replace("-", "_")
+
+    def component(key: str, platform: Platform, name: str, **options: Any) -> tuple[str, Component]:
+        object_id = f"{slug}_{key}"
+        return key, Component(
+            platform=platform,
+            unique_id=f"{instance}_{key}",
+            name=name,
+            default_entity_id=f"{platform}.{object_id}",
+            object_id=object_id,
+            **options,
+        )
+
+    none_if_missing = "{{ value_json.%s if value_json.%s is not none else 'None' }}"
+    components = dict(
+        [
+            component(
+                "start",
+                "button",
+                "Start training",
+                command_topic=topics.command,
+                payload_press="start",
+                icon="mdi:play",
+            ),
+            component(
+                "cancel",
+                "button",
+                "Cancel training",
+                command_topic=topics.command,
+                payload_press="cancel",
+                icon="mdi:stop",
+            ),
+            component(
+                "status",
+                "sensor",
+                "Status",
+                state_topic=topics.state,
+                value_template="{{ value_json.state }}",
+                device_class="enum",
+                options=STATE_OPTIONS,
+                json_attributes_topic=topics.state,
+                icon="mdi:school",
+            ),
+            component(
+                "progress",
+                "sensor",
+                "Progress",
+                state_topic=topics.progress,
+                value_template="{{ value_json.percent }}",
+                unit_of_measurement="%",
+                state_class="measurement",
+                icon="mdi:progress-clock",
+                json_attributes_topic=topics.progress,
+            ),
+            component(
+                "training",
+                "binary_sensor",
+                "Training",
+                state_topic=topics.state,
+                value_template="{{ 'ON' if value_json.state in ['queued', 'running'] else 'OFF' }}",
+                device_class="running",
+                payload_on="ON",
+                payload_off="OFF",
+            ),
+            component(
+                "final_loss",
+                "sensor",
+                "Final loss",
+                state_topic=topics.last_run,
+                value_template=none_if_missing % ("final_loss", "final_loss"),
+                state_class="measurement",
+                suggested_display_precision=4,
+                icon="mdi:chart-bell-curve",
+            ),
+            component(
+                "eval_loss",
+                "sensor",
+                "Evaluation loss",
+                state_topic=topics.last_run,
+                value_template=none_if_missing % ("eval_loss", "eval_loss"),
+                state_class="measurement",
+                suggested_display_precision=4,
+                icon="mdi:chart-bell-curve-cumulative",
+            ),
+            component(
+                "current_loss",
+                "sensor",
+                "Current loss",
+                state_topic=topics.progress,
+                value_template=none_if_missing % ("loss", "loss"),
+                state_class="measurement",
+                suggested_display_precision=4,
+                icon="mdi:chart-line",
+            ),
+            component(
+                "samples",
+                "sensor",
+                "Samples",
+                state_topic=topics.last_run,
+                value_template=none_if_missing % ("dataset_size", "dataset_size"),
+                state_class="measurement",
+                unit_of_measurement="samples",
+                icon="mdi:database",
+            ),
+            component(
+                "last_run",
+                "sensor",
+                "Last run",
+                state_topic=topics.last_run,
+                value_template=none_if_missing % ("finished_at", "finished_at"),
+                device_class="timestamp",
+                json_attributes_topic=topics.last_run,
+            ),
+            component(
+                "last_error",
+                "sensor",
+                "Last error",
+                state_topic=topics.last_run,
+                value_template=f"{{{{ (value_json.error or 'none') | string | truncate({MAX_STATE_CHARS}) }}}}",
+                entity_category="diagnostic",
+                icon="mdi:alert-circle-outline",
+            ),
+            component(
+                "model",
+                "sensor",
+                "Current model",
+                state_topic=topics.model,
+                value_template="{{ value_json.run_id or 'none' }}",
+                json_attributes_topic=topics.model,
+                entity_category="diagnostic",
+                icon="mdi:brain",
+            ),
+        ]
+    )
+    return DeviceDiscovery(
+        device=DeviceInfo(
+            identifiers=[instance],
+            name="HomeIQ Trainer",
+            manufacturer="HomeIQ",
+            model="LoRA trainer for Ask AI",
+            sw_version=__version__,
+        ),
+        origin=OriginInfo(name="homeiq-trainer", sw_version=__version__, support_url=SUPPORT_URL),
+        availability=[Availability(topic=topics.availability)],
+        qos=1,
+        components=components,
+    )

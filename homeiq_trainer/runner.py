@@ -1,0 +1,332 @@
+"""The single worker: accepts or rejects a job, owns its whole lifecycle, turns events into state.
+
+Knows nothing about MQTT: whatever it has to say goes to a `RunnerListener`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from homeiq_trainer.history import HistoryStore, TrainingRun
+from homeiq_trainer.jobs import JobRequest, crash_result, open_run, record_result
+from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus
+from homeiq_trainer.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+STDERR_TAIL_LINES = 60
+JOIN_TIMEOUT_S = 5.0
+# How often the worker wakes while the training process is quiet, to check its deadlines.
+TICK_S = 1.0
+
+
+class Busy(Exception):
+    """A run is already queued or running."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        super().__init__(f"run {run.run_identifier} is {run.status}")
+        self.run = run
+
+
+class NotRunning(Exception):
+    """There is nothing to cancel."""
+
+
+class RunnerListener(Protocol):
+    """Receives everything the runner has to say."""
+
+    def run_state(self, run: TrainingRun, phase: Phase | None, message: str) -> None: ...
+
+    def run_progress(self, run: TrainingRun, event: ProgressEvent) -> None: ...
+
+    def run_finished(self, run: TrainingRun, result: RunResult) -> None: ...
+
+
+class TrainingProcess(Protocol):
+    """A started training run that reports events and can be stopped."""
+
+    def events(self, stall_timeout_s: float) -> Iterator[PhaseEvent | ProgressEvent | RunResult | None]:
+        """Events as they come; `None` ticks about every second while nothing arrives."""
+        ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout_s: float) -> int | None: ...
+
+    def failure_text(self) -> str: ...
+
+
+class Launcher(Protocol):
+    """Starts training processes."""
+
+    def start(self, settings: Settings, request: JobRequest, run: TrainingRun) -> TrainingProcess: ...
+
+
+class Stalled(Exception):
+    """The training process said nothing for too long."""
+
+
+class SubprocessTraining:
+    """`homeiq-trainer _worker` as a child process, events on a private pipe."""
+
+    def __init__(self, settings: Settings, request: JobRequest, run: TrainingRun) -> None:
+        from homeiq_trainer.worker import PARENT_PID_ENV, job_payload
+
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ)
+        env[PARENT_PID_ENV] = str(os.getpid())
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        for secret in ("HOMEIQ_MQTT__PASSWORD", "SUPERVISOR_TOKEN"):
+            env.pop(secret, None)  # the child never needs them
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "homeiq_trainer", "_worker", "--event-fd", str(write_fd)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=(write_fd,),
+            env=env,
+            text=True,
+            # Its own process group: a Ctrl-C in the daemon's terminal is the daemon's to handle.
+            start_new_session=True,
+        )
+        os.close(write_fd)
+        self._events = os.fdopen(read_fd, "r", encoding="utf-8")
+        settings_dump = settings.model_dump(mode="json", exclude={"mqtt", "daemon"})
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(job_payload(settings_dump, request.params, run.run_identifier))
+        self.proc.stdin.flush()
+        self._stderr_thread = threading.Thread(target=self._drain_stderr, name="train-stderr", daemon=True)
+        self._stderr_thread.start()
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr_tail.append(line.rstrip())
+            _LOGGER.debug("[train] %s", line.rstrip())
+
+    def events(self, stall_timeout_s: float) -> Iterator[PhaseEvent | ProgressEvent | RunResult | None]:
+        from homeiq_trainer.worker import parse_event
+
+        selector = selectors.DefaultSelector()
+        selector.register(self._events, selectors.EVENT_READ)
+        last_heard = time.monotonic()
+        try:
+            while True:
+                if not selector.select(timeout=TICK_S):
+                    if time.monotonic() - last_heard > stall_timeout_s:
+                        raise Stalled(f"the training process said nothing for {stall_timeout_s:g} s")
+                    yield None  # a tick, so the caller can enforce its deadlines
+                    continue
+                last_heard = time.monotonic()
+                line = self._events.readline()
+                if not line:
+                    return
+                try:
+                    yield parse_event(line)
+                except ValueError:
+                    _LOGGER.warning("Ignoring a malformed event line from the training process")
+        finally:
+            selector.close()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def wait(self, timeout_s: float) -> int | None:
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+        self._stderr_thread.join(timeout=JOIN_TIMEOUT_S)
+        self._events.close()
+        if self.proc.stdin:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        return code
+
+    def failure_text(self) -> str:
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            why = f"the training process was killed by {name}"
+            if -code == signal.SIGKILL:
+                why += " (out of memory, or killed from outside)"
+        else:
+            why = f"the training process exited with code {code} without a result"
+        tail = "\n".join(self._stderr_tail)
+        return f"{tail}\n{why}" if tail else why
+
+
+class SubprocessLauncher:
+    """Starts each run in its own child process."""
+
+    def start(self, settings: Settings, request: JobRequest, run: TrainingRun) -> TrainingProcess:
+        return SubprocessTraining(settings, request, run)
+
+
+@dataclass
+class ActiveJob:
+    """The run the worker owns right now."""
+
+    run: TrainingRun
+    request: JobRequest
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    process: TrainingProcess | None = None
+    phase: Phase | None = None
+
+
+class Runner:
+    """Runs at most one job at a time in a named worker thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: HistoryStore,
+        listener: RunnerListener,
+        launcher: Launcher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.listener = listener
+        self.launcher = launcher or SubprocessLauncher()
+        self._lock = threading.Lock()
+        self._active: ActiveJob | None = None
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+
+    @property
+    def active(self) -> ActiveJob | None:
+        """The queued or running job, if any."""
+        return self._active
+
+    def submit(self, request: JobRequest) -> TrainingRun:
+        """Queue a run and start it; raises `Busy` when one is active."""
+        with self._lock:
+            if not self._accepting:
+                raise RuntimeError("the daemon is shutting down")
+            if self._active is not None:
+                raise Busy(self._active.run)
+            run = open_run(self.store, self.settings, request)
+            job = ActiveJob(run=run, request=request)
+            self._active = job
+            self._thread = threading.Thread(target=self._work, args=(job,), name=f"run-{run.run_identifier}")
+        self.listener.run_state(run, None, "queued")
+        self._thread.start()
+        return run
+
+    def cancel(self) -> TrainingRun:
+        """Ask the active run to stop at its next step; raises `NotRunning` when there is none."""
+        with self._lock:
+            job = self._active
+            if job is None:
+                raise NotRunning("no run is queued or running")
+            job.cancel_requested.set()
+            if job.process is not None:
+                job.process.terminate()
+        _LOGGER.info("Cancelling run %s", job.run.run_identifier)
+        return job.run
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Stop accepting, cancel any active run and wait for it to end (then kill it)."""
+        with self._lock:
+            self._accepting = False
+            thread = self._thread
+        if self._active is not None:
+            with contextlib.suppress(NotRunning):
+                self.cancel()
+        if thread is not None:
+            thread.join(timeout=timeout_s + JOIN_TIMEOUT_S)
+
+    def _work(self, job: ActiveJob) -> None:
+        """The worker thread: running → events → outcome, and the row is always closed."""
+        run = job.run
+        result: RunResult | None = None
+        try:
+            run = self.store.mark_running(run.id)  # type: ignore[arg-type]
+            job.run = run
+            job.phase = Phase.STARTING
+            self.listener.run_state(run, Phase.STARTING, "starting the training process")
+            with self._lock:
+                if job.cancel_requested.is_set():
+                    raise _CancelledBeforeStart
+                job.process = self.launcher.start(self.settings, job.request, run)
+            result = self._follow(job, job.process)
+        except _CancelledBeforeStart:
+            result = RunResult(
+                run_identifier=run.run_identifier, status=RunStatus.CANCELLED, base_model=run.base_model or ""
+            )
+        except Exception as exc:  # the worker thread's outermost frame: the run fails, the daemon lives
+            _LOGGER.exception("Run %s failed in the worker", run.run_identifier)
+            result = crash_result(run, exc)
+        finally:
+            if job.process is not None:
+                self._reap(job.process)
+            if result is None:
+                result = crash_result(run, "the worker stopped unexpectedly")
+            if job.cancel_requested.is_set() and result.status is RunStatus.FAILED:
+                # Killed because we asked it to stop: that is a cancellation, not a failure.
+                result = result.model_copy(update={"status": RunStatus.CANCELLED, "error": None})
+            try:
+                finished = record_result(self.store, run, result)
+            except Exception:
+                _LOGGER.exception("Could not record the end of run %s", run.run_identifier)
+                finished = run
+            with self._lock:
+                self._active = None
+            self.listener.run_finished(finished, result)
+
+    def _follow(self, job: ActiveJob, process: TrainingProcess) -> RunResult:
+        stall = self.settings.daemon.stall_timeout_s
+        deadline_kill: float | None = None
+        try:
+            for event in process.events(stall):
+                if isinstance(event, RunResult):
+                    return event
+                if isinstance(event, PhaseEvent):
+                    job.phase = event.phase
+                    self.listener.run_state(job.run, event.phase, event.message)
+                elif isinstance(event, ProgressEvent):
+                    self.listener.run_progress(job.run, event)
+                if job.cancel_requested.is_set() and deadline_kill is None:
+                    deadline_kill = time.monotonic() + self.settings.daemon.stop_timeout_s
+                if deadline_kill is not None and time.monotonic() > deadline_kill:
+                    break
+        except Stalled as exc:
+            process.kill()
+            process.wait(JOIN_TIMEOUT_S)
+            return crash_result(job.run, str(exc))
+        code = process.wait(self.settings.daemon.stop_timeout_s)
+        if code is None:
+            process.kill()
+            process.wait(JOIN_TIMEOUT_S)
+        return crash_result(job.run, process.failure_text())
+
+    def _reap(self, process: TrainingProcess) -> None:
+        if process.wait(self.settings.daemon.stop_timeout_s) is None:
+            _LOGGER.warning("Training process did not stop in time; killing it")
+            process.kill()
+            process.wait(JOIN_TIMEOUT_S)
+
+
+class _CancelledBeforeStart(Exception):
+    pass

@@ -1,0 +1,308 @@
+"""The daemon against a real Mosquitto and the tiny model: discovery, commands, runs, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+import pytest
+
+from homeiq_trainer.app import TrainerApp
+from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.settings import Settings
+
+from .conftest import Broker, SettingsFactory
+from .mqtt_client import Watcher
+
+BASE = "homeiq/trainer"
+CMD, RESP, STATE, PROGRESS = f"{BASE}/command", f"{BASE}/response", f"{BASE}/state", f"{BASE}/progress"
+DISCOVERY = "homeassistant/device/homeiq_trainer/config"
+
+
+def daemon_settings(make_settings: SettingsFactory, broker: Broker, **sections: dict) -> Settings:
+    mqtt = {"host": "127.0.0.1", "port": broker.port, "client_id": "homeiq-trainer-test"}
+    mqtt.update(sections.pop("mqtt", {}))
+    return make_settings(mqtt=mqtt, **sections)
+
+
+@pytest.fixture
+def watcher(broker: Broker) -> Iterator[Watcher]:
+    w = Watcher(broker.port)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def app(make_settings: SettingsFactory, broker: Broker) -> Iterator[TrainerApp]:
+    a = TrainerApp(daemon_settings(make_settings, broker))
+    a.start()
+    assert a.link.wait_connected(10)
+    yield a
+    a.stop()
+
+
+def is_done(state: dict) -> bool:
+    return state["state"] in ("completed", "failed", "cancelled")
+
+
+def test_discovery_and_online(app: TrainerApp, watcher: Watcher) -> None:
+    payload = watcher.wait_for(DISCOVERY, timeout=10)
+    assert payload["device"]["identifiers"] == ["homeiq_trainer"]
+    assert payload["origin"]["name"] == "homeiq-trainer"
+    components = payload["components"]
+    assert components["start"]["payload_press"] == "start" and components["start"]["command_topic"] == CMD
+    assert components["status"]["device_class"] == "enum"
+    assert components["training"]["device_class"] == "running"
+    for component in components.values():
+        assert component["default_entity_id"].endswith(component["object_id"])
+    assert watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=10) == "online"
+    assert watcher.retained[DISCOVERY] and watcher.retained[STATE]
+    assert watcher.json(STATE)["state"] == "idle"
+
+
+def test_start_button_runs_to_completed(app: TrainerApp, watcher: Watcher) -> None:
+    watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=10)
+    watcher.publish(CMD, "start")
+    response = watcher.wait_for(RESP, timeout=10)
+    assert response["status"] == "ok" and response["action"] == "start"
+    run_id = response["data"]["run_id"]
+    state = watcher.wait_for(STATE, is_done, timeout=120)
+    assert state == {**state, "state": "completed", "run_id": run_id}
+    assert datetime.fromisoformat(state["updated_at"]).tzinfo is not None  # HA timestamp sensors need a zone
+    assert datetime.fromisoformat(watcher.json(f"{BASE}/last_run")["finished_at"]).tzinfo is not None
+    progress = watcher.wait_for(PROGRESS, lambda p: p["percent"] == 100.0, timeout=10)
+    assert progress["run_id"] == run_id and progress["step"] == progress["total_steps"] > 0
+    last_run = watcher.wait_for(f"{BASE}/last_run", lambda r: r.get("run_id") == run_id, timeout=10)
+    assert last_run["status"] == "completed" and last_run["final_loss"] > 0 and last_run["dataset_size"] == 175
+    assert last_run["triggered_by"] == "button"
+    model = watcher.wait_for(f"{BASE}/model", lambda m: m.get("run_id") == run_id, timeout=10)
+    assert Path(model["path"]).is_dir()
+    runs = watcher.json(f"{BASE}/runs")["runs"]
+    assert runs[0]["run_id"] == run_id and len(watcher.latest[f"{BASE}/runs"]) < 16_000
+    states = [json.loads(p)["state"] for p in watcher.messages(STATE)]
+    assert states.index("queued") < states.index("running") < states.index("completed")
+    row = HistoryStore(app.settings.storage.history_db).by_identifier(run_id)
+    assert row is not None and row.status == "completed"
+
+
+def test_busy_duplicate_and_cancel(app: TrainerApp, watcher: Watcher) -> None:
+    first = watcher.request(CMD, RESP, {"action": "start", "request_id": "r-1", "params": {"epochs": 50}})
+    assert first["status"] == "ok"
+    run_id = first["data"]["run_id"]
+    busy = watcher.request(CMD, RESP, {"action": "start"})
+    assert busy["status"] == "error" and busy["error"]["code"] == "busy" and busy["data"]["run_id"] == run_id
+    again = watcher.request(CMD, RESP, {"action": "start", "request_id": "r-1", "params": {"epochs": 50}})
+    assert again == first  # the same answer, not a second run
+    watcher.wait_for(STATE, lambda s: s.get("phase") == "training", timeout=60)
+    cancel = watcher.request(CMD, RESP, {"action": "cancel"})
+    assert cancel["status"] == "ok" and cancel["data"]["run_id"] == run_id
+    state = watcher.wait_for(STATE, is_done, timeout=60)
+    assert state["state"] == "cancelled"
+    nothing = watcher.request(CMD, RESP, {"action": "cancel"})
+    assert nothing["error"]["code"] == "not_running"
+    rows = HistoryStore(app.settings.storage.history_db).recent(10)
+    assert [r.status for r in rows] == ["cancelled"]
+    assert not (app.settings.storage.output_dir / "latest").exists()
+
+
+def test_retained_command_is_ignored(make_settings: SettingsFactory, broker: Broker, watcher: Watcher) -> None:
+    watcher.publish(CMD, "start", retain=True)
+    time.sleep(0.2)
+    a = TrainerApp(daemon_settings(make_settings, broker))
+    a.start()
+    try:
+        watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=10)
+        time.sleep(1.0)
+        assert watcher.messages(RESP) == []
+        assert a.runner.active is None
+        assert watcher.json(STATE)["state"] == "idle"
+    finally:
+        watcher.publish(CMD, b"", retain=True)
+        a.stop()
+
+
+def test_status_runs_and_bad_params(app: TrainerApp, watcher: Watcher) -> None:
+    status = watcher.request(CMD, RESP, {"action": "status"})
+    assert status["status"] == "ok" and status["data"]["state"]["state"] == "idle"
+    runs = watcher.request(CMD, RESP, {"action": "runs"})
+    assert runs["data"]["runs"] == []
+    for body, code in [
+        ({"action": "start", "params": {"base_model": "evil/model"}}, "base_model_not_allowed"),
+        ({"action": "start", "params": {"resume_from": "latest"}}, "unknown_run"),
+        ({"action": "start", "params": {"epochs": 0}}, "invalid_command"),
+        ({"action": "start", "params": {"resume_from": "../../etc/passwd"}}, "invalid_command"),
+        ({"action": "explode"}, "invalid_command"),
+        ({"action": "start", "extra": 1}, "invalid_command"),
+        ({"action": "cancel", "params": {"epochs": 1}}, "invalid_command"),
+        ({"action": "start", "params": {"min_new_samples": 100_000}}, "not_enough_new_data"),
+    ]:
+        response = watcher.request(CMD, RESP, body)
+        assert response["status"] == "error" and response["error"]["code"] == code, (body, response)
+    assert app.runner.active is None
+    assert HistoryStore(app.settings.storage.history_db).recent(5) == []
+
+
+def test_min_new_samples_counts_since_last_completed(app: TrainerApp, watcher: Watcher) -> None:
+    ok = watcher.request(CMD, RESP, {"action": "start", "params": {"min_new_samples": 10}})
+    assert ok["status"] == "ok"
+    watcher.wait_for(STATE, is_done, timeout=120)
+    refused = watcher.request(CMD, RESP, {"action": "start", "params": {"min_new_samples": 1}})
+    assert refused["error"]["code"] == "not_enough_new_data" and refused["data"]["new_samples"] == 0
+
+
+def test_malformed_payloads_are_answered_and_harmless(app: TrainerApp, watcher: Watcher) -> None:
+    payloads: list[bytes] = [
+        b"",
+        b"   ",
+        b"stop",
+        b"\xff\xfe\x00",
+        b"{",
+        b"[]",
+        b"null",
+        b'{"action": 5}',
+        b'{"action": "start", "params": []}',
+        b'{"action": "start", "params": {"epochs": "many"}}',
+        b'{"action": "start", "request_id": ""}',
+        b"x" * 20_000,
+        b'{"a":' * 5000,
+        b'{"action": "start", "params": {"learning_rate": 1e309}}',
+    ]
+    payloads += [json.dumps({"action": "start", "params": {"batch_size": n}}).encode() for n in (-1, 0, 10**9)]
+    payloads += [json.dumps({"action": "start", "triggered_by": "x" * n}).encode() for n in (0, 65, 1000)]
+    payloads += [bytes([i]) * (i + 1) for i in range(0, 256, 3)]
+    payloads *= 3
+    for payload in payloads:
+        watcher.publish(CMD, payload)
+    deadline = time.monotonic() + 30
+    while len(watcher.messages(RESP)) < len(payloads) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    responses = [json.loads(p) for p in watcher.messages(RESP)]
+    assert len(responses) == len(payloads)
+    assert all(r["status"] == "error" and r["error"]["code"] and r["error"]["message"] for r in responses)
+    assert app.runner.active is None
+    assert watcher.request(CMD, RESP, {"action": "status"})["status"] == "ok"  # still serving
+
+
+def test_birth_message_triggers_reannounce(app: TrainerApp, watcher: Watcher) -> None:
+    watcher.wait_for(DISCOVERY, timeout=10)
+    before = len(watcher.messages(DISCOVERY))
+    watcher.publish("homeassistant/status", "online")
+    deadline = time.monotonic() + 10
+    while len(watcher.messages(DISCOVERY)) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(watcher.messages(DISCOVERY)) > before
+    assert watcher.latest[f"{BASE}/availability"] == b"online"
+
+
+def test_broker_restart_during_run(app: TrainerApp, watcher: Watcher, broker: Broker) -> None:
+    ok = watcher.request(CMD, RESP, {"action": "start", "params": {"epochs": 8}})
+    run_id = ok["data"]["run_id"]
+    watcher.wait_for(STATE, lambda s: s.get("phase") == "training", timeout=60)
+    watcher.close()
+    broker.restart(down_s=1.0)  # no persistence: every retained message is gone
+    fresh = Watcher(broker.port)
+    try:
+        state = fresh.wait_for(STATE, lambda s: s["run_id"] == run_id and is_done(s), timeout=120)
+        assert state["state"] == "completed"
+        assert fresh.wait_for(f"{BASE}/availability", timeout=10) == "online"
+        assert fresh.wait_for(DISCOVERY, timeout=10)["components"]
+        assert fresh.wait_for(f"{BASE}/model", lambda m: m.get("run_id") == run_id, timeout=10)
+        assert fresh.request(CMD, RESP, {"action": "status"})["status"] == "ok"
+    finally:
+        fresh.close()
+
+
+def test_training_child_killed_fails_run_daemon_lives(app: TrainerApp, watcher: Watcher) -> None:
+    watcher.request(CMD, RESP, {"action": "start", "params": {"epochs": 50}})
+    watcher.wait_for(STATE, lambda s: s.get("phase") == "training", timeout=60)
+    child = app.runner.active.process.proc  # type: ignore[union-attr]
+    os.kill(child.pid, signal.SIGKILL)
+    state = watcher.wait_for(STATE, is_done, timeout=30)
+    assert state["state"] == "failed" and "SIGKILL" in state["message"]
+    last = watcher.wait_for(f"{BASE}/last_run", lambda r: r.get("status") == "failed", timeout=10)
+    assert "killed by SIGKILL" in last["error"]
+    again = watcher.request(CMD, RESP, {"action": "start"})
+    assert again["status"] == "ok"
+    assert watcher.wait_for(STATE, is_done, timeout=120)["state"] == "completed"
+
+
+def serve_process(settings_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings_env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "homeiq_trainer", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    return {
+        "HOMEIQ_MQTT__HOST": "127.0.0.1",
+        "HOMEIQ_MQTT__PORT": str(settings.mqtt.port),
+        "HOMEIQ_DATA__SOURCE_DB": str(settings.data.source_db),
+        "HOMEIQ_STORAGE__OUTPUT_DIR": str(settings.storage.output_dir),
+        "HOMEIQ_STORAGE__HISTORY_DB": str(settings.storage.history_db),
+        "HOMEIQ_TRAINING__BASE_MODEL": settings.training.base_model,
+        "HOMEIQ_TRAINING__EPOCHS": "100",
+        "HOMEIQ_TRAINING__LEARNING_RATE": "0.01",
+        "HOMEIQ_DAEMON__ANNOUNCE_DELAY_MAX_S": "0",
+    }
+
+
+def test_sigterm_cancels_publishes_offline_and_exits_zero(
+    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+) -> None:
+    settings = daemon_settings(make_settings, broker)
+    proc = serve_process(env_for(settings))
+    try:
+        watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=20)
+        watcher.publish(CMD, "start")
+        watcher.wait_for(STATE, lambda s: s.get("phase") == "training", timeout=60)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert watcher.wait_for(STATE, is_done, timeout=5)["state"] == "cancelled"
+    assert watcher.wait_for(f"{BASE}/availability", lambda v: v == "offline", timeout=5) == "offline"
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert [r.status for r in HistoryStore(settings.storage.history_db).recent(5)] == ["cancelled"]
+
+
+def test_daemon_sigkilled_mid_run_then_restarted(
+    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+) -> None:
+    settings = daemon_settings(make_settings, broker)
+    proc = serve_process(env_for(settings))
+    watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=20)
+    watcher.publish(CMD, "start")
+    watcher.wait_for(STATE, lambda s: s.get("phase") == "training", timeout=60)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    proc.wait(timeout=10)
+    # The will says offline, and no training process outlives the daemon.
+    assert watcher.wait_for(f"{BASE}/availability", lambda v: v == "offline", timeout=60) == "offline"
+    psutil.wait_procs(children, timeout=10)
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+    env = env_for(settings) | {"HOMEIQ_TRAINING__EPOCHS": "1"}
+    proc = serve_process(env)
+    try:
+        state = watcher.wait_for(STATE, lambda s: s["state"] == "failed", timeout=20)
+        assert "interrupted" in state["message"]
+        rows = HistoryStore(settings.storage.history_db).recent(5)
+        assert rows[0].status == "failed" and "interrupted" in rows[0].error_message
+        assert not list(settings.storage.output_dir.glob(".staging-*"))
+        watcher.publish(CMD, "start")
+        assert watcher.wait_for(STATE, lambda s: s["state"] == "completed", timeout=120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=40)
