@@ -10,6 +10,7 @@ import collections
 import json
 import logging
 import random
+import re
 import signal
 import threading
 import time
@@ -45,6 +46,8 @@ from homeiq_trainer.training.data import DataError, count_new_examples
 _LOGGER = logging.getLogger(__name__)
 
 REMEMBERED_REQUESTS = 1000
+REQUEST_ID_SCAN_BYTES = 1024
+_REQUEST_ID_NEAR_START = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:@/+-]{1,128})"')
 SHUTDOWN_EXTRA_S = 10.0
 COMPACT_RUN_KEYS = (
     "run_id",
@@ -75,7 +78,7 @@ def parse_command(payload: bytes, max_bytes: int) -> Command:
     except UnicodeDecodeError:
         raise CommandError("invalid_payload", "command is not valid UTF-8") from None
     if text.lower() in PLAIN_COMMANDS:
-        return Command(action=text.lower(), triggered_by="button")  # type: ignore[arg-type]
+        return Command.model_validate({"action": text.lower(), "triggered_by": "button"})
     if not text.startswith("{"):
         raise CommandError("invalid_payload", f"expected one of {', '.join(PLAIN_COMMANDS)} or a JSON object")
     try:
@@ -88,8 +91,13 @@ def parse_command(payload: bytes, max_bytes: int) -> Command:
         raise CommandError("invalid_command", describe_validation_error(exc, "invalid command")) from None
 
 
-def _request_id_of(payload: bytes) -> str | None:
+def _request_id_of(payload: bytes, max_bytes: int) -> str | None:
     # Best effort, so that even a refused command's answer can be matched to its request.
+    if len(payload) > max_bytes:
+        # Parsing an oversized payload would cost what the limit is there to refuse (the broker
+        # allows up to 256 MB): look for the id near the start only.
+        match = _REQUEST_ID_NEAR_START.search(payload[:REQUEST_ID_SCAN_BYTES])
+        return match.group(1).decode("ascii") if match else None
     try:
         raw = json.loads(payload)
     except (ValueError, RecursionError, UnicodeDecodeError):
@@ -292,7 +300,7 @@ class TrainerApp:
             data = self._execute(command)
             response = Response(request_id=request_id, action=action, status="ok", data=data)
         except CommandError as exc:
-            request_id = request_id or _request_id_of(payload)
+            request_id = request_id or _request_id_of(payload, self.settings.daemon.max_payload_bytes)
             response = Response(
                 request_id=request_id,
                 action=action,

@@ -185,6 +185,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+def _short_time(iso: str | None) -> str:
+    return iso[:16].replace("T", " ") if iso else "-"
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -210,8 +214,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"training runs ({settings.storage.history_db})")
-    for column in ("id", "run", "status", "samples", "loss", "started", "finished", "note"):
-        table.add_column(column, overflow="fold")
+    for column in ("id", "run", "status", "samples", "loss", "started", "finished"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("note", overflow="fold")
     for row in rows:
         note = (row["error"] or "").strip().splitlines()
         table.add_row(
@@ -220,11 +225,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
             row["status"],
             str(row["dataset_size"] or "-"),
             _fmt(row["final_loss"]),
-            (row["started_at"] or "-")[:19],
-            (row["finished_at"] or "-")[:19],
+            _short_time(row["started_at"]),
+            _short_time(row["finished_at"]),
             (note[-1][:80] if note else f"by {row['triggered_by']}"),
         )
-    Console(width=max(100, Console().width)).print(table)
+    Console(width=max(120, Console().width)).print(table)
     return EXIT_OK
 
 

@@ -221,7 +221,7 @@ class HistoryStore:
             query = (
                 select(TrainingRun)
                 .where(TrainingRun.status == RunStatus.COMPLETED.value)
-                .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined]
+                .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
             )
             return session.exec(query.limit(1)).first()
 

@@ -53,6 +53,9 @@ class _Wire(BaseModel):
 class TrainParams(_Wire):
     """Per-run overrides of the configured training settings (from the CLI or a command)."""
 
+    # Strict: a command saying "epochs": "3" is a mistake worth naming, not something to guess at.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     epochs: int | None = Field(None, ge=1, le=100)
     max_samples: int | None = Field(None, ge=1, le=1_000_000)
     learning_rate: float | None = Field(None, gt=0.0, le=1.0)
@@ -148,6 +151,8 @@ class StartParams(TrainParams):
 
 class Command(_Wire):
     """A command on `<base>/command` (plain words become this too)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     action: Literal["start", "cancel", "status", "runs"]
     request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+-]+$")

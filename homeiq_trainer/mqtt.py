@@ -9,6 +9,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,7 @@ class MqttLink:
             )
             client.tls_insecure_set(settings.tls_insecure)
         client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_socket_open = self._handle_socket_open
@@ -113,21 +115,30 @@ class MqttLink:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _log_failure(self, what: str, reason: str) -> None:
+        # Once per distinct reason, so a wrong password or a bad certificate is one clear line, not a flood.
+        if reason != self._last_failure:
+            _LOGGER.error(
+                "MQTT broker %s:%d %s: %s; retrying with backoff up to %d s",
+                self.settings.host,
+                self.settings.port,
+                what,
+                reason,
+                RECONNECT_MAX_S,
+            )
+            self._last_failure = reason
+
+    def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho passes no reason, but calls this from inside its `except OSError`: a refused TCP
+        # connection or a TLS handshake that failed (an untrusted certificate) would otherwise be silent.
+        error = sys.exc_info()[1]
+        self._log_failure("could not be reached", str(error) if error else "connection failed")
+
     def _handle_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         if reason_code.is_failure:
-            reason = str(reason_code)
-            if reason != self._last_failure:
-                # Once per distinct reason, so a wrong password is one clear line, not a flood.
-                _LOGGER.error(
-                    "MQTT broker %s:%d refused the connection: %s; retrying with backoff up to %d s",
-                    self.settings.host,
-                    self.settings.port,
-                    reason,
-                    RECONNECT_MAX_S,
-                )
-                self._last_failure = reason
+            self._log_failure("refused the connection", str(reason_code))
             return
         self._last_failure = None
         _LOGGER.info("Connected to MQTT broker %s:%d", self.settings.host, self.settings.port)

@@ -277,15 +277,15 @@ def train_adapter(
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    observer = observer or NullObserver()
-    stop = stop or threading.Event()
+    watcher: TrainingObserver = observer or NullObserver()
+    stopper: threading.Event = stop or threading.Event()
     hf_logging.set_verbosity_error()
     torch.manual_seed(hp.seed)
     device, bf16 = pick_device(hp.device)
     if device == "cpu":
         torch.set_num_threads(cpu_threads(hp.threads))
 
-    observer.phase(Phase.LOADING_MODEL, f"loading {hp.base_model} on {device}")
+    watcher.phase(Phase.LOADING_MODEL, f"loading {hp.base_model} on {device}")
     tokenizer, base = load_base_model(hp.base_model, device, bf16)
     if resume_adapter is not None:
         model = PeftModel.from_pretrained(base, str(resume_adapter), is_trainable=True)
@@ -327,14 +327,14 @@ def train_adapter(
     history: list[dict[str, float]] = []
     started = time.monotonic()
 
-    class _Progress(TrainerCallback):  # type: ignore[misc]
+    class _Progress(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             elapsed = time.monotonic() - started
             step = state.global_step
             loss = meter.take_window() if step % history_every == 0 or step == state.max_steps else None
             if loss is not None:
                 history.append({"step": step, "epoch": round(float(state.epoch or 0), 4), "loss": loss})
-            observer.progress(
+            watcher.progress(
                 ProgressEvent(
                     step=step,
                     total_steps=state.max_steps,
@@ -344,7 +344,7 @@ def train_adapter(
                     eta_s=round(elapsed / step * (state.max_steps - step), 1) if step else None,
                 )
             )
-            if stop.is_set():
+            if stopper.is_set():
                 control.should_training_stop = True
 
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -371,7 +371,7 @@ def train_adapter(
     )
     lengths = [(len(f["input_ids"]), len(f["labels"])) for f in train_features]
 
-    class _Trainer(Trainer):  # type: ignore[misc]
+    class _Trainer(Trainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             if hp.group_by_length and len(lengths) > hp.batch_size:
                 return _GroupedSampler(lengths, hp.batch_size, hp.seed)
@@ -385,23 +385,23 @@ def train_adapter(
         compute_loss_func=token_loss,
         callbacks=[_Progress()],
     )
-    if stop.is_set():
+    if stopper.is_set():
         return _cancelled(len(train_features), len(eval_features), history, device)
 
-    observer.phase(Phase.TRAINING, f"{len(train_features)} examples, {total_steps} steps")
+    watcher.phase(Phase.TRAINING, f"{len(train_features)} examples, {total_steps} steps")
     train_started = time.monotonic()
     trainer.train()
     runtime = time.monotonic() - train_started
     meter.close_epoch()
-    if stop.is_set():
+    if stopper.is_set():
         return _cancelled(len(train_features), len(eval_features), history, device)
 
     eval_loss = None
     if eval_features:
-        observer.phase(Phase.EVALUATING, f"{len(eval_features)} held-out examples")
+        watcher.phase(Phase.EVALUATING, f"{len(eval_features)} held-out examples")
         eval_loss = evaluate_loss(model, eval_features, padder, hp.batch_size)
 
-    observer.phase(Phase.SAVING, "writing adapter")
+    watcher.phase(Phase.SAVING, "writing adapter")
     save_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(save_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(save_dir))

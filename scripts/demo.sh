@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install, then run the daemon end to end against a private
+# Mosquitto with a demo HomeIQ database and a locally built model, pressing Start over MQTT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/_setup.sh
+ensure_os_packages
+ensure_venv ""
+export HF_HUB_OFFLINE=1
+exec "$VENV/bin/homeiq-trainer" demo "$@"

@@ -1,0 +1,69 @@
+"""The command line as a user runs it: a subprocess, exit codes, one-line reasons."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import SettingsFactory
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "homeiq_trainer", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def env_of(settings) -> dict[str, str]:
+    return {
+        "HOMEIQ_DATA__SOURCE_DB": str(settings.data.source_db),
+        "HOMEIQ_STORAGE__OUTPUT_DIR": str(settings.storage.output_dir),
+        "HOMEIQ_STORAGE__HISTORY_DB": str(settings.storage.history_db),
+        "HOMEIQ_TRAINING__BASE_MODEL": settings.training.base_model,
+        "HOMEIQ_TRAINING__LEARNING_RATE": "0.01",
+    }
+
+
+def test_train_then_runs(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    settings = make_settings()
+    source_hash = hashlib.sha256(settings.data.source_db.read_bytes()).hexdigest()
+    done = cli("train", "--epochs", "1", "--max-samples", "60", env=env_of(settings))
+    assert done.returncode == 0, done.stderr
+    assert "completed: 60 examples (54 train / 6 eval)" in done.stdout
+    assert "step " in done.stderr  # plain progress lines when not on a terminal
+    assert hashlib.sha256(settings.data.source_db.read_bytes()).hexdigest() == source_hash
+
+    listed = cli("runs", "--json", env=env_of(settings))
+    assert listed.returncode == 0
+    rows = json.loads(listed.stdout)
+    assert len(rows) == 1 and rows[0]["status"] == "completed" and rows[0]["dataset_size"] == 60
+    assert rows[0]["triggered_by"] == "cli"
+    table = cli("runs", env=env_of(settings))
+    assert rows[0]["run_id"] in table.stdout and "completed" in table.stdout
+
+
+def test_failures_exit_non_zero_with_one_line(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    settings = make_settings()
+    missing = cli("train", env=env_of(settings) | {"HOMEIQ_DATA__SOURCE_DB": str(tmp_path / "nope.db")})
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: run_")
+    assert "source database not found" in missing.stderr and "Traceback" not in missing.stderr
+
+    bad = cli("train", "--epochs", "0", env=env_of(settings))
+    assert bad.returncode == 2 and "epochs" in bad.stderr and "Traceback" not in bad.stderr
+
+    config = tmp_path / "c.toml"
+    config.write_text("[training]\nepoch = 1\n")
+    unknown = cli("train", "--config", str(config), env=env_of(settings))
+    assert unknown.returncode == 2 and "training.epoch" in unknown.stderr
+
+    listed = json.loads(cli("runs", "--json", env=env_of(settings)).stdout)
+    assert [r["status"] for r in listed] == ["failed"]  # bad arguments never opened a run

@@ -1,0 +1,181 @@
+"""The runner with a fake training process: lifecycle, busy, cancel, crash, stall. No broker, no torch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from homeiq_trainer.history import HistoryStore, TrainingRun
+from homeiq_trainer.jobs import JobRequest
+from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus, TrainParams
+from homeiq_trainer.runner import Busy, NotRunning, Runner
+from homeiq_trainer.settings import Settings, load_settings
+
+
+class FakeProcess:
+    """Scripted events; `hang` waits for a terminate."""
+
+    def __init__(self, script: list, run: TrainingRun) -> None:
+        self.script = script
+        self.run = run
+        self.terminated = threading.Event()
+        self.killed = False
+        self.code: int | None = None
+
+    def events(self, stall_timeout_s: float) -> Iterator:
+        for item in self.script:
+            if item == "hang":
+                while not self.terminated.is_set() and not self.killed:
+                    yield None
+                    time.sleep(0.01)
+                continue
+            if item == "silent":
+                from homeiq_trainer.runner import Stalled
+
+                raise Stalled(f"the training process said nothing for {stall_timeout_s:g} s")
+            if item == "die":
+                self.code = -9
+                return
+            if item == "result":
+                status = RunStatus.CANCELLED if self.terminated.is_set() else RunStatus.COMPLETED
+                yield RunResult(run_identifier=self.run.run_identifier, status=status, base_model="m", final_loss=1.5)
+                continue
+            yield item
+        self.code = 0
+
+    def terminate(self) -> None:
+        self.terminated.set()
+
+    def kill(self) -> None:
+        self.killed = True
+        self.code = -9
+
+    def wait(self, timeout_s: float) -> int | None:
+        return self.code if self.code is not None else 0
+
+    def failure_text(self) -> str:
+        return "boom\nthe training process was killed by SIGKILL"
+
+
+class FakeLauncher:
+    def __init__(self, script: list) -> None:
+        self.script = script
+        self.started: list[FakeProcess] = []
+
+    def start(self, settings: Settings, request: JobRequest, run: TrainingRun) -> FakeProcess:
+        process = FakeProcess(self.script, run)
+        self.started.append(process)
+        return process
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.states: list[tuple[str, Phase | None]] = []
+        self.progress: list[int] = []
+        self.finished: list[RunResult] = []
+        self.done = threading.Event()
+
+    def run_state(self, run: TrainingRun, phase: Phase | None, message: str) -> None:
+        self.states.append((run.run_identifier, phase))
+
+    def run_progress(self, run: TrainingRun, event: ProgressEvent) -> None:
+        self.progress.append(event.step)
+
+    def run_finished(self, run: TrainingRun, result: RunResult) -> None:
+        self.finished.append(result)
+        self.done.set()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(
+        None,
+        {
+            "storage": {"history_db": str(tmp_path / "h.db"), "output_dir": str(tmp_path / "out")},
+            "daemon": {"stop_timeout_s": 2, "stall_timeout_s": 10},
+        },
+    )
+
+
+def make_runner(settings: Settings, script: list) -> tuple[Runner, Listener, FakeLauncher, HistoryStore]:
+    store = HistoryStore(settings.storage.history_db)
+    listener = Listener()
+    launcher = FakeLauncher(script)
+    return Runner(settings, store, listener, launcher), listener, launcher, store
+
+
+def test_lifecycle_queued_running_completed(settings: Settings) -> None:
+    script = [
+        PhaseEvent(phase=Phase.TRAINING),
+        ProgressEvent(step=1, total_steps=2, epoch=0.5),
+        ProgressEvent(step=2, total_steps=2, epoch=1.0),
+        "result",
+    ]
+    runner, listener, _, store = make_runner(settings, script)
+    run = runner.submit(JobRequest(params=TrainParams(), triggered_by="test"))
+    assert listener.done.wait(10)
+    assert [phase for _, phase in listener.states] == [None, Phase.STARTING, Phase.TRAINING]
+    assert listener.progress == [1, 2]
+    row = store.by_identifier(run.run_identifier)
+    assert row.status == "completed" and row.final_loss == 1.5 and row.triggered_by == "test"
+    assert runner.active is None
+
+
+def test_busy_then_cancel(settings: Settings) -> None:
+    runner, listener, launcher, store = make_runner(settings, [PhaseEvent(phase=Phase.TRAINING), "hang", "result"])
+    run = runner.submit(JobRequest(params=TrainParams()))
+    with pytest.raises(Busy) as info:
+        runner.submit(JobRequest(params=TrainParams()))
+    assert info.value.run.run_identifier == run.run_identifier
+    deadline = time.monotonic() + 5
+    while not launcher.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runner.cancel()
+    assert listener.done.wait(10)
+    assert listener.finished[0].status is RunStatus.CANCELLED
+    assert store.by_identifier(run.run_identifier).status == "cancelled"
+    with pytest.raises(NotRunning):
+        runner.cancel()
+
+
+def test_process_death_fails_the_run_with_its_reason(settings: Settings) -> None:
+    runner, listener, _, store = make_runner(settings, [PhaseEvent(phase=Phase.TRAINING), "die"])
+    run = runner.submit(JobRequest(params=TrainParams()))
+    assert listener.done.wait(10)
+    row = store.by_identifier(run.run_identifier)
+    assert row.status == "failed" and "SIGKILL" in row.error_message and row.finished_at is not None
+
+
+def test_stalled_process_is_killed_and_failed(settings: Settings) -> None:
+    runner, listener, launcher, store = make_runner(settings, [PhaseEvent(phase=Phase.TRAINING), "silent"])
+    run = runner.submit(JobRequest(params=TrainParams()))
+    assert listener.done.wait(10)
+    assert launcher.started[0].killed
+    assert "said nothing" in store.by_identifier(run.run_identifier).error_message
+
+
+def test_shutdown_cancels_and_refuses_new_work(settings: Settings) -> None:
+    runner, listener, _, store = make_runner(settings, ["hang", "result"])
+    runner.submit(JobRequest(params=TrainParams()))
+    runner.shutdown(timeout_s=5)
+    assert listener.finished and listener.finished[0].status is RunStatus.CANCELLED
+    with pytest.raises(RuntimeError, match="shutting down"):
+        runner.submit(JobRequest(params=TrainParams()))
+
+
+def test_a_launcher_that_raises_fails_the_run_not_the_daemon(settings: Settings) -> None:
+    class Broken:
+        def start(self, *args: object) -> None:
+            raise OSError("cannot fork")
+
+    store = HistoryStore(settings.storage.history_db)
+    listener = Listener()
+    runner = Runner(settings, store, listener, Broken())  # type: ignore[arg-type]
+    run = runner.submit(JobRequest(params=TrainParams()))
+    assert listener.done.wait(10)
+    assert "cannot fork" in store.by_identifier(run.run_identifier).error_message
+    assert runner.active is None
