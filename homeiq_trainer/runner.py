@@ -30,6 +30,8 @@ STDERR_TAIL_LINES = 60
 JOIN_TIMEOUT_S = 5.0
 # How often the worker wakes while the training process is quiet, to check its deadlines.
 TICK_S = 1.0
+# While training, progress goes out at least this often even when a step takes longer.
+PROGRESS_HEARTBEAT_S = 5.0
 
 
 class Busy(Exception):
@@ -298,15 +300,24 @@ class Runner:
     def _follow(self, job: ActiveJob, process: TrainingProcess) -> RunResult:
         stall = self.settings.daemon.stall_timeout_s
         deadline_kill: float | None = None
+        last_progress: ProgressEvent | None = None
+        last_forwarded = time.monotonic()
         try:
             for event in process.events(stall):
                 if isinstance(event, RunResult):
                     return event
                 if isinstance(event, PhaseEvent):
                     job.phase = event.phase
+                    last_progress = None
                     self.listener.run_state(job.run, event.phase, event.message)
                 elif isinstance(event, ProgressEvent):
+                    last_progress, last_forwarded = event, time.monotonic()
                     self.listener.run_progress(job.run, event)
+                elif last_progress is not None and time.monotonic() - last_forwarded >= PROGRESS_HEARTBEAT_S:
+                    # Slow steps (a big model on a small CPU): repeat the last figure so watchers
+                    # see the run is alive.
+                    last_forwarded = time.monotonic()
+                    self.listener.run_progress(job.run, last_progress)
                 if job.cancel_requested.is_set() and deadline_kill is None:
                     deadline_kill = time.monotonic() + self.settings.daemon.stop_timeout_s
                 if deadline_kill is not None and time.monotonic() > deadline_kill:

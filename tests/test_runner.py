@@ -179,3 +179,20 @@ def test_a_launcher_that_raises_fails_the_run_not_the_daemon(settings: Settings)
     assert listener.done.wait(10)
     assert "cannot fork" in store.by_identifier(run.run_identifier).error_message
     assert runner.active is None
+
+
+def test_slow_steps_still_publish_progress_every_few_seconds(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import homeiq_trainer.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "PROGRESS_HEARTBEAT_S", 0.05)
+    script = [PhaseEvent(phase=Phase.TRAINING), ProgressEvent(step=1, total_steps=9, epoch=0.1), "hang", "result"]
+    runner, listener, launcher, _ = make_runner(settings, script)
+    runner.submit(JobRequest(params=TrainParams()))
+    deadline = time.monotonic() + 5
+    while len(listener.progress) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runner.cancel()
+    assert listener.done.wait(10)
+    assert listener.progress[:3] == [1, 1, 1]  # the same step repeated while the next one is slow
