@@ -274,7 +274,7 @@ def train_adapter(
     """
     import torch
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     watcher: TrainingObserver = observer or NullObserver()
@@ -385,6 +385,8 @@ def train_adapter(
         compute_loss_func=token_loss,
         callbacks=[_Progress()],
     )
+    # With its tqdm bar off the Trainer prints raw metric dicts to stdout; our observer reports instead.
+    trainer.remove_callback(PrinterCallback)
     if stopper.is_set():
         return _cancelled(len(train_features), len(eval_features), history, device)
 
