@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="end-to-end demo with a local broker, demo data and a tiny model")
     demo.add_argument("--directory", default="demo", help="where the demo keeps its files (default: ./demo)")
-    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--train-only", action="store_true", help="no broker or daemon, only `train`")
     demo.set_defaults(func=cmd_demo)
 

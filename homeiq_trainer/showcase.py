@@ -133,7 +133,7 @@ def _press_start_and_follow(port: int, base: str) -> dict[str, Any]:
         print(f"daemon online; Home Assistant would discover: {entities}")
         print(f"pressing Start: publish 'start' to {base}/command (what the HA button sends)")
         client.publish(f"{base}/command", "start", qos=1).wait_for_publish(5)
-        last_line = ""
+        last_shown: tuple[Any, ...] = ()
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while time.monotonic() < deadline:
             with changed:
@@ -151,9 +151,11 @@ def _press_start_and_follow(port: int, base: str) -> dict[str, Any]:
             )
             if isinstance(loss, int | float):
                 line += f"  loss {loss:.3f}"
-            if line != last_line:
+            # A line per phase and per 5% of progress, not per message.
+            shown = (state.get("state"), state.get("phase"), int(progress.get("percent", 0) // 5))
+            if shown != last_shown:
                 print(line, flush=True)
-                last_line = line
+                last_shown = shown
         raise SystemExit("error: the run did not finish in time")
     finally:
         client.loop_stop()
@@ -161,19 +163,22 @@ def _press_start_and_follow(port: int, base: str) -> dict[str, Any]:
 
 
 def _sample(adapter: Path, model: Path) -> None:
+    import warnings
+
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not for users
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     generator = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(model), str(adapter))
     generator.eval()
     for query in SAMPLE_QUERIES:
         ids = tokenizer(query, return_tensors="pt")
-        output = generator.generate(**ids, max_new_tokens=40, num_beams=2, do_sample=False)
+        output = generator.generate(**ids, max_new_tokens=40, num_beams=2, do_sample=False, no_repeat_ngram_size=3)
         print(f"  {query!r}\n    → {tokenizer.decode(output[0], skip_special_tokens=True)!r}")
 
 
-def run_demo(directory: Path, daemon: bool = True, epochs: int = 3) -> int:
+def run_demo(directory: Path, daemon: bool = True, epochs: int = 6) -> int:
     """Build what the demo needs and run it; returns the exit code."""
     directory = directory.resolve()
     source, model = prepare(directory)

@@ -67,3 +67,13 @@ def test_failures_exit_non_zero_with_one_line(make_settings: SettingsFactory, tm
 
     listed = json.loads(cli("runs", "--json", env=env_of(settings)).stdout)
     assert [r["status"] for r in listed] == ["failed"]  # bad arguments never opened a run
+
+
+def test_demo_runs_the_daemon_end_to_end(tmp_path: Path) -> None:
+    # The README's "run the main job" command, shortened to one epoch.
+    done = cli("demo", "--directory", str(tmp_path / "demo"), "--epochs", "1", timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "pressing Start" in done.stdout and "state: completed" in done.stdout
+    assert "what the adapter generates" in done.stdout
+    latest = tmp_path / "demo" / "ask_ai_soft_prompt" / "latest"
+    assert (latest / "adapter_model.safetensors").is_file()
