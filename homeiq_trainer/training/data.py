@@ -100,14 +100,16 @@ def example_from_row(query: object, suggestions_json: object) -> tuple[str, str]
     return instruction, response
 
 
-def _pages(conn: sqlite3.Connection, since: str | None) -> Iterator[list[tuple]]:
+def _pages(conn: sqlite3.Connection, since: str | None, wanted: int | None) -> Iterator[list[tuple]]:
     where = "suggestions IS NOT NULL"
     params: list[object] = []
     if since is not None:
         where += " AND created_at > ?"
         params.append(since)
     cursor_key: tuple[object, object] | None = None
-    page_rows = FIRST_PAGE_ROWS
+    # Every page costs a scan of the whole table's keys, so the first asks for what is wanted plus
+    # room for a typical share of bad rows: the usual run is then one statement.
+    page_rows = FIRST_PAGE_ROWS if wanted is None else min(MAX_PAGE_ROWS, max(FIRST_PAGE_ROWS, wanted * 3 // 2))
     while True:
         clause = where
         args = list(params)
@@ -115,9 +117,12 @@ def _pages(conn: sqlite3.Connection, since: str | None) -> Iterator[list[tuple]]
             # Keyset paging: (created_at, query_id) strictly after the last row we saw.
             clause += " AND (created_at < ? OR (created_at = ? AND query_id < ?))"
             args += [cursor_key[0], cursor_key[0], cursor_key[1]]
+        # The page is chosen by sorting keys only, then its rows are fetched by primary key: sorting
+        # whole rows (suggestions JSON and all) cost ~0.5 s per page on a 200,000-row table.
         sql = (
-            "SELECT query_id, original_query, suggestions, created_at FROM ask_ai_queries "
-            f"WHERE {clause} ORDER BY created_at DESC, query_id DESC LIMIT ?"
+            "SELECT query_id, original_query, suggestions, created_at FROM ask_ai_queries WHERE query_id IN ("
+            f"SELECT query_id FROM ask_ai_queries WHERE {clause} ORDER BY created_at DESC, query_id DESC LIMIT ?"
+            ") ORDER BY created_at DESC, query_id DESC"
         )
         rows = conn.execute(sql, [*args, page_rows]).fetchall()
         if not rows:
@@ -139,7 +144,7 @@ def _read(
     skipped: Counter[str] = Counter()
     rows_read = 0
     try:
-        for page in _pages(conn, since):
+        for page in _pages(conn, since, max_samples):
             for _query_id, query, suggestions, created_at in page:
                 rows_read += 1
                 parsed = example_from_row(query, suggestions)
