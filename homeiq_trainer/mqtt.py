@@ -48,6 +48,7 @@ class MqttLink:
         self._publish_lock = threading.Lock()
         self._connected = threading.Event()
         self._last_failure: str | None = None
+        self._subscribe_mid: int | None = None
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -70,13 +71,14 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
+        client.on_subscribe = self._handle_subscribe
         client.on_message = self._handle_message
         client.on_socket_open = self._handle_socket_open
         self._client = client
 
     @property
     def connected(self) -> bool:
-        """Whether the broker accepted us and we have not lost it since."""
+        """Whether the broker accepted us and our subscriptions, and we have not lost it since."""
         return self._connected.is_set()
 
     def wait_connected(self, timeout_s: float) -> bool:
@@ -142,8 +144,24 @@ class MqttLink:
             return
         self._last_failure = None
         _LOGGER.info("Connected to MQTT broker %s:%d", self.settings.host, self.settings.port)
-        for topic, qos in self.subscriptions.items():
-            client.subscribe(topic, qos=qos)
+        if not self.subscriptions:
+            self._ready()
+            return
+        # Ready (and `online`) only once the broker confirmed the subscriptions: a command sent the
+        # moment we look connected must not fall into the gap before the broker subscribed us.
+        _, self._subscribe_mid = client.subscribe(list(self.subscriptions.items()))
+
+    def _handle_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            _LOGGER.error("The broker refused a subscription (%s); check its ACL", refused[0])
+        self._ready()
+
+    def _ready(self) -> None:
         self._connected.set()
         try:
             self._on_connected()
