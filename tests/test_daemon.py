@@ -53,7 +53,12 @@ def is_done(state: dict) -> bool:
     return state["state"] in ("completed", "failed", "cancelled")
 
 
-def test_discovery_and_online(app: TrainerApp, watcher: Watcher) -> None:
+def test_discovery_and_online(app: TrainerApp, broker: Broker) -> None:
+    watcher = Watcher(broker.port)
+    watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=10)
+    watcher.close()
+    # A client that arrives after `online` gets everything as retained messages.
+    watcher = Watcher(broker.port)
     payload = watcher.wait_for(DISCOVERY, timeout=10)
     assert payload["device"]["identifiers"] == ["homeiq_trainer"]
     assert payload["origin"]["name"] == "homeiq-trainer"
@@ -66,6 +71,7 @@ def test_discovery_and_online(app: TrainerApp, watcher: Watcher) -> None:
     assert watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=10) == "online"
     assert watcher.retained[DISCOVERY] and watcher.retained[STATE]
     assert watcher.json(STATE)["state"] == "idle"
+    watcher.close()
 
 
 def test_start_button_runs_to_completed(app: TrainerApp, watcher: Watcher) -> None:
@@ -231,7 +237,9 @@ def test_training_child_killed_fails_run_daemon_lives(app: TrainerApp, watcher: 
     assert "killed by SIGKILL" in last["error"]
     again = watcher.request(CMD, RESP, {"action": "start"})
     assert again["status"] == "ok"
-    assert watcher.wait_for(STATE, is_done, timeout=120)["state"] == "completed"
+    new_run = again["data"]["run_id"]
+    final = watcher.wait_for(STATE, lambda s: s["run_id"] == new_run and is_done(s), timeout=120)
+    assert final["state"] == "completed"
 
 
 def serve_process(settings_env: dict[str, str]) -> subprocess.Popen[bytes]:
