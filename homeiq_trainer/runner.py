@@ -264,6 +264,9 @@ class Runner:
         run = job.run
         result: RunResult | None = None
         try:
+            from homeiq_trainer.worker import pause_for_tests
+
+            pause_for_tests(RunStatus.QUEUED.value)
             run = self.store.mark_running(run.id)  # type: ignore[arg-type]
             job.run = run
             job.phase = Phase.STARTING

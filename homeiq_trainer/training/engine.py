@@ -274,6 +274,7 @@ def train_adapter(
     """
     import torch
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+    from safetensors import SafetensorError
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -405,7 +406,11 @@ def train_adapter(
 
     watcher.phase(Phase.SAVING, "writing adapter")
     save_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(save_dir), safe_serialization=True)
+    try:
+        model.save_pretrained(str(save_dir), safe_serialization=True)
+    except SafetensorError as exc:
+        # Its I/O errors (a full disk) are not OSErrors; make them one, so they fail the run in one line.
+        raise OSError(str(exc)) from exc
     tokenizer.save_pretrained(str(save_dir))
     processed = meter.examples_seen
     return TrainOutcome(
