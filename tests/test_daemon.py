@@ -314,3 +314,25 @@ def test_daemon_sigkilled_mid_run_then_restarted(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=40)
+
+
+def test_discovery_remove_clears_every_retained_topic(make_settings: SettingsFactory, broker: Broker) -> None:
+    settings = daemon_settings(make_settings, broker)
+    daemon = TrainerApp(settings)
+    daemon.start()
+    first = Watcher(broker.port)
+    first.wait_for(DISCOVERY, timeout=10)
+    first.close()
+    daemon.stop()  # leaves `offline`, discovery and every state retained
+    env = {**os.environ, "HOMEIQ_MQTT__HOST": "127.0.0.1", "HOMEIQ_MQTT__PORT": str(broker.port)}
+    done = subprocess.run(
+        [sys.executable, "-m", "homeiq_trainer", "discovery", "--remove"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    late = Watcher(broker.port)
+    try:
+        time.sleep(1.0)  # anything retained arrives right after subscribing
+        left = {topic for topic, payload in late.latest.items() if payload}
+        assert left == set(), left
+    finally:
+        late.close()
