@@ -31,7 +31,9 @@ FLAPS = 5
 
 @pytest.mark.slow
 def test_broker_flapping_during_a_run(app: TrainerApp, broker: Broker, watcher: Watcher) -> None:
-    response = watcher.request(CMD, RESP, {"action": "start", "params": {"epochs": 30}})
+    # Long enough to outlast five flaps (~4 s each) on a quiet machine, where 100 epochs in batches of
+    # 8 took ~20 s (batches of 2 make 4x the steps); short enough to finish in the wait below when loaded.
+    response = watcher.request(CMD, RESP, {"action": "start", "params": {"epochs": 100, "batch_size": 2}})
     run_id = response["data"]["run_id"]
     watcher.wait_for(STATE, lambda s: s.get("phase") == "training", timeout=60)
     watcher.close()
@@ -52,7 +54,7 @@ def test_broker_flapping_during_a_run(app: TrainerApp, broker: Broker, watcher: 
             client.close()
     fresh = Client(broker.port)
     try:
-        state = fresh.wait_for(STATE, lambda s: s.get("run_id") == run_id and is_done(s), timeout=240)
+        state = fresh.wait_for(STATE, lambda s: s.get("run_id") == run_id and is_done(s), timeout=480)
         assert state["state"] == "completed"
         assert fresh.wait_for(AVAILABILITY, timeout=5) == "online"
         assert fresh.wait_for(PROGRESS, lambda p: p.get("run_id") == run_id, timeout=5)["percent"] == 100.0
