@@ -88,31 +88,47 @@ class SubprocessTraining:
     def __init__(self, settings: Settings, request: JobRequest, run: TrainingRun) -> None:
         from homeiq_trainer.worker import PARENT_PID_ENV, job_payload
 
-        read_fd, write_fd = os.pipe()
-        env = dict(os.environ)
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            # The child never needs them (pydantic-settings reads names in any case, so match that).
+            if key.upper() not in ("HOMEIQ_MQTT__PASSWORD", "SUPERVISOR_TOKEN")
+        }
         env[PARENT_PID_ENV] = str(os.getpid())
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        for secret in ("HOMEIQ_MQTT__PASSWORD", "SUPERVISOR_TOKEN"):
-            env.pop(secret, None)  # the child never needs them
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "homeiq_trainer", "_worker", "--event-fd", str(write_fd)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            pass_fds=(write_fd,),
-            env=env,
-            text=True,
-            # Its own process group: a Ctrl-C in the daemon's terminal is the daemon's to handle.
-            start_new_session=True,
-        )
-        os.close(write_fd)
-        self._events = os.fdopen(read_fd, "r", encoding="utf-8")
-        settings_dump = settings.model_dump(mode="json", exclude={"mqtt", "daemon"})
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(job_payload(settings_dump, request.params, run.run_identifier))
-        self.proc.stdin.flush()
+        self._pending = b""
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "homeiq_trainer", "_worker", "--event-fd", str(write_fd)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(write_fd,),
+                env=env,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                # Its own process group: a Ctrl-C in the daemon's terminal is the daemon's to handle.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        # Raw and unbuffered: a buffered reader could hold lines that select() no longer sees.
+        self._events_fd = read_fd
+        try:
+            settings_dump = settings.model_dump(mode="json", exclude={"mqtt", "daemon"})
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(job_payload(settings_dump, request.params, run.run_identifier))
+            self.proc.stdin.flush()
+        except OSError:
+            # It died at once; its exit code and stderr say why, through the usual path.
+            _LOGGER.warning("The training process exited before it read its job")
         self._stderr_thread = threading.Thread(target=self._drain_stderr, name="train-stderr", daemon=True)
         self._stderr_thread.start()
 
@@ -126,7 +142,7 @@ class SubprocessTraining:
         from homeiq_trainer.worker import parse_event
 
         selector = selectors.DefaultSelector()
-        selector.register(self._events, selectors.EVENT_READ)
+        selector.register(self._events_fd, selectors.EVENT_READ)
         last_heard = time.monotonic()
         try:
             while True:
@@ -136,13 +152,15 @@ class SubprocessTraining:
                     yield None  # a tick, so the caller can enforce its deadlines
                     continue
                 last_heard = time.monotonic()
-                line = self._events.readline()
-                if not line:
+                chunk = os.read(self._events_fd, 65536)
+                if not chunk:
                     return
-                try:
-                    yield parse_event(line)
-                except ValueError:
-                    _LOGGER.warning("Ignoring a malformed event line from the training process")
+                *lines, self._pending = (self._pending + chunk).split(b"\n")
+                for line in lines:
+                    try:
+                        yield parse_event(line.decode("utf-8"))
+                    except ValueError:
+                        _LOGGER.warning("Ignoring a malformed event line from the training process")
         finally:
             selector.close()
 
@@ -160,7 +178,9 @@ class SubprocessTraining:
         except subprocess.TimeoutExpired:
             return None
         self._stderr_thread.join(timeout=JOIN_TIMEOUT_S)
-        self._events.close()
+        if self._events_fd >= 0:
+            os.close(self._events_fd)
+            self._events_fd = -1
         if self.proc.stdin:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
@@ -169,7 +189,10 @@ class SubprocessTraining:
     def failure_text(self) -> str:
         code = self.proc.returncode
         if code is not None and code < 0:
-            name = signal.Signals(-code).name
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             why = f"the training process was killed by {name}"
             if -code == signal.SIGKILL:
                 why += " (out of memory, or killed from outside)"
@@ -222,10 +245,10 @@ class Runner:
         return self._active
 
     def submit(self, request: JobRequest) -> TrainingRun:
-        """Queue a run and start it; raises `Busy` when one is active."""
+        """Queue a run and start it; raises `Busy` when one is active, `ShuttingDown` when stopping."""
         with self._lock:
             if not self._accepting:
-                raise RuntimeError("the daemon is shutting down")
+                raise ShuttingDown("the daemon is shutting down")
             if self._active is not None:
                 raise Busy(self._active.run)
             run = open_run(self.store, self.settings, request)
@@ -249,7 +272,7 @@ class Runner:
         return job.run
 
     def shutdown(self, timeout_s: float) -> None:
-        """Stop accepting, cancel any active run and wait for it to end (then kill it)."""
+        """Stop accepting, cancel any active run and wait for it to end (it is killed after `timeout_s`)."""
         with self._lock:
             self._accepting = False
             thread = self._thread
@@ -257,7 +280,8 @@ class Runner:
             with contextlib.suppress(NotRunning):
                 self.cancel()
         if thread is not None:
-            thread.join(timeout=timeout_s + JOIN_TIMEOUT_S)
+            # The worker kills the process at the deadline, then records and publishes the end.
+            thread.join(timeout=timeout_s + TICK_S + JOIN_TIMEOUT_S * 2)
 
     def _work(self, job: ActiveJob) -> None:
         """The worker thread: running → events → outcome, and the row is always closed."""
@@ -272,20 +296,20 @@ class Runner:
             job.phase = Phase.STARTING
             self.listener.run_state(run, Phase.STARTING, "starting the training process")
             with self._lock:
-                if job.cancel_requested.is_set():
-                    raise _CancelledBeforeStart
-                job.process = self.launcher.start(self.settings, job.request, run)
-            result = self._follow(job, job.process)
-        except _CancelledBeforeStart:
-            result = RunResult(
-                run_identifier=run.run_identifier, status=RunStatus.CANCELLED, base_model=run.base_model or ""
-            )
+                if not job.cancel_requested.is_set():
+                    job.process = self.launcher.start(self.settings, job.request, run)
+            if job.process is None:
+                result = RunResult(
+                    run_identifier=run.run_identifier, status=RunStatus.CANCELLED, base_model=run.base_model or ""
+                )
+            else:
+                result = self._follow(job, job.process)
         except Exception as exc:  # the worker thread's outermost frame: the run fails, the daemon lives
             _LOGGER.exception("Run %s failed in the worker", run.run_identifier)
             result = crash_result(run, exc)
         finally:
             if job.process is not None:
-                self._reap(job.process)
+                self._stop(job.process, grace_s=JOIN_TIMEOUT_S)
             if result is None:
                 result = crash_result(run, "the worker stopped unexpectedly")
             if job.cancel_requested.is_set() and result.status is RunStatus.FAILED:
@@ -296,9 +320,12 @@ class Runner:
             except Exception:
                 _LOGGER.exception("Could not record the end of run %s", run.run_identifier)
                 finished = run
-            with self._lock:
-                self._active = None
-            self.listener.run_finished(finished, result)
+            try:
+                # Published before the runner accepts the next run, so the two never interleave.
+                self.listener.run_finished(finished, result)
+            finally:
+                with self._lock:
+                    self._active = None
 
     def _follow(self, job: ActiveJob, process: TrainingProcess) -> RunResult:
         stall = self.settings.daemon.stall_timeout_s
@@ -324,23 +351,22 @@ class Runner:
                 if job.cancel_requested.is_set() and deadline_kill is None:
                     deadline_kill = time.monotonic() + self.settings.daemon.stop_timeout_s
                 if deadline_kill is not None and time.monotonic() > deadline_kill:
+                    _LOGGER.warning("Training process did not stop in time; killing it")
+                    self._stop(process, grace_s=0)
                     break
         except Stalled as exc:
-            process.kill()
-            process.wait(JOIN_TIMEOUT_S)
+            self._stop(process, grace_s=0)
             return crash_result(job.run, str(exc))
-        code = process.wait(self.settings.daemon.stop_timeout_s)
-        if code is None:
-            process.kill()
-            process.wait(JOIN_TIMEOUT_S)
+        self._stop(process, grace_s=self.settings.daemon.stop_timeout_s)
         return crash_result(job.run, process.failure_text())
 
-    def _reap(self, process: TrainingProcess) -> None:
-        if process.wait(self.settings.daemon.stop_timeout_s) is None:
-            _LOGGER.warning("Training process did not stop in time; killing it")
+    @staticmethod
+    def _stop(process: TrainingProcess, grace_s: float) -> None:
+        """Wait up to `grace_s` for the process to exit (0: not at all), then kill it and reap it."""
+        if grace_s <= 0 or process.wait(grace_s) is None:
             process.kill()
             process.wait(JOIN_TIMEOUT_S)
 
 
-class _CancelledBeforeStart(Exception):
-    pass
+class ShuttingDown(Exception):
+    """The runner accepts no more runs."""

@@ -12,7 +12,7 @@ import pytest
 from homeiq_trainer.history import HistoryStore, TrainingRun
 from homeiq_trainer.jobs import JobRequest
 from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus, TrainParams
-from homeiq_trainer.runner import Busy, NotRunning, Runner
+from homeiq_trainer.runner import Busy, NotRunning, Runner, ShuttingDown
 from homeiq_trainer.settings import Settings, load_settings
 
 
@@ -163,7 +163,7 @@ def test_shutdown_cancels_and_refuses_new_work(settings: Settings) -> None:
     runner.submit(JobRequest(params=TrainParams()))
     runner.shutdown(timeout_s=5)
     assert listener.finished and listener.finished[0].status is RunStatus.CANCELLED
-    with pytest.raises(RuntimeError, match="shutting down"):
+    with pytest.raises(ShuttingDown, match="shutting down"):
         runner.submit(JobRequest(params=TrainParams()))
 
 
