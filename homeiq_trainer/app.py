@@ -7,8 +7,10 @@ runner reports becomes retained state. Nothing here imports torch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
+import os
 import random
 import re
 import signal
@@ -22,7 +24,7 @@ from pydantic import ValidationError
 
 from homeiq_trainer.discovery import IDLE, build_discovery
 from homeiq_trainer.history import HistoryStore, TrainingRun, run_to_dict
-from homeiq_trainer.jobs import JobRequest, recover
+from homeiq_trainer.jobs import InstanceLock, JobRequest, recover
 from homeiq_trainer.messages import (
     PLAIN_COMMANDS,
     Command,
@@ -35,9 +37,10 @@ from homeiq_trainer.messages import (
     RunStatus,
     StatePayload,
     TrainParams,
+    utcnow,
 )
 from homeiq_trainer.mqtt import MqttLink
-from homeiq_trainer.runner import Busy, Launcher, NotRunning, Runner
+from homeiq_trainer.runner import Busy, Launcher, NotRunning, Runner, ShuttingDown
 from homeiq_trainer.settings import Settings, describe_validation_error
 from homeiq_trainer.topics import Topics
 from homeiq_trainer.training import artifacts
@@ -46,9 +49,9 @@ from homeiq_trainer.training.data import DataError, count_new_examples
 _LOGGER = logging.getLogger(__name__)
 
 REMEMBERED_REQUESTS = 1000
+NEW_DATA_CHECK_TIMEOUT_S = 2.0
 REQUEST_ID_SCAN_BYTES = 1024
 _REQUEST_ID_NEAR_START = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:@/+-]{1,128})"')
-SHUTDOWN_EXTRA_S = 10.0
 COMPACT_RUN_KEYS = (
     "run_id",
     "status",
@@ -114,6 +117,8 @@ class TrainerApp:
     def __init__(self, settings: Settings, launcher: Launcher | None = None) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
+        self.instance_lock = InstanceLock(settings)
+        self.instance_lock.acquire()
         self.store = HistoryStore(settings.storage.history_db)
         interrupted = recover(self.store, settings)
         self.runner = Runner(settings, self.store, listener=self, launcher=launcher)
@@ -122,6 +127,7 @@ class TrainerApp:
         self._responses: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._last_progress_at = 0.0
         self._announce_timer: threading.Timer | None = None
+        self._stopping = False
         self.link = MqttLink(
             settings.mqtt,
             availability_topic=self.topics.availability,
@@ -139,44 +145,53 @@ class TrainerApp:
 
     def stop(self) -> None:
         """Stop accepting, cancel a running run, publish the final state and `offline`."""
-        if self._announce_timer is not None:
-            self._announce_timer.cancel()
         self.runner.shutdown(self.settings.daemon.stop_timeout_s)
+        with self._lock:
+            # After this no birth message can schedule an `online` behind our `offline`.
+            self._stopping = True
+            if self._announce_timer is not None:
+                self._announce_timer.cancel()
         self.link.stop()
+        self.close()
+
+    def close(self) -> None:
+        """Release the history and the instance lock (after `stop`, or for an app never started)."""
         self.store.close()
+        self.instance_lock.release()
 
     # --- publishing ------------------------------------------------------------------------------
 
     def _retain(self, topic: str, payload: Any, qos: int = 1) -> None:
         text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, default=str)
+        # Store and publish under one lock, so a re-announce can never publish an older value last.
         with self._lock:
             self._retained[topic] = (text, qos)
-        if self.link.connected:
-            self.link.publish(topic, text, qos=qos, retain=True)
+            if self.link.connected:
+                self.link.publish(topic, text, qos=qos, retain=True)
 
     def announce(self) -> None:
         """Publish discovery and every retained state, then `online` last (on every connect)."""
         with self._lock:
-            retained = dict(self._retained)
-        if self.settings.mqtt.discovery:
-            self.link.publish(
-                self.topics.discovery,
-                json.dumps(build_discovery(self.settings, self.topics).payload()),
-                1,
-                True,
-            )
-        for topic, (text, qos) in retained.items():
-            self.link.publish(topic, text, qos=qos, retain=True)
-        self.link.announce_online()
+            if self._stopping or not self.link.connected:
+                return
+            if self.settings.mqtt.discovery:
+                discovery = build_discovery(self.settings, self.topics).payload()
+                self.link.publish(self.topics.discovery, json.dumps(discovery), qos=1, retain=True)
+            for topic, (text, qos) in self._retained.items():
+                self.link.publish(topic, text, qos=qos, retain=True)
+            self.link.announce_online()
 
     def _schedule_announce(self) -> None:
         # Home Assistant's birth reaches every integration at once; spread the replies.
         delay = random.uniform(0, self.settings.daemon.announce_delay_max_s)
-        if self._announce_timer is not None:
-            self._announce_timer.cancel()
-        self._announce_timer = threading.Timer(delay, self.announce)
-        self._announce_timer.daemon = True
-        self._announce_timer.start()
+        with self._lock:
+            if self._stopping:
+                return
+            if self._announce_timer is not None:
+                self._announce_timer.cancel()
+            self._announce_timer = threading.Timer(delay, self.announce)
+            self._announce_timer.daemon = True
+            self._announce_timer.start()
 
     def _publish_state(self, state: str, run_id: str | None, phase: str | None, message: str) -> None:
         payload = StatePayload(state=state, run_id=run_id, phase=phase, message=message[:500])
@@ -184,7 +199,13 @@ class TrainerApp:
 
     def _publish_history(self) -> None:
         last = self.store.latest_finished()
-        self._retain(self.topics.last_run, run_to_dict(last) if last else {"run_id": None, "status": None})
+        # Every key present even before the first run, so Home Assistant's templates find them.
+        self._retain(
+            self.topics.last_run,
+            run_to_dict(last)
+            if last
+            else dict.fromkeys(run_to_dict(TrainingRun(run_identifier="", started_at=utcnow())), None),
+        )
         runs = [
             {key: value for key, value in run_to_dict(run).items() if key in COMPACT_RUN_KEYS}
             for run in self.store.recent(self.settings.daemon.runs_published)
@@ -358,9 +379,16 @@ class TrainerApp:
             )
         if params and params.resume_from:
             try:
-                artifacts.resolve_run_dir(self.settings.storage.output_dir, params.resume_from)
+                run_dir = artifacts.resolve_run_dir(self.settings.storage.output_dir, params.resume_from)
             except artifacts.ArtifactError as exc:
                 raise CommandError("unknown_run", str(exc)) from None
+            # Resuming trains on the run's own base model: the allow-list applies to it too.
+            resumed_base = artifacts.read_metadata(run_dir).get("base_model")
+            if params.base_model is None and resumed_base not in self.settings.allowed_base_models():
+                raise CommandError(
+                    "base_model_not_allowed",
+                    f"run {params.resume_from} was trained on a base model that is not allowed any more",
+                )
         if params and params.min_new_samples:
             self._require_new_data(params.min_new_samples)
         request = JobRequest(
@@ -372,7 +400,7 @@ class TrainerApp:
             run = self.runner.submit(request)
         except Busy as exc:
             raise CommandError("busy", str(exc), {"run_id": exc.run.run_identifier}) from None
-        except RuntimeError as exc:
+        except ShuttingDown as exc:
             raise CommandError("shutting_down", str(exc)) from None
         return {"run_id": run.run_identifier, "state": RunStatus.QUEUED.value}
 
@@ -388,7 +416,8 @@ class TrainerApp:
                 self.settings.data.source_db,
                 since,
                 limit=required,
-                busy_timeout_s=self.settings.data.busy_timeout_s,
+                # This runs on the MQTT network thread: never wait long enough to miss a keepalive.
+                busy_timeout_s=min(self.settings.data.busy_timeout_s, NEW_DATA_CHECK_TIMEOUT_S),
             )
         except DataError as exc:
             raise CommandError("data_unavailable", str(exc)) from None
@@ -427,6 +456,10 @@ def _one_shot_link(settings: Settings) -> MqttLink:
         subscriptions={},
         on_connected=lambda: None,
         on_message=lambda message: None,
+        # Its own id, so it never takes over a running daemon's session; no will, so a dropped
+        # connection cannot bring back the `availability` it came to remove.
+        client_id=f"{settings.mqtt.client_id}-cli-{os.getpid()}",
+        will=False,
     )
     link.start()
     return link
@@ -441,9 +474,13 @@ def remove_retained(settings: Settings, timeout_s: float = 10.0) -> int:
         link.stop()
         return 1
     infos = [link.publish(topic, b"", qos=1, retain=True) for topic in topics.retained_state_topics()]
-    for info in infos:
-        info.wait_for_publish(timeout=timeout_s)
+    with contextlib.suppress(RuntimeError, ValueError):  # raised when the connection drops meanwhile
+        for info in infos:
+            info.wait_for_publish(timeout=timeout_s)
     link.stop(announce_offline=False)
+    if not all(info.is_published() for info in infos):
+        _LOGGER.error("The broker did not confirm every removal; run the command again")
+        return 1
     print(f"removed {len(infos)} retained topics under {topics.base} and {topics.discovery}")
     return 0
 

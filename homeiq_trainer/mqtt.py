@@ -39,6 +39,8 @@ class MqttLink:
         subscriptions: dict[str, int],
         on_connected: Callable[[], None],
         on_message: MessageHandler,
+        client_id: str | None = None,
+        will: bool = True,
     ) -> None:
         self.settings = settings
         self.availability_topic = availability_topic
@@ -51,11 +53,12 @@ class MqttLink:
         self._subscribe_mid: int | None = None
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
+            client_id=client_id or settings.client_id,
             protocol=paho.MQTTv311,
             clean_session=True,
         )
-        client.will_set(availability_topic, NOT_AVAILABLE, qos=1, retain=True)
+        if will:
+            client.will_set(availability_topic, NOT_AVAILABLE, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         if settings.username:
             password = settings.password.get_secret_value() if settings.password else None
