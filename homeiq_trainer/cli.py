@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from homeiq_trainer import __version__
+from homeiq_trainer.jobs import InstanceBusy
 from homeiq_trainer.messages import Phase, ProgressEvent, RunStatus, TrainParams
 from homeiq_trainer.settings import ConfigError, Settings, load_settings
 
@@ -120,7 +121,7 @@ class ConsoleObserver:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training run in the foreground."""
     from homeiq_trainer.history import HistoryStore
-    from homeiq_trainer.jobs import JobRequest, crash_result, open_run, record_result, recover
+    from homeiq_trainer.jobs import InstanceLock, JobRequest, crash_result, open_run, record_result, recover
     from homeiq_trainer.training.run import execute_run
 
     overrides = _section_overrides(
@@ -144,30 +145,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume_from=args.resume_from,
         base_model=args.base_model,
     )
-    store = HistoryStore(settings.storage.history_db)
-    recover(store, settings)
-    run = open_run(store, settings, JobRequest(params=params, triggered_by=args.triggered_by))
-    store.mark_running(run.id)  # type: ignore[arg-type]
-    _LOGGER.info("Run %s started (history row %s)", run.run_identifier, run.id)
-
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
         _LOGGER.warning("Signal %d: stopping at the next step", signum)
         stop.set()
 
+    # Before the row is opened, so that a Ctrl-C can never leave it `running`.
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    observer = ConsoleObserver(interactive=sys.stdout.isatty() and not args.no_progress)
+    lock = InstanceLock(settings)
+    lock.acquire()
     try:
-        result = execute_run(settings, params, run.run_identifier, observer, stop)
-    except Exception as exc:  # the outermost loop of this command: record, then report in one line
-        _LOGGER.debug("Training raised", exc_info=True)
-        result = crash_result(run, exc)
+        store = HistoryStore(settings.storage.history_db)
+        recover(store, settings)
+        run = open_run(store, settings, JobRequest(params=params, triggered_by=args.triggered_by))
+        store.mark_running(run.id)  # type: ignore[arg-type]
+        _LOGGER.info("Run %s started (history row %s)", run.run_identifier, run.id)
+        observer = ConsoleObserver(interactive=sys.stdout.isatty() and not args.no_progress)
+        try:
+            result = execute_run(settings, params, run.run_identifier, observer, stop)
+        except Exception as exc:  # the outermost loop of this command: record, then report in one line
+            _LOGGER.debug("Training raised", exc_info=True)
+            result = crash_result(run, exc)
+        finally:
+            observer.close()
+        run = record_result(store, run, result)
+        store.close()
     finally:
-        observer.close()
-    run = record_result(store, run, result)
-    store.close()
+        lock.release()
 
     if result.status is RunStatus.COMPLETED:
         print(
@@ -329,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except InstanceBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # an unwritable history or output folder, before any run could record it
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILED
     except ValueError as exc:  # pydantic's ValidationError for bad CLI values
         from pydantic import ValidationError
 

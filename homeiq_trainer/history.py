@@ -152,6 +152,7 @@ class HistoryStore:
         loss_history: list[dict[str, float]] | None = None,
         metadata_path: str | None = None,
         output_dir: str | None = None,
+        base_model: str | None = None,
         data_report: dict[str, Any] | None = None,
         error: str | None = None,
     ) -> TrainingRun:
@@ -169,6 +170,8 @@ class HistoryStore:
         }
         if output_dir is not None:
             values["output_dir"] = output_dir
+        if base_model:
+            values["base_model"] = base_model  # a resumed run trains on its parent's base model
         return self._update(run_id, **values)
 
     def mark_interrupted(self) -> list[TrainingRun]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,43 @@ class JobRequest:
     params: TrainParams
     triggered_by: str = "cli"
     request_id: str | None = None
+
+
+class InstanceBusy(Exception):
+    """Another homeiq-trainer works on the same history and output dir."""
+
+
+class InstanceLock:
+    """One homeiq-trainer at a time per history: a daemon for its lifetime, `train` for its run.
+
+    Without it a `train` started beside the daemon would mark the daemon's open run interrupted and
+    delete its staging directory. The kernel drops the lock when the process dies, however it dies.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        history = settings.storage.history_db
+        self.path = history.with_name(history.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise `InstanceBusy`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InstanceBusy(
+                f"another homeiq-trainer (the daemon, or a `train` in progress) is using {self.path.with_suffix('')}; "
+                "start runs through it (MQTT `start`), or stop it first"
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock back."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def recover(store: HistoryStore, settings: Settings) -> list[TrainingRun]:
@@ -66,6 +105,7 @@ def record_result(store: HistoryStore, run: TrainingRun, result: RunResult) -> T
         loss_history=result.loss_history or None,
         metadata_path=metadata_path,
         output_dir=result.run_dir,
+        base_model=result.base_model,
         data_report=result.data.model_dump(mode="json") if result.data.rows_read else None,
         error=result.error,
     )

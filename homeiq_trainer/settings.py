@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -204,6 +204,12 @@ class Settings(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _never_write_homeiqs_database(self) -> Settings:
+        if self.storage.history_db.resolve() == self.data.source_db.resolve():
+            raise ValueError("storage.history_db must not be HomeIQ's database (data.source_db): it is never written")
+        return self
 
     def allowed_base_models(self) -> tuple[str, ...]:
         """Base models a command may ask for."""

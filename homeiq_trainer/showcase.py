@@ -46,7 +46,8 @@ def _start_broker(directory: Path, port: int) -> subprocess.Popen[bytes]:
     config = directory / "mosquitto.conf"
     user = "user root\n" if os.geteuid() == 0 else ""
     config.write_text(f"{user}persistence false\nlistener {port} 127.0.0.1\nallow_anonymous true\n")
-    proc = subprocess.Popen([_find_mosquitto(), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = (directory / "mosquitto.log").open("wb")
+    proc = subprocess.Popen([_find_mosquitto(), "-c", str(config)], stdout=log, stderr=log)
     deadline = time.monotonic() + BROKER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
@@ -54,7 +55,7 @@ def _start_broker(directory: Path, port: int) -> subprocess.Popen[bytes]:
                 return proc
         except OSError:
             if proc.poll() is not None:
-                detail = proc.stderr.read().decode() if proc.stderr else ""
+                detail = (directory / "mosquitto.log").read_text(errors="replace")[-500:]
                 raise SystemExit(f"error: mosquitto exited: {detail}") from None
             time.sleep(0.05)
     proc.kill()
@@ -78,8 +79,10 @@ def prepare(directory: Path) -> tuple[Path, Path]:
 
 
 def _environment(directory: Path, source: Path, model: Path, epochs: int, port: int | None) -> dict[str, str]:
+    # The demo's own settings only: a developer's HOMEIQ_* or an add-on token must not leak in.
+    inherited = {k: v for k, v in os.environ.items() if not k.upper().startswith("HOMEIQ_") and k != "SUPERVISOR_TOKEN"}
     env = {
-        **os.environ,
+        **inherited,
         "HOMEIQ_DATA__SOURCE_DB": str(source),
         "HOMEIQ_STORAGE__OUTPUT_DIR": str(directory / "ask_ai_soft_prompt"),
         "HOMEIQ_STORAGE__HISTORY_DB": str(directory / "homeiq_trainer.db"),

@@ -77,3 +77,17 @@ def test_demo_runs_the_daemon_end_to_end(tmp_path: Path) -> None:
     assert "what the adapter generates" in done.stdout
     latest = tmp_path / "demo" / "ask_ai_soft_prompt" / "latest"
     assert (latest / "adapter_model.safetensors").is_file()
+
+
+def test_train_refuses_while_the_daemon_owns_the_history(make_settings: SettingsFactory) -> None:
+    from homeiq_trainer.app import TrainerApp
+
+    settings = make_settings()
+    daemon = TrainerApp(settings)  # holds the instance lock for its lifetime
+    try:
+        refused = cli("train", env=env_of(settings))
+        assert refused.returncode == 2 and "another homeiq-trainer" in refused.stderr
+        assert daemon.store.recent(5) == []  # nothing opened, nothing marked interrupted
+    finally:
+        daemon.close()
+    assert cli("train", "--max-samples", "30", env=env_of(settings)).returncode == 0

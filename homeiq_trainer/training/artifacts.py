@@ -146,8 +146,9 @@ def remove_stale_staging(output_dir: Path) -> None:
     """Remove what crashed runs left half-written."""
     if not output_dir.is_dir():
         return
-    for path in output_dir.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(path, ignore_errors=True)
+    for pattern in (f"{STAGING_PREFIX}*", ".trainer-*"):
+        for path in output_dir.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
     for path in output_dir.glob(f".{LATEST}.*.tmp"):
         path.unlink(missing_ok=True)
 

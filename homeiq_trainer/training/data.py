@@ -51,9 +51,13 @@ def connect_read_only(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     uri = f"file:{quote(str(path.resolve()))}?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, check_same_thread=False)
+    except sqlite3.DatabaseError as exc:
+        raise DataError(f"cannot read source database {path}: {exc}") from None
+    try:
         conn.execute("PRAGMA query_only = 1")
         conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.DatabaseError as exc:
+        conn.close()
         raise DataError(f"cannot read source database {path}: {exc}") from None
     return conn
 

@@ -137,4 +137,4 @@ def test_base_model_only_from_the_allow_list(make_settings: SettingsFactory, tin
             assert response["error"]["code"] == "base_model_not_allowed", (candidate, response)
         assert app.runner.active is None and app.store.recent(5) == []
     finally:
-        app.store.close()
+        app.close()

@@ -356,7 +356,7 @@ def fuzz_app(request: pytest.FixtureRequest, make_settings: SettingsFactory) -> 
     before = snapshot(app)
     yield app
     assert snapshot(app) == before
-    app.store.close()
+    app.close()
 
 
 def _fuzz(app: TrainerApp, strategy: st.SearchStrategy[bytes], examples: int, name: str) -> None:
@@ -390,7 +390,7 @@ def test_fuzz_quick(make_settings: SettingsFactory) -> None:
     before = snapshot(app)
     _fuzz(app, _mixed(app), 1000, "quick")
     assert snapshot(app) == before
-    app.store.close()
+    app.close()
 
 
 @pytest.mark.slow
@@ -424,7 +424,7 @@ def test_oversized_payload_costs_nothing_to_refuse(make_settings: SettingsFactor
     elapsed = time.monotonic() - started
     assert response["error"]["code"] == "payload_too_large" and response["request_id"] == "big-1"
     assert elapsed < 0.2, f"refusing a 40 MB payload took {elapsed:.2f} s: it was parsed"
-    app.store.close()
+    app.close()
 
 
 def test_fuzz_through_the_broker(make_settings: SettingsFactory, broker: Broker, tmp_path: Path) -> None:
@@ -477,4 +477,4 @@ def test_fuzz_through_the_broker(make_settings: SettingsFactory, broker: Broker,
     record("payloads fuzzed through the broker", len(payloads))
     app2 = TrainerApp(cfg, launcher=RefusingLauncher())
     assert snapshot(app2) == before
-    app2.store.close()
+    app2.close()
