@@ -239,3 +239,17 @@ def test_count_new_examples_since(tmp_path: Path) -> None:
     conn.close()
     assert count_new_examples(db, report.newest_created_at, limit=100) == 1
     assert count_new_examples(db, None, limit=3) == 3
+
+
+def test_rows_without_created_at_are_read_last_across_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from homeiq_trainer.training import data
+
+    monkeypatch.setattr(data, "MAX_PAGE_ROWS", 90)  # many pages, boundaries among dated and undated rows
+    db = make_db(tmp_path / "n.db", [(f"q{i}", good(f"a{i}")) for i in range(700)])
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE ask_ai_queries SET created_at = NULL WHERE CAST(substr(query_id, 7) AS INTEGER) >= 400")
+    conn.commit()
+    conn.close()
+    examples, report = load_examples(db, max_samples=10_000)
+    assert len(examples) == 700 and report.rows_read == 700  # none lost on a page boundary
+    assert [e.instruction for e in examples[:400]] == [f"q{i}" for i in range(400)]  # dated rows first, newest first

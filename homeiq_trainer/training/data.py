@@ -117,9 +117,13 @@ def _pages(conn: sqlite3.Connection, since: str | None, wanted: int | None) -> I
     while True:
         clause = where
         args = list(params)
-        if cursor_key is not None:
+        if cursor_key is not None and cursor_key[0] is None:
+            # Rows without a created_at sort last (NULL is smallest); page through them by id.
+            clause += " AND created_at IS NULL AND query_id < ?"
+            args += [cursor_key[1]]
+        elif cursor_key is not None:
             # Keyset paging: (created_at, query_id) strictly after the last row we saw.
-            clause += " AND (created_at < ? OR (created_at = ? AND query_id < ?))"
+            clause += " AND (created_at < ? OR (created_at = ? AND query_id < ?) OR created_at IS NULL)"
             args += [cursor_key[0], cursor_key[0], cursor_key[1]]
         # The page is chosen by sorting keys only, then its rows are fetched by primary key: sorting
         # whole rows (suggestions JSON and all) cost ~0.5 s per page on a 200,000-row table.
