@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -16,7 +17,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 class Watcher:
     """Subscribes to everything and keeps the latest payload per topic plus the full log."""
 
-    def __init__(self, port: int, topics: tuple[str, ...] = ("#",), client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        topics: tuple[str, ...] = ("#",),
+        client_id: str | None = None,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_certs: Path | None = None,
+    ) -> None:
         self.port = port
         self.latest: dict[str, bytes] = {}
         self.retained: dict[str, bool] = {}
@@ -29,11 +39,17 @@ class Watcher:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.topics = topics
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if ca_certs is not None:
+            self.client.tls_set(ca_certs=str(ca_certs))
         self.client.connect("127.0.0.1", port, keepalive=30)
         self.client.loop_start()
         assert self._connected.wait(10), "test client could not connect"
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            return
         for topic in self.topics:
             client.subscribe(topic, qos=1)
         self._connected.set()

@@ -9,16 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.settings import Settings
@@ -103,42 +99,7 @@ class Daemon:
 
 
 class Client(Watcher):
-    """A Watcher that can log in and speak TLS."""
-
-    def __init__(
-        self,
-        port: int,
-        topics: tuple[str, ...] = ("#",),
-        *,
-        username: str | None = None,
-        password: str | None = None,
-        ca_certs: Path | None = None,
-        connect: bool = True,
-    ) -> None:
-        self.port = port
-        self.latest: dict[str, bytes] = {}
-        self.retained: dict[str, bool] = {}
-        self.log: list[tuple[float, str, bytes]] = []
-        self._cond = threading.Condition()
-        self._connected = threading.Event()
-        self.client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}"
-        )
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.topics = topics
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        if ca_certs is not None:
-            self.client.tls_set(ca_certs=str(ca_certs))
-        self.client.connect("127.0.0.1", port, keepalive=30)
-        self.client.loop_start()
-        assert self._connected.wait(10), "test client could not connect"
-
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if rc.is_failure:
-            return
-        super()._on_connect(client, userdata, flags, rc, props)
+    """A Watcher that counts (it can log in and speak TLS like any Watcher)."""
 
     def count(self, topic: str) -> int:
         return len(self.messages(topic))
