@@ -66,6 +66,12 @@ class TrainParams(_Wire):
     resume_from: str | None = Field(None, pattern=r"^(latest|run_\d{8}_\d{6}(_\d{1,3})?)$", max_length=32)
     base_model: str | None = Field(None, min_length=1, max_length=512)
 
+    @model_validator(mode="after")
+    def _lora_shape_comes_from_the_resumed_adapter(self) -> TrainParams:
+        if self.resume_from is not None and (self.lora_r, self.lora_alpha, self.lora_dropout) != (None, None, None):
+            raise ValueError("lora_r, lora_alpha and lora_dropout come from the resumed adapter; leave them out")
+        return self
+
 
 class DataReport(_Wire):
     """What the data step found."""

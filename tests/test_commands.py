@@ -31,14 +31,15 @@ def test_json_start_with_params() -> None:
             "lora_r": 8,
             "lora_alpha": 16,
             "lora_dropout": 0.1,
-            "resume_from": "latest",
             "min_new_samples": 25,
         },
     }
     command = parse_command(json.dumps(body).encode(), LIMIT)
     assert command.params is not None and command.params.min_new_samples == 25
     params = command.params.train_params()
-    assert params.epochs == 2 and params.resume_from == "latest"
+    assert params.epochs == 2 and params.lora_r == 8
+    resume = parse_command(b'{"action": "start", "params": {"resume_from": "latest", "epochs": 1}}', LIMIT)
+    assert resume.params is not None and resume.params.train_params().resume_from == "latest"
     assert "min_new_samples" not in params.model_dump()
     assert parse_command(b'{"action": "start"}', LIMIT).triggered_by == "mqtt"
 
@@ -59,6 +60,11 @@ def test_json_start_with_params() -> None:
         (b'{"action": "start", "request_id": 7}', "invalid_command", "request_id"),
         (b'{"action": "status", "params": {}}', "invalid_command", "only accepted"),
         (b'{"action": "start", "unknown": true}', "invalid_command", "unknown"),
+        (
+            b'{"action": "start", "params": {"resume_from": "latest", "lora_r": 4}}',
+            "invalid_command",
+            "resumed adapter",
+        ),
     ],
 )
 def test_bad_commands_name_the_problem(payload: bytes, code: str, names: str) -> None:

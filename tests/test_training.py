@@ -178,12 +178,15 @@ def test_cancel_stops_at_a_step_and_keeps_latest(make_settings: SettingsFactory)
 
 def test_resume_from_latest_and_refusals(make_settings: SettingsFactory) -> None:
     settings = make_settings()
-    _, first, ok = run_job(settings)
+    _, first, ok = run_job(settings, TrainParams(lora_r=8))
     assert ok.status is RunStatus.COMPLETED
     _, second, resumed = run_job(settings, TrainParams(resume_from="latest"))
     assert resumed.status is RunStatus.COMPLETED, resumed.error
     meta = json.loads((settings.storage.output_dir / second.run_identifier / "training_run.json").read_text())
     assert meta["hyperparameters"]["resume_from"] == "latest"
+    assert meta["hyperparameters"]["lora_r"] == 8  # the resumed adapter's shape, not the configured 16
+    with pytest.raises(ValueError, match="come from the resumed adapter"):
+        TrainParams(resume_from="latest", lora_r=4)
     # Resuming starts from the trained adapter, so its first loss is below the fresh run's first loss.
     first_meta = json.loads((settings.storage.output_dir / first.run_identifier / "training_run.json").read_text())
     assert meta["loss_history"][0]["loss"] < first_meta["loss_history"][0]["loss"]

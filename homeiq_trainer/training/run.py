@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -98,6 +99,16 @@ def execute_run(
             raise RunRefused(
                 f"cannot resume {params.resume_from}: it was trained on {resumed_base}, not {hp.base_model}"
             )
+        lora_record: dict[str, Any] = {}
+        if resume_dir is not None:
+            # The adapter keeps its own shape; record that, not the configured one.
+            config = json.loads((resume_dir / "adapter_config.json").read_text(encoding="utf-8"))
+            lora_record = {
+                "lora_r": config.get("r"),
+                "lora_alpha": config.get("lora_alpha"),
+                "lora_dropout": config.get("lora_dropout"),
+                "lora_target_modules": sorted(config.get("target_modules") or []),
+            }
 
         observer.phase(Phase.LOADING_DATA, f"reading {settings.data.source_db}")
         examples, report = load_examples(
@@ -141,7 +152,10 @@ def execute_run(
             "device": outcome.device,
             "steps": outcome.steps,
             "data": report.model_dump(mode="json"),
-            "hyperparameters": parameters_record(settings, params.model_copy(update={"base_model": hp.base_model})),
+            "hyperparameters": {
+                **parameters_record(settings, params.model_copy(update={"base_model": hp.base_model})),
+                **lora_record,
+            },
             "loss_history": outcome.loss_history,
             "trainer_version": __version__,
         }
