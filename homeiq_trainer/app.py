@@ -282,7 +282,7 @@ class TrainerApp:
         message = {
             RunStatus.COMPLETED: f"completed with final loss {result.final_loss}",
             RunStatus.CANCELLED: "cancelled; the current model is unchanged",
-        }.get(result.status, (result.error or "failed").strip().splitlines()[-1] if result.error else "failed")
+        }.get(result.status) or result.reason()
         self._publish_history()
         if result.promoted:
             self._publish_model()

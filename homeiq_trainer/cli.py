@@ -186,8 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.status is RunStatus.CANCELLED:
         print(f"{run.run_identifier} cancelled; latest adapter unchanged", file=sys.stderr)
         return EXIT_CANCELLED
-    reason = (result.error or "training failed").strip().splitlines()
-    print(f"error: {run.run_identifier} failed: {reason[-1] if reason else 'training failed'}", file=sys.stderr)
+    print(f"error: {run.run_identifier} failed: {result.reason()}", file=sys.stderr)
     return EXIT_FAILED
 
 

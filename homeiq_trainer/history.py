@@ -182,14 +182,15 @@ class HistoryStore:
                     TrainingRun.status.in_([RunStatus.QUEUED.value, RunStatus.RUNNING.value])  # type: ignore[attr-defined]
                 )
             ).all()
+            left = [(run.run_identifier, run.status) for run in stale]
             for run in stale:
                 run.status = RunStatus.FAILED.value
                 run.finished_at = utcnow()
                 run.error_message = INTERRUPTED_MESSAGE
                 session.add(run)
             session.commit()
-        for run in stale:
-            _LOGGER.warning("Run %s was left %s by a stopped process; marked failed", run.run_identifier, "open")
+        for run_identifier, status in left:
+            _LOGGER.warning("Run %s was left %s by a stopped process; marked failed", run_identifier, status)
         return list(stale)
 
     def get(self, run_id: int) -> TrainingRun | None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RUN_ID_PATTERN = r"^run_\d{8}_\d{6}(_\d{1,3})?$"
-RunIdentifier = Annotated[str, Field(pattern=RUN_ID_PATTERN, max_length=32)]
+RESUME_FROM_PATTERN = rf"^(latest|{RUN_ID_PATTERN[1:-1]})$"
 
 
 def utcnow() -> datetime:
@@ -63,7 +63,7 @@ class TrainParams(_Wire):
     lora_r: int | None = Field(None, ge=1, le=256)
     lora_alpha: int | None = Field(None, ge=1, le=1024)
     lora_dropout: float | None = Field(None, ge=0.0, lt=1.0)
-    resume_from: str | None = Field(None, pattern=r"^(latest|run_\d{8}_\d{6}(_\d{1,3})?)$", max_length=32)
+    resume_from: str | None = Field(None, pattern=RESUME_FROM_PATTERN, max_length=32)
     base_model: str | None = Field(None, min_length=1, max_length=512)
 
     @model_validator(mode="after")
@@ -130,6 +130,11 @@ class RunResult(_Wire):
     padding_efficiency: float | None = None
     device: str | None = None
     error: str | None = None
+
+    def reason(self) -> str:
+        """The last line of the error (a traceback's is the exception), for one-line displays."""
+        lines = (self.error or "").strip().splitlines()
+        return lines[-1] if lines else "training failed"
 
 
 TrainingEvent = Annotated[PhaseEvent | ProgressEvent | RunResult, Field(discriminator="kind")]

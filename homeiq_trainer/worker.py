@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from homeiq_trainer.messages import EventEnvelope, Phase, ProgressEvent, RunResult, RunStatus, TrainParams
+from homeiq_trainer.messages import EventEnvelope, Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus, TrainParams
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -56,8 +56,6 @@ class PipeObserver:
             self._stream.flush()
 
     def phase(self, phase: Phase, message: str = "") -> None:
-        from homeiq_trainer.messages import PhaseEvent
-
         self.send(PhaseEvent(phase=phase, message=message))
         pause_for_tests(phase.value)
 

@@ -23,6 +23,7 @@ for _key in [k for k in os.environ if k.startswith("HOMEIQ_")]:
 
 from homeiq_trainer.demo import build_tiny_model, create_source_db  # noqa: E402
 from homeiq_trainer.settings import Settings, load_settings  # noqa: E402
+from tests.mqtt_client import Watcher  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +121,11 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def watcher(broker: Broker) -> Iterator[Watcher]:
+    """A real MQTT client on the test broker that records everything."""
+    w = Watcher(broker.port)
+    yield w
+    w.close()

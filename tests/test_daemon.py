@@ -34,13 +34,6 @@ def daemon_settings(make_settings: SettingsFactory, broker: Broker, **sections: 
 
 
 @pytest.fixture
-def watcher(broker: Broker) -> Iterator[Watcher]:
-    w = Watcher(broker.port)
-    yield w
-    w.close()
-
-
-@pytest.fixture
 def app(make_settings: SettingsFactory, broker: Broker) -> Iterator[TrainerApp]:
     a = TrainerApp(daemon_settings(make_settings, broker))
     a.start()

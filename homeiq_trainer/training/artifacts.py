@@ -43,6 +43,11 @@ def staging_dir(output_dir: Path, run_identifier: str) -> Path:
     return output_dir / f"{STAGING_PREFIX}{run_identifier}"
 
 
+def trainer_scratch_dir(save_dir: Path) -> Path:
+    """Where the HF Trainer may write while training into `save_dir`; removed after every run."""
+    return save_dir.parent / f".trainer-{save_dir.name}"
+
+
 def write_metadata(run_dir: Path, metadata: dict[str, Any]) -> Path:
     """Write `training_run.json` atomically (temp file, fsync, rename)."""
     path = run_dir / METADATA_FILE

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from homeiq_trainer.messages import Phase, ProgressEvent
+from homeiq_trainer.training.artifacts import trainer_scratch_dir
 
 if TYPE_CHECKING:
     import torch
@@ -352,7 +353,7 @@ def train_adapter(
             meter.close_epoch()
 
     args = TrainingArguments(
-        output_dir=str(save_dir.parent / f".trainer-{save_dir.name}"),
+        output_dir=str(trainer_scratch_dir(save_dir)),
         num_train_epochs=hp.epochs,
         per_device_train_batch_size=hp.batch_size,
         gradient_accumulation_steps=hp.gradient_accumulation_steps,

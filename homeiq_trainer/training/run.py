@@ -89,7 +89,7 @@ def execute_run(
     hp = hyperparameters(settings, params)
     result = RunResult(run_identifier=run_identifier, status=RunStatus.RUNNING, base_model=hp.base_model)
     staging = artifacts.staging_dir(output_dir, run_identifier)
-    trainer_scratch = output_dir / f".trainer-{staging.name}"
+    trainer_scratch = artifacts.trainer_scratch_dir(staging)
     try:
         resume_dir, resumed_base = _resume_target(settings, params)
         if resume_dir is not None and resumed_base and params.base_model is None:

@@ -106,13 +106,6 @@ class Client(Watcher):
 
 
 @pytest.fixture
-def watcher(broker: Broker) -> Iterator[Watcher]:
-    w = Watcher(broker.port)
-    yield w
-    w.close()
-
-
-@pytest.fixture
 def app(make_settings: SettingsFactory, broker: Broker) -> Iterator[TrainerApp]:
     a = TrainerApp(daemon_settings(make_settings, broker.port))
     a.start()
