@@ -37,6 +37,7 @@ from homeiq_trainer.messages import (
     RunStatus,
     StatePayload,
     TrainParams,
+    json_safe,
     utcnow,
 )
 from homeiq_trainer.mqtt import MqttLink
@@ -60,6 +61,8 @@ COMPACT_RUN_KEYS = (
     "finished_at",
     "dataset_size",
     "final_loss",
+    "promoted",
+    "decision",
 )
 
 
@@ -162,7 +165,12 @@ class TrainerApp:
     # --- publishing ------------------------------------------------------------------------------
 
     def _retain(self, topic: str, payload: Any, qos: int = 1) -> None:
-        text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, default=str)
+        # Unknown numbers go out as null: a bare NaN is not JSON, and Home Assistant's templates choke on it.
+        text = (
+            payload
+            if isinstance(payload, str)
+            else json.dumps(json_safe(payload), ensure_ascii=False, default=str, allow_nan=False)
+        )
         # Store and publish under one lock, so a re-announce can never publish an older value last.
         with self._lock:
             self._retained[topic] = (text, qos)
@@ -219,10 +227,12 @@ class TrainerApp:
             self._retain(self.topics.model, {"run_id": None})
             return
         meta = artifacts.read_metadata(output_dir / name)
+        current = artifacts.read_current(output_dir)
+        # The same as current.json, plus the keys this topic carried before it existed.
         self._retain(
             self.topics.model,
             {
-                "run_id": name,
+                **(current if current.get("run_id") == name else {"run_id": name}),
                 "path": str((output_dir / name).resolve()),
                 "base_model": meta.get("base_model"),
                 "trained_at": meta.get("trained_at"),
@@ -280,11 +290,11 @@ class TrainerApp:
             previous.update(run_id=run.run_identifier, percent=100.0, eta_s=0.0)
             self._retain(self.topics.progress, previous, qos=0)
         message = {
-            RunStatus.COMPLETED: f"completed with final loss {result.final_loss}",
+            RunStatus.COMPLETED: f"completed: {result.decision_reason or 'final loss ' + str(result.final_loss)}",
             RunStatus.CANCELLED: "cancelled; the current model is unchanged",
         }.get(result.status) or result.reason()
         self._publish_history()
-        if result.promoted:
+        if run.promoted:
             self._publish_model()
         self._publish_state(result.status.value, run.run_identifier, None, message)
         _LOGGER.info("Run %s %s", run.run_identifier, result.status.value)

@@ -121,7 +121,8 @@ class ConsoleObserver:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training run in the foreground."""
     from homeiq_trainer.history import HistoryStore
-    from homeiq_trainer.jobs import InstanceLock, JobRequest, crash_result, open_run, record_result, recover
+    from homeiq_trainer.jobs import InstanceLock, JobRequest, crash_result, open_run, recover
+    from homeiq_trainer.promotion import conclude
     from homeiq_trainer.training.run import execute_run
 
     overrides = _section_overrides(
@@ -170,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = crash_result(run, exc)
         finally:
             observer.close()
-        run = record_result(store, run, result)
+        run = conclude(store, settings, run, result)
         store.close()
     finally:
         lock.release()
@@ -180,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{run.run_identifier} completed: {result.data.examples} examples "
             f"({result.train_examples} train / {result.eval_examples} eval), "
             f"final loss {_fmt(result.final_loss)}, eval loss {_fmt(result.eval_loss)}, "
-            f"adapter {result.run_dir}"
+            f"adapter {result.run_dir}; {'served' if run.promoted else 'not served'}: {result.decision_reason}"
         )
         return EXIT_OK
     if result.status is RunStatus.CANCELLED:

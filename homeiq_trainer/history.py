@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Text, event
+from sqlalchemy import JSON, Column, Index, Text, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from homeiq_trainer.messages import RunStatus, utcnow
+from homeiq_trainer.messages import Decision, RunStatus, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -49,6 +49,25 @@ class TrainingRun(SQLModel, table=True):
     request_id: str | None = None
     parameters_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     data_report_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    promoted: bool | None = None
+    decision: str | None = Field(default=None, max_length=32)
+    decision_reason: str | None = Field(default=None, sa_column=Column(Text))
+    evaluation_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class ServedAdapter(SQLModel, table=True):
+    """One time an adapter became the served one; the newest row not withdrawn is served now."""
+
+    __tablename__ = "served_adapters"
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_identifier: str = Field(index=True)
+    served_at: datetime
+    action: str = Field(max_length=20)
+    """`promote`, or `adopt` for a `latest` found without a record; a rollback withdraws instead."""
+    triggered_by: str = "training"
+    withdrawn_at: datetime | None = None
+    withdrawn_by: str | None = None
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -74,7 +93,23 @@ def run_to_dict(run: TrainingRun) -> dict[str, Any]:
         "final_loss": run.final_loss,
         "eval_loss": run.eval_loss,
         "error": run.error_message,
+        "promoted": run.promoted,
+        "decision": run.decision,
+        "decision_reason": run.decision_reason,
+        "evaluation": {k: v for k, v in (run.evaluation_json or {}).items() if k != "samples"} or None,
+        "samples": (run.evaluation_json or {}).get("samples") or [],
     }
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add columns newer releases introduced to an existing table (create_all only creates tables)."""
+    table = TrainingRun.__table__  # type: ignore[attr-defined]
+    present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    with engine.begin() as connection:
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -94,13 +129,14 @@ class HistoryStore:
         self._engine: Engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
         event.listen(self._engine, "connect", _sqlite_pragmas)
         SQLModel.metadata.create_all(self._engine)
+        _add_missing_columns(self._engine)
         self._lock = threading.Lock()
 
     def close(self) -> None:
         """Release the connection pool."""
         self._engine.dispose()
 
-    def _update(self, run_id: int, **values: Any) -> TrainingRun:
+    def _update(self, run_id: int, also: SQLModel | None = None, **values: Any) -> TrainingRun:
         with self._lock, Session(self._engine, expire_on_commit=False) as session:
             run = session.get(TrainingRun, run_id)
             if run is None:
@@ -108,6 +144,8 @@ class HistoryStore:
             for key, value in values.items():
                 setattr(run, key, value)
             session.add(run)
+            if also is not None:
+                session.add(also)  # in the same transaction: both or neither
             session.commit()
             return run
 
@@ -149,14 +187,18 @@ class HistoryStore:
         dataset_size: int | None = None,
         final_loss: float | None = None,
         eval_loss: float | None = None,
-        loss_history: list[dict[str, float]] | None = None,
+        loss_history: list[dict[str, float | None]] | None = None,
         metadata_path: str | None = None,
         output_dir: str | None = None,
         base_model: str | None = None,
         data_report: dict[str, Any] | None = None,
         error: str | None = None,
+        decision: Decision | None = None,
+        decision_reason: str | None = None,
+        evaluation: dict[str, Any] | None = None,
+        serve: bool = False,
     ) -> TrainingRun:
-        """Close the run with its outcome; `error` keeps its last 5000 characters."""
+        """Close the run with its outcome (and, with `serve`, make it the served one); `error` keeps 5000 chars."""
         values: dict[str, Any] = {
             "status": status.value,
             "finished_at": utcnow(),
@@ -167,12 +209,22 @@ class HistoryStore:
             "metadata_path": metadata_path,
             "data_report_json": data_report,
             "error_message": error[-ERROR_TAIL_CHARS:] if error else None,
+            "promoted": serve,
+            "decision": decision.value if decision else None,
+            "decision_reason": decision_reason,
+            "evaluation_json": evaluation,
         }
         if output_dir is not None:
             values["output_dir"] = output_dir
         if base_model:
             values["base_model"] = base_model  # a resumed run trains on its parent's base model
-        return self._update(run_id, **values)
+        row = self.get(run_id)
+        served = (
+            ServedAdapter(run_identifier=row.run_identifier, served_at=utcnow(), action="promote")
+            if serve and row
+            else None
+        )
+        return self._update(run_id, also=served, **values)
 
     def mark_interrupted(self) -> list[TrainingRun]:
         """Fail every run still queued or running: its process is gone."""
@@ -233,3 +285,54 @@ class HistoryStore:
         """Every run identifier in the history."""
         with Session(self._engine) as session:
             return set(session.exec(select(TrainingRun.run_identifier)).all())
+
+    # --- the served adapter ------------------------------------------------------------------
+
+    def served_stack(self) -> list[ServedAdapter]:
+        """Adapters served and not withdrawn, the one served now first."""
+        with Session(self._engine, expire_on_commit=False) as session:
+            query = (
+                select(ServedAdapter)
+                .where(ServedAdapter.withdrawn_at.is_(None))  # type: ignore[union-attr]
+                .order_by(ServedAdapter.id.desc())  # type: ignore[union-attr]
+            )
+            rows = list(session.exec(query).all())
+        for row in rows:
+            row.served_at = _aware(row.served_at) or row.served_at
+        return rows
+
+    def serve(self, run_identifier: str, action: str, triggered_by: str) -> ServedAdapter:
+        """Record that `run_identifier` is served from now on (and mark its run promoted)."""
+        row = ServedAdapter(run_identifier=run_identifier, served_at=utcnow(), action=action, triggered_by=triggered_by)
+        with self._lock, Session(self._engine, expire_on_commit=False) as session:
+            session.add(row)
+            run = session.exec(select(TrainingRun).where(TrainingRun.run_identifier == run_identifier)).first()
+            if run is not None and action == "promote":
+                run.promoted = True
+                run.decision = Decision.PROMOTED.value
+                run.decision_reason = f"promoted on request by {triggered_by}"
+                session.add(run)
+            session.commit()
+            session.refresh(row)
+        return row
+
+    def withdraw(self, served_id: int, triggered_by: str) -> None:
+        """The served adapter is no longer served (a rollback, or its directory is gone)."""
+        with self._lock, Session(self._engine, expire_on_commit=False) as session:
+            row = session.get(ServedAdapter, served_id)
+            if row is not None:
+                row.withdrawn_at, row.withdrawn_by = utcnow(), triggered_by
+                session.add(row)
+                session.commit()
+
+    def awaiting(self) -> list[TrainingRun]:
+        """Completed runs awaiting approval, newer than the current served adapter's promotion."""
+        stack = self.served_stack()
+        with Session(self._engine, expire_on_commit=False) as session:
+            query = select(TrainingRun).where(
+                TrainingRun.status == RunStatus.COMPLETED.value,
+                TrainingRun.decision == Decision.AWAITING_APPROVAL.value,
+            )
+            if stack:
+                query = query.where(TrainingRun.finished_at > stack[0].served_at)  # type: ignore[operator]
+            return list(session.exec(query.order_by(TrainingRun.id.desc())).all())  # type: ignore[union-attr]

@@ -62,9 +62,13 @@ class InstanceLock:
 
 
 def recover(store: HistoryStore, settings: Settings) -> list[TrainingRun]:
-    """After a crash: fail runs left open and remove half-written run directories."""
+    """After a crash: fail runs left open, remove half-written run directories, finish a half-done switch."""
+    from homeiq_trainer.promotion import reconcile
+
     artifacts.remove_stale_staging(settings.storage.output_dir)
-    return store.mark_interrupted()
+    interrupted = store.mark_interrupted()
+    reconcile(store, settings.storage.output_dir)
+    return interrupted
 
 
 def open_run(store: HistoryStore, settings: Settings, request: JobRequest) -> TrainingRun:
@@ -92,7 +96,7 @@ def crash_result(run: TrainingRun, error: BaseException | str) -> RunResult:
     )
 
 
-def record_result(store: HistoryStore, run: TrainingRun, result: RunResult) -> TrainingRun:
+def record_result(store: HistoryStore, run: TrainingRun, result: RunResult, serve: bool = False) -> TrainingRun:
     """Close the history row from the run's result (the row and `training_run.json` agree)."""
     assert run.id is not None
     metadata_path = str(Path(result.run_dir) / artifacts.METADATA_FILE) if result.run_dir else None
@@ -108,4 +112,8 @@ def record_result(store: HistoryStore, run: TrainingRun, result: RunResult) -> T
         base_model=result.base_model,
         data_report=result.data.model_dump(mode="json") if result.data.rows_read else None,
         error=result.error,
+        decision=result.decision,
+        decision_reason=result.decision_reason,
+        evaluation={**result.evaluation, "samples": result.samples} if result.evaluation else None,
+        serve=serve,
     )

@@ -6,6 +6,7 @@ here, so the JSON shapes live in one place.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -21,6 +22,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinity (at any depth) replaced by None: JSON never carries NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
 class RunStatus(StrEnum):
     """Where a run stands; the first two are active."""
 
@@ -33,6 +45,15 @@ class RunStatus(StrEnum):
     @property
     def active(self) -> bool:
         return self in (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+class Decision(StrEnum):
+    """What became of a finished run's adapter."""
+
+    PROMOTED = "promoted"
+    KEPT_CURRENT = "kept_current"
+    AWAITING_APPROVAL = "awaiting_approval"
+    NOT_PROMOTED_INVALID = "not_promoted_invalid"
 
 
 class Phase(StrEnum):
@@ -124,12 +145,17 @@ class RunResult(_Wire):
     eval_examples: int = 0
     final_loss: float | None = None
     eval_loss: float | None = None
-    loss_history: list[dict[str, float]] = Field(default_factory=list)
+    # None where a loss was not finite: JSON has no NaN, and a NaN line would not parse back.
+    loss_history: list[dict[str, float | None]] = Field(default_factory=list)
     train_runtime_s: float | None = None
     train_samples_per_second: float | None = None
     padding_efficiency: float | None = None
     device: str | None = None
     error: str | None = None
+    decision: Decision | None = None
+    decision_reason: str | None = None
+    evaluation: dict[str, Any] | None = None
+    samples: list[dict[str, str | None]] = Field(default_factory=list)
 
     def reason(self) -> str:
         """The last line of the error (a traceback's is the exception), for one-line displays."""

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from homeiq_trainer.history import HistoryStore, TrainingRun
-from homeiq_trainer.jobs import JobRequest, crash_result, open_run, record_result
+from homeiq_trainer.jobs import JobRequest, crash_result, open_run
 from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus
+from homeiq_trainer.promotion import conclude
 from homeiq_trainer.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
@@ -316,7 +317,8 @@ class Runner:
                 # Killed because we asked it to stop: that is a cancellation, not a failure.
                 result = result.model_copy(update={"status": RunStatus.CANCELLED, "error": None})
             try:
-                finished = record_result(self.store, run, result)
+                finished = conclude(self.store, self.settings, run, result)
+                result = result.model_copy(update={"promoted": bool(finished.promoted)})
             except Exception:
                 _LOGGER.exception("Could not record the end of run %s", run.run_identifier)
                 finished = run

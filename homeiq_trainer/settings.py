@@ -100,6 +100,35 @@ class TrainingSettings(_Section):
     """Batch examples of similar source and target length to avoid padding."""
 
 
+class EvaluationSettings(_Section):
+    """How a new adapter and the one in use are measured on the held-out examples."""
+
+    max_generate_examples: int = Field(100, ge=0, le=100_000)
+    """Held-out examples each adapter generates for the text metric; 0 measures the loss only."""
+    max_new_tokens: int = Field(96, ge=1, le=1024)
+    """Longest greedy generation, in tokens."""
+    probe_queries: tuple[str, ...] = ()
+    """Queries shown side by side (in use vs new); empty means the first 5 held-out examples."""
+
+    @field_validator("probe_queries")
+    @classmethod
+    def _short_queries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) > 20 or any(not q.strip() or len(q) > 500 for q in value):
+            raise ValueError("at most 20 non-empty queries of at most 500 characters")
+        return value
+
+
+class PromotionSettings(_Section):
+    """When a new adapter replaces the one in use."""
+
+    policy: Literal["if_better", "always", "manual"] = "if_better"
+    """`if_better`: when its metric beats the one in use; `always`: every finite run; `manual`: never by itself."""
+    metric: Literal["chrf", "exact_match", "eval_loss"] = "chrf"
+    """What `if_better` compares: chrF (0-100, higher is better), exact match (%), or held-out loss (lower)."""
+    min_improvement: float = Field(0.0, ge=0.0, le=100.0)
+    """How much better (in the metric's own unit) a new adapter must be; any gain when 0."""
+
+
 class MqttSettings(_Section):
     """The broker connection and topic layout."""
 
@@ -181,6 +210,8 @@ class Settings(BaseSettings):
     lora: LoraSettings = LoraSettings()
     mqtt: MqttSettings = MqttSettings()
     daemon: DaemonSettings = DaemonSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    promotion: PromotionSettings = PromotionSettings()
 
     @field_validator("log_level", mode="before")
     @classmethod

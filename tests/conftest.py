@@ -51,6 +51,8 @@ def make_settings(tmp_path: Path, tiny_model: Path, source_db: Path) -> Settings
             "storage": {"output_dir": str(tmp_path / "out"), "history_db": str(tmp_path / "history.db")},
             "training": {"base_model": str(tiny_model), "epochs": 1, "batch_size": 8, "learning_rate": 0.01},
             "daemon": {"announce_delay_max_s": 0.0},
+            # A random tiny model never says EOS: keep its generations short.
+            "evaluation": {"max_new_tokens": 16},
         }
         for section, values in sections.items():
             overrides.setdefault(section, {}).update(values)

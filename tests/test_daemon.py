@@ -253,6 +253,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "HOMEIQ_TRAINING__EPOCHS": "100",
         "HOMEIQ_TRAINING__LEARNING_RATE": "0.01",
         "HOMEIQ_DAEMON__ANNOUNCE_DELAY_MAX_S": "0",
+        "HOMEIQ_EVALUATION__MAX_NEW_TOKENS": "16",
     }
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from homeiq_trainer.history import HistoryStore
-from homeiq_trainer.jobs import JobRequest, open_run, record_result, recover
+from homeiq_trainer.jobs import JobRequest, open_run, recover
 from homeiq_trainer.messages import Phase, ProgressEvent, RunStatus, TrainParams
+from homeiq_trainer.promotion import conclude
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.data import load_examples
-from homeiq_trainer.training.engine import grouped_order, split_examples
+from homeiq_trainer.training.engine import grouped_order
+from homeiq_trainer.training.evaluate import split_examples
 from homeiq_trainer.training.run import execute_run
 
 from .conftest import SettingsFactory
@@ -24,6 +26,7 @@ class Recorder:
     def __init__(self, stop_at_step: int | None = None, stop: threading.Event | None = None) -> None:
         self.phases: list[Phase] = []
         self.progress_events: list[ProgressEvent] = []
+        self.evaluation_events: list[ProgressEvent] = []
         self.stop_at_step = stop_at_step
         self.stop = stop
 
@@ -31,6 +34,9 @@ class Recorder:
         self.phases.append(phase)
 
     def progress(self, event: ProgressEvent) -> None:
+        if self.phases and self.phases[-1] is Phase.EVALUATING and Phase.SAVING in self.phases:
+            self.evaluation_events.append(event)
+            return
         self.progress_events.append(event)
         if self.stop is not None and self.stop_at_step is not None and event.step >= self.stop_at_step:
             self.stop.set()
@@ -42,7 +48,7 @@ def run_job(settings, params: TrainParams | None = None, observer=None, stop=Non
     row = open_run(store, settings, JobRequest(params=params or TrainParams(), triggered_by="test"))
     store.mark_running(row.id)
     result = execute_run(settings, params or TrainParams(), row.run_identifier, observer, stop)
-    row = record_result(store, row, result)
+    row = conclude(store, settings, row, result)
     return store, row, result
 
 
@@ -103,7 +109,10 @@ def test_end_to_end_run_writes_everything_and_agrees(make_settings: SettingsFact
     assert row.status == "completed" and row.finished_at is not None
     assert row.dataset_size == meta["samples_used"] == result.data.examples == 175
     assert meta["train_examples"] + meta["eval_examples"] == meta["samples_used"]
-    assert meta["eval_examples"] == 18
+    # The held-out split comes from the content: the same examples, recomputed here, whatever the run.
+    examples, _ = load_examples(settings.data.source_db, settings.data.max_samples)
+    _, held_out = split_examples(examples, 0.1, 20)
+    assert meta["eval_examples"] == len(held_out) and 8 <= len(held_out) <= 30
     assert row.final_loss == pytest.approx(meta["final_loss"])
     assert row.eval_loss == pytest.approx(meta["eval_loss"])
     assert row.metadata_path == str(run_dir / "training_run.json")
@@ -112,14 +121,16 @@ def test_end_to_end_run_writes_everything_and_agrees(make_settings: SettingsFact
     assert meta["hyperparameters"]["lora_r"] == 16 and meta["epochs"] == 2
 
     assert recorder.phases[:2] == [Phase.LOADING_DATA, Phase.LOADING_MODEL]
-    assert Phase.TRAINING in recorder.phases and recorder.phases[-1] == Phase.SAVING
+    assert Phase.TRAINING in recorder.phases and recorder.phases[-2:] == [Phase.SAVING, Phase.EVALUATING]
+    # Evaluation reports progress too (generation can be slow), up to its own total.
+    assert (
+        recorder.evaluation_events and recorder.evaluation_events[-1].step == recorder.evaluation_events[-1].total_steps
+    )
     steps = [e.step for e in recorder.progress_events]
     assert steps == sorted(steps) and steps[-1] == recorder.progress_events[-1].total_steps
     assert result.padding_efficiency is not None and result.padding_efficiency > 0.7
 
     # The stored eval loss is the true mean per-token loss of the saved adapter on the held-out split.
-    examples, _ = load_examples(settings.data.source_db, settings.data.max_samples)
-    _, held_out = split_examples(examples, 0.1, 20, settings.training.seed)
     pairs = [(e.instruction, e.response) for e in held_out]
     assert independent_token_loss(settings.training.base_model, pairs, adapter=run_dir) == pytest.approx(
         result.eval_loss, rel=1e-4
@@ -156,7 +167,7 @@ def test_reported_loss_is_per_token_under_gradient_accumulation(make_settings: S
     _, _, result = run_job(settings)
     assert result.status is RunStatus.COMPLETED
     examples, _ = load_examples(settings.data.source_db, 60)
-    train, _ = split_examples(examples, 0.1, 20, settings.training.seed)
+    train, _ = split_examples(examples, 0.1, 20)
     expected = independent_token_loss(settings.training.base_model, [(e.instruction, e.response) for e in train])
     assert result.final_loss == pytest.approx(expected, rel=1e-3)
 

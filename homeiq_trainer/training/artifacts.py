@@ -12,15 +12,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from homeiq_trainer.messages import RUN_ID_PATTERN, utcnow
+from homeiq_trainer.messages import RUN_ID_PATTERN, json_safe, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
 LATEST = "latest"
+CURRENT_FILE = "current.json"
 METADATA_FILE = "training_run.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STAGING_PREFIX = ".staging-"
 _RUN_ID = re.compile(RUN_ID_PATTERN)
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", METADATA_FILE)
+REQUIRED_FILES = ("adapter_config.json", ADAPTER_WEIGHTS, METADATA_FILE)
+# Bytes per element of the safetensors dtypes peft writes.
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
 class ArtifactError(Exception):
@@ -49,15 +53,46 @@ def trainer_scratch_dir(save_dir: Path) -> Path:
 
 
 def write_metadata(run_dir: Path, metadata: dict[str, Any]) -> Path:
-    """Write `training_run.json` atomically (temp file, fsync, rename)."""
-    path = run_dir / METADATA_FILE
-    tmp = path.with_suffix(".json.tmp")
+    """Write `training_run.json` atomically (temp file, fsync, rename); non-finite numbers become null."""
+    return _write_json(run_dir / METADATA_FILE, metadata)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(metadata, handle, indent=2, ensure_ascii=False, default=str)
+        json.dump(json_safe(data), handle, indent=2, ensure_ascii=False, default=str, allow_nan=False)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
     return path
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise `ArtifactError` unless the file's header parses and its tensors fill the file exactly."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if header_len <= 0 or 8 + header_len > size:
+            raise ArtifactError(f"{path.name} has no valid header ({size} bytes)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except ValueError:
+            raise ArtifactError(f"{path.name} has an unreadable header") from None
+    tensors = [value for key, value in header.items() if key != "__metadata__"]
+    end = 0
+    for tensor in tensors:
+        start, stop = tensor["data_offsets"]
+        count = 1
+        for dim in tensor["shape"]:
+            count *= dim
+        width = _DTYPE_BYTES.get(tensor["dtype"], 1)
+        if stop - start != count * width:
+            raise ArtifactError(f"{path.name}: a tensor's size does not match its shape")
+        end = max(end, stop)
+    if not tensors or end != size - 8 - header_len:
+        raise ArtifactError(f"{path.name} is truncated or padded: {size} bytes, header says {8 + header_len + end}")
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -66,13 +101,25 @@ def is_complete(run_dir: Path) -> bool:
 
 
 def finalize(staging: Path, output_dir: Path, run_identifier: str) -> Path:
-    """Move a fully written staging directory to its final name."""
+    """Check, fsync every file and directory of, then rename a fully written staging directory.
+
+    After a power cut the run directory is either absent or whole: nothing is renamed before it is
+    on disk.
+    """
     if not is_complete(staging):
         raise ArtifactError(f"run {run_identifier} is incomplete; not keeping it")
+    check_safetensors(staging / ADAPTER_WEIGHTS)
+    directories = [staging]
+    for path in sorted(staging.rglob("*")):
+        if path.is_dir():
+            directories.append(path)
+        elif path.is_file():
+            _fsync(path)
+    for directory in reversed(directories):
+        _fsync(directory)
     final = output_dir / run_identifier
-    _fsync_dir(staging)
     os.replace(staging, final)
-    _fsync_dir(output_dir)
+    _fsync(output_dir)
     return final
 
 
@@ -87,8 +134,27 @@ def promote(output_dir: Path, run_identifier: str) -> Path:
     # Relative, so the output dir can be moved or mounted elsewhere (the add-on's /share).
     os.symlink(run_identifier, tmp_link)
     os.replace(tmp_link, output_dir / LATEST)
-    _fsync_dir(output_dir)
+    _fsync(output_dir)
     return output_dir / LATEST
+
+
+def write_current(output_dir: Path, record: dict[str, Any] | None) -> None:
+    """Replace `current.json` (what `latest` serves, for readers that cannot follow symlinks) atomically."""
+    path = output_dir / CURRENT_FILE
+    if record is None:
+        path.unlink(missing_ok=True)
+        _fsync(output_dir)
+        return
+    _write_json(path, record)
+
+
+def read_current(output_dir: Path) -> dict[str, Any]:
+    """`current.json`, or an empty dict when it is absent or unreadable."""
+    try:
+        data = json.loads((output_dir / CURRENT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def latest_run(output_dir: Path) -> str | None:
@@ -130,17 +196,17 @@ def read_metadata(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def apply_retention(output_dir: Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` run directories (never `latest`'s) and stale staging dirs."""
+def apply_retention(output_dir: Path, keep: int, protected: Iterable[str] = ()) -> list[str]:
+    """Delete all but the newest `keep` run directories; never `latest`'s nor any `protected` one."""
     if not output_dir.is_dir():
         return []
-    protected = latest_run(output_dir)
+    kept = {*protected, latest_run(output_dir)}
     runs = sorted(
         (p.name for p in output_dir.iterdir() if p.is_dir() and not p.is_symlink() and _RUN_ID.match(p.name)),
         key=_run_sort_key,
         reverse=True,
     )
-    removed = [name for name in runs[keep:] if name != protected]
+    removed = [name for name in runs[keep:] if name not in kept]
     for name in removed:
         shutil.rmtree(output_dir / name, ignore_errors=True)
         _LOGGER.info("Retention: removed run directory %s", name)
@@ -154,8 +220,9 @@ def remove_stale_staging(output_dir: Path) -> None:
     for pattern in (f"{STAGING_PREFIX}*", ".trainer-*"):
         for path in output_dir.glob(pattern):
             shutil.rmtree(path, ignore_errors=True)
-    for path in output_dir.glob(f".{LATEST}.*.tmp"):
-        path.unlink(missing_ok=True)
+    for pattern in (f".{LATEST}.*.tmp", f".{CURRENT_FILE}.*.tmp"):
+        for path in output_dir.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def _run_sort_key(name: str) -> tuple[str, int]:
@@ -164,7 +231,8 @@ def _run_sort_key(name: str) -> tuple[str, int]:
     return (name[:19], int(suffix) if suffix.isdigit() else 0)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's (its entries') data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from homeiq_trainer.messages import Phase, ProgressEvent
 from homeiq_trainer.training.artifacts import trainer_scratch_dir
+from homeiq_trainer.training.evaluate import split_examples
 
 if TYPE_CHECKING:
     import torch
@@ -148,21 +149,6 @@ def cpu_threads(requested: int) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def split_examples(
-    examples: Sequence[Example], fraction: float, min_examples: int, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """(train, eval): a seeded random holdout, none when the data is too small to spare one."""
-    n_eval = int(round(len(examples) * fraction))
-    if len(examples) < min_examples or n_eval < 1:
-        return list(examples), []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    train = [ex for i, ex in enumerate(examples) if i not in held]
-    evaluation = [ex for i, ex in enumerate(examples) if i in held]
-    return train, evaluation
 
 
 def grouped_order(lengths: Sequence[tuple[int, int]], batch_size: int, generator: random.Random) -> list[int]:
@@ -301,7 +287,7 @@ def train_adapter(
         )
         model = get_peft_model(base, lora)
 
-    train_set, eval_set = split_examples(examples, hp.eval_fraction, hp.min_eval_examples, hp.seed)
+    train_set, eval_set = split_examples(examples, hp.eval_fraction, hp.min_eval_examples)
     train_features = _tokenize(tokenizer, train_set, hp)
     eval_features = _tokenize(tokenizer, eval_set, hp) if eval_set else []
     meter = _LossMeter()

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from homeiq_trainer import __version__
-from homeiq_trainer.messages import Phase, RunResult, RunStatus, TrainParams, utcnow
+from homeiq_trainer.messages import Decision, Phase, RunResult, RunStatus, TrainParams, json_safe, utcnow
+from homeiq_trainer.promotion import decide
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.artifacts import ArtifactError
 from homeiq_trainer.training.data import DataError, load_examples
 from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver
+from homeiq_trainer.training.evaluate import split_examples
+
+if TYPE_CHECKING:
+    from homeiq_trainer.training.data import Example
+    from homeiq_trainer.training.evaluate import Evaluation
 
 _LOGGER = logging.getLogger(__name__)
+DIVERGED = "loss diverged"
 
 
 class RunRefused(Exception):
@@ -126,13 +135,30 @@ def execute_run(
             update={
                 "train_examples": outcome.train_examples,
                 "eval_examples": outcome.eval_examples,
-                "loss_history": outcome.loss_history,
+                "loss_history": json_safe(outcome.loss_history),
                 "device": outcome.device,
             }
         )
         if outcome.cancelled:
             return result.model_copy(update={"status": RunStatus.CANCELLED})
 
+        if not _all_finite(outcome.final_loss, outcome.eval_loss):
+            return _diverged(result)
+        evaluation = _evaluate(settings, hp, examples, run_identifier, staging, observer, stop)
+        if stop.is_set():
+            return result.model_copy(update={"status": RunStatus.CANCELLED})
+        if evaluation is not None and not _all_finite(evaluation.candidate.eval_loss):
+            return _diverged(result)
+        served_run = artifacts.latest_run(output_dir)
+        candidate_metrics: dict[str, float | None]
+        served_metrics: dict[str, float | None] | None
+        if evaluation is None:  # nothing held out: nothing to compare with whatever is in use
+            candidate_metrics, served_metrics = {"eval_loss": None}, ({} if served_run else None)
+        else:
+            candidate_metrics = evaluation.candidate.metrics()
+            served_metrics = evaluation.served.metrics() if evaluation.served else None
+        decision, reason = decide(settings.promotion, candidate_metrics, served_metrics, served_run)
+        evaluation_record = {"metric": settings.promotion.metric, **(evaluation.record() if evaluation else {})}
         final_dir = output_dir / run_identifier
         metadata = {
             "run_id": run_identifier,
@@ -157,22 +183,29 @@ def execute_run(
                 **lora_record,
             },
             "loss_history": outcome.loss_history,
+            "evaluation": evaluation_record,
+            "samples": evaluation.samples if evaluation else [],
+            "decision": decision.value,
+            "decision_reason": reason,
             "trainer_version": __version__,
         }
         artifacts.write_metadata(staging, metadata)
+        # Only the staged directory is ours to write: the daemon (or `train`) records the result
+        # and only then points `latest` at it.
         final_dir = artifacts.finalize(staging, output_dir, run_identifier)
-        artifacts.promote(output_dir, run_identifier)
-        artifacts.apply_retention(output_dir, settings.storage.keep_runs)
         return result.model_copy(
             update={
                 "status": RunStatus.COMPLETED,
                 "run_dir": str(final_dir),
-                "promoted": True,
                 "final_loss": outcome.final_loss,
                 "eval_loss": outcome.eval_loss,
                 "train_runtime_s": outcome.train_runtime_s,
                 "train_samples_per_second": outcome.train_samples_per_second,
                 "padding_efficiency": outcome.padding_efficiency,
+                "decision": decision,
+                "decision_reason": reason,
+                "evaluation": evaluation_record,
+                "samples": evaluation.samples if evaluation else [],
             }
         )
     except (DataError, ArtifactError, RunRefused) as exc:
@@ -183,6 +216,54 @@ def execute_run(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(trainer_scratch, ignore_errors=True)
+
+
+def _all_finite(*losses: float | None) -> bool:
+    return all(loss is None or math.isfinite(loss) for loss in losses)
+
+
+def _diverged(result: RunResult) -> RunResult:
+    """A run whose loss is not finite: failed, never kept, never promotable."""
+    return result.model_copy(
+        update={
+            "status": RunStatus.FAILED,
+            "error": DIVERGED,
+            "decision": Decision.NOT_PROMOTED_INVALID,
+            "decision_reason": DIVERGED,
+        }
+    )
+
+
+def _served_adapter(output_dir: Path, base_model: str) -> tuple[tuple[str, Path] | None, str | None]:
+    """(the adapter `latest` serves, if it shares the base model; a note when it does not)."""
+    name = artifacts.latest_run(output_dir)
+    if name is None:
+        return None, None
+    base = artifacts.read_metadata(output_dir / name).get("base_model")
+    if base != base_model:
+        return None, f"{name} in use was trained on {base}, not {base_model}"
+    return (name, output_dir / name), None
+
+
+def _evaluate(
+    settings: Settings,
+    hp: Hyperparameters,
+    examples: Sequence[Example],
+    run_identifier: str,
+    staging: Path,
+    observer: TrainingObserver,
+    stop: threading.Event,
+) -> Evaluation | None:
+    """Both adapters on the held-out examples (the same ones the engine held out), or None without any."""
+    from homeiq_trainer.training.evaluate import evaluate_adapters
+
+    _, eval_set = split_examples(examples, hp.eval_fraction, hp.min_eval_examples)
+    if not eval_set:
+        return None
+    served, note = _served_adapter(settings.storage.output_dir, hp.base_model)
+    evaluation = evaluate_adapters(eval_set, hp, settings.evaluation, (run_identifier, staging), served, observer, stop)
+    evaluation.served_note = note
+    return evaluation
 
 
 def _os_error_line(exc: OSError) -> str:

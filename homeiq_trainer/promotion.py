@@ -1,0 +1,169 @@
+"""Which adapter is served: the decision after a run, promote, roll back, and finishing a half-done switch.
+
+The history leads and `latest` follows: every switch is recorded first and only then made, so a
+crash in between leaves a history that `reconcile` can finish at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from homeiq_trainer.history import HistoryStore, TrainingRun
+from homeiq_trainer.messages import Decision, RunResult, RunStatus, utcnow
+from homeiq_trainer.settings import PromotionSettings, Settings
+from homeiq_trainer.training import artifacts
+
+_LOGGER = logging.getLogger(__name__)
+
+# name → (label, higher is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "chrf": ("chrF", True),
+    "exact_match": ("exact match", True),
+    "eval_loss": ("eval loss", False),
+}
+# One switch at a time: a run's conclusion, a promote and a rollback never interleave.
+_SWITCH_LOCK = threading.Lock()
+
+
+class PromotionError(Exception):
+    """A promote or rollback that cannot be done; `code` is machine-readable, nothing was changed."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3f}"
+
+
+def decide(
+    options: PromotionSettings,
+    candidate: Mapping[str, Any] | None,
+    served: Mapping[str, Any] | None,
+    served_run: str | None,
+) -> tuple[Decision, str]:
+    """Whether a finite candidate replaces the served adapter, and a one-line reason."""
+    label, higher = METRICS[options.metric]
+    mine = (candidate or {}).get(options.metric)
+    theirs = (served or {}).get(options.metric)
+    versus = f"{label} {_fmt(mine)} vs {_fmt(theirs)} in use" if mine is not None and theirs is not None else ""
+    if options.policy == "manual":
+        return Decision.AWAITING_APPROVAL, f"waiting for approval ({versus or 'policy manual'})"
+    if options.policy == "always":
+        return Decision.PROMOTED, f"promoted by policy always ({versus or 'nothing to compare'})"
+    if served_run is None:
+        return Decision.PROMOTED, "promoted: no adapter was in use"
+    if served is None:
+        return Decision.PROMOTED, f"promoted: {served_run} in use was trained on another base model"
+    if mine is None or theirs is None:
+        return Decision.KEPT_CURRENT, f"kept {served_run}: no held-out {label} to compare"
+    gain = mine - theirs if higher else theirs - mine
+    if gain > 0 and gain >= options.min_improvement:
+        return Decision.PROMOTED, versus
+    return Decision.KEPT_CURRENT, versus + (f" (needs +{options.min_improvement:g})" if gain > 0 else "")
+
+
+def current_record(output_dir: Path, run_identifier: str, promoted_at: str) -> dict[str, Any]:
+    """What `current.json` and the `model` topic say about the served adapter."""
+    meta = artifacts.read_metadata(output_dir / run_identifier)
+    candidate = (meta.get("evaluation") or {}).get("candidate") or {}
+    return {
+        "run_id": run_identifier,
+        "directory": str((output_dir / run_identifier).resolve()),
+        "base_model": meta.get("base_model"),
+        "metrics": {key: candidate.get(key) for key in METRICS} | {"final_loss": meta.get("final_loss")},
+        "trained_at": meta.get("trained_at"),
+        "samples_used": meta.get("samples_used"),
+        "promoted_at": promoted_at,
+    }
+
+
+def _switch(output_dir: Path, run_identifier: str, promoted_at: str) -> None:
+    # The worker's test hook: a crash between recording and switching is tested through it.
+    from homeiq_trainer.worker import pause_for_tests
+
+    pause_for_tests("switching")
+    artifacts.promote(output_dir, run_identifier)
+    artifacts.write_current(output_dir, current_record(output_dir, run_identifier, promoted_at))
+    _LOGGER.info("Serving %s", run_identifier)
+
+
+def protected_runs(store: HistoryStore) -> set[str]:
+    """Runs retention must keep: the served one, the one before it, and candidates awaiting a decision."""
+    stack = store.served_stack()
+    return {row.run_identifier for row in stack[:2]} | {run.run_identifier for run in store.awaiting()}
+
+
+def conclude(store: HistoryStore, settings: Settings, run: TrainingRun, result: RunResult) -> TrainingRun:
+    """Record how a run ended; if it was chosen, only then switch `latest` to it."""
+    from homeiq_trainer.jobs import record_result
+
+    output_dir = settings.storage.output_dir
+    serve = result.status is RunStatus.COMPLETED and result.decision is Decision.PROMOTED
+    with _SWITCH_LOCK:
+        finished = record_result(store, run, result, serve=serve)
+        if serve:
+            _switch(output_dir, run.run_identifier, utcnow().isoformat())
+        artifacts.apply_retention(output_dir, settings.storage.keep_runs, protected_runs(store))
+    return finished
+
+
+def promote(store: HistoryStore, settings: Settings, run_identifier: str, triggered_by: str) -> TrainingRun:
+    """Serve a completed run's adapter on request (whatever its decision was)."""
+    output_dir = settings.storage.output_dir
+    with _SWITCH_LOCK:
+        run = store.by_identifier(run_identifier)
+        if run is None:
+            raise PromotionError("unknown_run", f"no run {run_identifier} in the history")
+        if run.status != RunStatus.COMPLETED.value:
+            raise PromotionError("not_promotable", f"run {run_identifier} is {run.status}; only completed runs")
+        if not artifacts.is_complete(output_dir / run_identifier):
+            raise PromotionError("not_promotable", f"run {run_identifier} has no complete adapter (removed?)")
+        stack = store.served_stack()
+        if stack and stack[0].run_identifier == run_identifier:
+            raise PromotionError("already_served", f"run {run_identifier} is already served")
+        served = store.serve(run_identifier, action="promote", triggered_by=triggered_by)
+        _switch(output_dir, run_identifier, served.served_at.isoformat())
+    return store.by_identifier(run_identifier) or run
+
+
+def rollback(store: HistoryStore, settings: Settings, triggered_by: str) -> str:
+    """Serve the adapter served before the current one again; returns its run identifier."""
+    output_dir = settings.storage.output_dir
+    with _SWITCH_LOCK:
+        stack = store.served_stack()
+        if len(stack) < 2:
+            raise PromotionError("nothing_to_roll_back", "no adapter was served before the current one")
+        previous = stack[1].run_identifier
+        if not artifacts.is_complete(output_dir / previous):
+            raise PromotionError("not_promotable", f"the previous adapter {previous} is gone from {output_dir}")
+        store.withdraw(stack[0].id, triggered_by=triggered_by)  # type: ignore[arg-type]
+        _switch(output_dir, previous, utcnow().isoformat())
+    return previous
+
+
+def reconcile(store: HistoryStore, output_dir: Path) -> str | None:
+    """At start: make `latest` and `current.json` agree with the history; returns the served run."""
+    with _SWITCH_LOCK:
+        on_disk = artifacts.latest_run(output_dir)
+        stack = store.served_stack()
+        while stack and not artifacts.is_complete(output_dir / stack[0].run_identifier):
+            _LOGGER.warning("Served run %s has no complete directory; withdrawing it", stack[0].run_identifier)
+            store.withdraw(stack[0].id, triggered_by="recovery")  # type: ignore[arg-type]
+            stack = store.served_stack()
+        if not stack and on_disk is not None:
+            # Promoted before the history kept a served list (or by hand): adopt it.
+            stack = [store.serve(on_disk, action="adopt", triggered_by="recovery")]
+        if not stack:
+            return None
+        target = stack[0].run_identifier
+        if target != on_disk:
+            _LOGGER.warning("Finishing a promotion a crash interrupted: serving %s (latest was %s)", target, on_disk)
+        if target != on_disk or artifacts.read_current(output_dir).get("run_id") != target:
+            _switch(output_dir, target, stack[0].served_at.isoformat())
+        return target

@@ -1,0 +1,142 @@
+"""The held-out split, the candidate-vs-served measurements, and the promotion decision."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.jobs import JobRequest, open_run, recover
+from homeiq_trainer.messages import Decision, RunStatus, TrainParams
+from homeiq_trainer.promotion import conclude, decide
+from homeiq_trainer.settings import PromotionSettings
+from homeiq_trainer.training import artifacts
+from homeiq_trainer.training.data import Example, load_examples
+from homeiq_trainer.training.evaluate import split_examples
+from homeiq_trainer.training.run import execute_run
+
+from .conftest import SettingsFactory
+
+
+def _examples(n: int) -> list[Example]:
+    return [Example(instruction=f"Turn on light number {i}", response=f"light.{i}", created_at=None) for i in range(n)]
+
+
+def test_split_is_chosen_by_content_not_by_order_or_run() -> None:
+    examples = _examples(400)
+    train, held = split_examples(examples, 0.1, 20)
+    assert 20 <= len(held) <= 60 and len(train) + len(held) == 400
+    shuffled = examples[:]
+    random.Random(7).shuffle(shuffled)
+    _, held_again = split_examples(shuffled, 0.1, 20)
+    assert {e.instruction for e in held_again} == {e.instruction for e in held}
+    # A subset (fewer rows next time) keeps its members on the same side.
+    _, held_subset = split_examples(examples[:200], 0.1, 20)
+    assert {e.instruction for e in held_subset} == {e.instruction for e in held if int(e.response[6:]) < 200}
+    # The same words in another case or spacing are the same example.
+    respaced = [
+        Example(instruction=f"  {e.instruction.upper()} ", response=e.response, created_at=None) for e in examples
+    ]
+    assert [e.response for e in split_examples(respaced, 0.1, 20)[1]] == [e.response for e in held]
+    assert split_examples(examples[:19], 0.1, 20) == (examples[:19], [])
+    assert split_examples(examples, 0.0, 20) == (examples, [])
+
+
+POLICY = PromotionSettings()
+
+
+@pytest.mark.parametrize(
+    ("options", "candidate", "served", "served_run", "expected", "reason"),
+    [
+        (POLICY, {"chrf": 41.2}, {"chrf": 43.0}, "run_a", Decision.KEPT_CURRENT, "chrF 41.2 vs 43.0 in use"),
+        (POLICY, {"chrf": 44.0}, {"chrf": 43.0}, "run_a", Decision.PROMOTED, "chrF 44.0 vs 43.0 in use"),
+        (POLICY, {"chrf": 43.0}, {"chrf": 43.0}, "run_a", Decision.KEPT_CURRENT, "chrF 43.0 vs 43.0 in use"),
+        (PromotionSettings(min_improvement=2), {"chrf": 44.0}, {"chrf": 43.0}, "run_a", Decision.KEPT_CURRENT, "+2"),
+        (POLICY, {"chrf": 1.0}, None, None, Decision.PROMOTED, "no adapter was in use"),
+        (POLICY, {"chrf": 1.0}, None, "run_a", Decision.PROMOTED, "another base model"),
+        (POLICY, {"chrf": None}, {}, "run_a", Decision.KEPT_CURRENT, "no held-out"),
+        (PromotionSettings(metric="eval_loss"), {"eval_loss": 2.0}, {"eval_loss": 2.5}, "r", Decision.PROMOTED, "2.0"),
+        (PromotionSettings(metric="eval_loss"), {"eval_loss": 3.0}, {"eval_loss": 2.5}, "r", Decision.KEPT_CURRENT, ""),
+        (PromotionSettings(policy="always"), {"chrf": 1.0}, {"chrf": 43.0}, "r", Decision.PROMOTED, "always"),
+        (
+            PromotionSettings(policy="manual"),
+            {"chrf": 99.0},
+            {"chrf": 1.0},
+            "r",
+            Decision.AWAITING_APPROVAL,
+            "approval",
+        ),
+    ],
+)
+def test_decide(options, candidate, served, served_run, expected, reason) -> None:
+    decision, why = decide(options, candidate, served, served_run)
+    assert decision is expected and reason in why and "\n" not in why
+
+
+def _run(settings, params: TrainParams | None = None):
+    store = HistoryStore(settings.storage.history_db)
+    recover(store, settings)
+    row = open_run(store, settings, JobRequest(params=params or TrainParams(), triggered_by="test"))
+    store.mark_running(row.id)
+    result = execute_run(settings, params or TrainParams(), row.run_identifier)
+    row = conclude(store, settings, row, result)
+    return store, row, result
+
+
+def _independent_generations(base: Path, adapter: Path, sources: list[str], max_new_tokens: int) -> list[str]:
+    """One example at a time, no padding, through plain transformers + peft."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), str(adapter)).eval()
+    out = []
+    with torch.no_grad():
+        for source in sources:
+            ids = tokenizer(source, return_tensors="pt", truncation=True, max_length=256)
+            generated = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+            out.append(tokenizer.decode(generated[0], skip_special_tokens=True))
+    return out
+
+
+def test_candidate_and_served_measured_alike_and_metric_recomputed(make_settings: SettingsFactory) -> None:
+    import sacrebleu
+
+    settings = make_settings(evaluation={"max_generate_examples": 6, "max_new_tokens": 12}, training={"epochs": 2})
+    store, first, result = _run(settings)
+    assert result.status is RunStatus.COMPLETED and first.promoted and result.decision is Decision.PROMOTED
+    out = settings.storage.output_dir
+    meta = artifacts.read_metadata(out / first.run_identifier)
+    candidate = meta["evaluation"]["candidate"]
+    assert meta["evaluation"]["served"] is None and candidate["generated"] == 6
+
+    # chrF recomputed independently: unbatched generations, sacrebleu's functional API.
+    examples, _ = load_examples(settings.data.source_db, settings.data.max_samples)
+    _, held = split_examples(examples, settings.data.eval_fraction, settings.data.min_eval_examples)
+    predictions = _independent_generations(
+        settings.training.base_model, out / first.run_identifier, [e.instruction for e in held[:6]], 12
+    )
+    references = [e.response for e in held[:6]]
+    assert candidate["chrf"] == pytest.approx(sacrebleu.corpus_chrf(predictions, [references]).score, abs=1e-3)
+    exact = 100 * sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / 6
+    assert candidate["exact_match"] == pytest.approx(exact)
+    assert candidate["eval_loss"] == pytest.approx(result.eval_loss, rel=1e-4)
+    assert len(meta["samples"]) == 5 and meta["samples"][0]["in_use"] is None
+
+    # The second run measures the adapter in use on the same examples, the same way.
+    _, second, result2 = _run(settings, TrainParams(learning_rate=0.02))
+    served = result2.evaluation["served"]
+    assert served["run_id"] == first.run_identifier
+    for key in ("chrf", "exact_match", "eval_loss"):
+        assert served[key] == pytest.approx(candidate[key], rel=1e-4, abs=1e-6), key
+    assert result2.decision_reason and "\n" not in result2.decision_reason
+    assert all(sample["in_use"] is not None for sample in result2.samples)
+    # History row, last_run record and training_run.json agree.
+    row = store.by_identifier(second.run_identifier)
+    assert row.decision == result2.decision.value and row.evaluation_json["served"]["run_id"] == first.run_identifier
+    assert len(json.dumps(row.evaluation_json["samples"])) < 4000
+    assert artifacts.read_metadata(out / second.run_identifier)["decision_reason"] == row.decision_reason
