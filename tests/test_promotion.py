@@ -1,0 +1,179 @@
+"""Serving: crash-consistent switches, promote, rollback, retention that keeps what may be served."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.jobs import recover
+from homeiq_trainer.messages import Decision, RunStatus, TrainParams
+from homeiq_trainer.promotion import PromotionError, promote, protected_runs, reconcile, rollback
+from homeiq_trainer.settings import Settings
+from homeiq_trainer.training import artifacts
+from homeiq_trainer.training.run import execute_run
+
+from .conftest import SettingsFactory
+
+
+def _fake_run(store: HistoryStore, settings: Settings, run_id: str, decision: Decision, serve: bool = False) -> None:
+    """A completed run: a directory with a valid (tiny) safetensors file and its history row."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = settings.storage.output_dir
+    run_dir = out / run_id
+    run_dir.mkdir(parents=True)
+    save_file({"w": torch.zeros(2, 3)}, str(run_dir / "adapter_model.safetensors"))
+    (run_dir / "adapter_config.json").write_text("{}")
+    artifacts.write_metadata(
+        run_dir, {"run_id": run_id, "base_model": "tiny", "evaluation": {"candidate": {"chrf": 1.5}}}
+    )
+    row = store.create(run_id, "tiny", str(run_dir), "test", {})
+    store.finish(row.id, RunStatus.COMPLETED, decision=decision, decision_reason="test", serve=serve)
+    if serve:
+        artifacts.promote(out, run_id)
+
+
+def test_promote_rollback_and_what_retention_keeps(make_settings: SettingsFactory) -> None:
+    settings = make_settings(storage={"keep_runs": 1})
+    out = settings.storage.output_dir
+    store = HistoryStore(settings.storage.history_db)
+    names = [f"run_20250101_00000{i}" for i in range(5)]
+    _fake_run(store, settings, names[0], Decision.PROMOTED, serve=True)
+    _fake_run(store, settings, names[1], Decision.KEPT_CURRENT)
+    _fake_run(store, settings, names[2], Decision.AWAITING_APPROVAL)
+    assert reconcile(store, out) == names[0]
+    assert artifacts.read_current(out)["run_id"] == names[0]
+
+    # A rejected candidate may still be served on purpose.
+    promote(store, settings, names[1], triggered_by="test")
+    assert artifacts.latest_run(out) == names[1] and artifacts.read_current(out)["run_id"] == names[1]
+    assert store.by_identifier(names[1]).promoted
+    with pytest.raises(PromotionError) as already:
+        promote(store, settings, names[1], triggered_by="test")
+    assert already.value.code == "already_served"
+    with pytest.raises(PromotionError) as unknown:
+        promote(store, settings, "run_20990101_000000", triggered_by="test")
+    assert unknown.value.code == "unknown_run"
+
+    # Retention keeps the served run, the one before it and the candidate awaiting approval.
+    _fake_run(store, settings, names[3], Decision.AWAITING_APPROVAL)
+    _fake_run(store, settings, names[4], Decision.KEPT_CURRENT)
+    assert protected_runs(store) == {names[1], names[0], names[3]}
+    removed = artifacts.apply_retention(out, 1, protected_runs(store))
+    assert sorted(removed) == [names[2]]  # an older candidate, superseded by the promotion after it
+
+    assert rollback(store, settings, triggered_by="test") == names[0]
+    assert artifacts.latest_run(out) == names[0] and artifacts.read_current(out)["run_id"] == names[0]
+    with pytest.raises(PromotionError) as nothing:
+        rollback(store, settings, triggered_by="test")
+    assert nothing.value.code == "nothing_to_roll_back"
+    store.close()
+
+
+def test_restart_finishes_a_switch_a_crash_interrupted(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    out = settings.storage.output_dir
+    store = HistoryStore(settings.storage.history_db)
+    _fake_run(store, settings, "run_20250101_000000", Decision.PROMOTED, serve=True)
+    reconcile(store, out)
+    # Recorded as served, then the process died before `latest` moved.
+    _fake_run(store, settings, "run_20250102_000000", Decision.PROMOTED)
+    store.serve("run_20250102_000000", action="promote", triggered_by="test")
+    assert artifacts.latest_run(out) == "run_20250101_000000"
+    assert reconcile(store, out) == "run_20250102_000000"
+    assert artifacts.latest_run(out) == "run_20250102_000000"
+    assert artifacts.read_current(out)["run_id"] == "run_20250102_000000"
+    # A served directory that vanished is withdrawn; the one before it is served again.
+    import shutil
+
+    shutil.rmtree(out / "run_20250102_000000")
+    assert reconcile(store, out) == "run_20250101_000000" == artifacts.latest_run(out)
+    store.close()
+
+
+def test_every_file_is_fsynced_before_the_rename(make_settings: SettingsFactory, monkeypatch) -> None:
+    settings = make_settings()
+    out = settings.storage.output_dir
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, **kwargs) -> None:
+        events.append(("replace", f"{src} -> {dst}"))
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run_id = "run_20250101_000000"
+    result = execute_run(settings, TrainParams(), run_id)
+    assert result.status is RunStatus.COMPLETED, result.error
+    staging = str(artifacts.staging_dir(out, run_id).resolve())
+    rename = events.index(("replace", f"{artifacts.staging_dir(out, run_id)} -> {out / run_id}"))
+    synced_before = {path for kind, path in events[:rename] if kind == "fsync"}
+    files = [p for p in (out / run_id).rglob("*")]
+    assert len(files) >= 5
+    for path in files:
+        assert staging + str(path)[len(str(out / run_id)) :] in synced_before, path
+    assert staging in synced_before
+    # The training process never switches `latest`: that is the recorder's job.
+    assert not (out / "latest").exists()
+
+
+def test_a_kill_between_recording_and_switching_is_consistent_after_restart(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = make_settings(data={"max_samples": 64})
+    out = settings.storage.output_dir
+    env = {
+        **os.environ,
+        "HOMEIQ_DATA__SOURCE_DB": str(settings.data.source_db),
+        "HOMEIQ_DATA__MAX_SAMPLES": "64",
+        "HOMEIQ_STORAGE__OUTPUT_DIR": str(out),
+        "HOMEIQ_STORAGE__HISTORY_DB": str(settings.storage.history_db),
+        "HOMEIQ_TRAINING__BASE_MODEL": settings.training.base_model,
+        "HOMEIQ_TRAINING__EPOCHS": "1",
+        "HOMEIQ_EVALUATION__MAX_NEW_TOKENS": "8",
+        "HOMEIQ_TEST_PAUSE_AT_PHASE": "switching:120",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "homeiq_trainer", "train", "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        served = []
+        while time.monotonic() < deadline and not served and proc.poll() is None:
+            time.sleep(0.5)
+            if settings.storage.history_db.exists():
+                store = HistoryStore(settings.storage.history_db)
+                served = store.served_stack()
+                store.close()
+        assert served, "the run was never recorded as served"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run_id = served[0].run_identifier
+    assert artifacts.latest_run(out) is None and artifacts.is_complete(out / run_id)
+    store = HistoryStore(settings.storage.history_db)
+    recover(store, settings)  # what the daemon and `train` do at start
+    assert artifacts.latest_run(out) == run_id == store.served_stack()[0].run_identifier
+    current = json.loads((out / "current.json").read_text())
+    assert current["run_id"] == run_id and current["directory"] == str((out / run_id).resolve())
+    assert store.by_identifier(run_id).status == "completed"
+    store.close()
