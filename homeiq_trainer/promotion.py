@@ -84,10 +84,6 @@ def current_record(output_dir: Path, run_identifier: str, promoted_at: str) -> d
 
 
 def _switch(output_dir: Path, run_identifier: str, promoted_at: str) -> None:
-    # The worker's test hook: a crash between recording and switching is tested through it.
-    from homeiq_trainer.worker import pause_for_tests
-
-    pause_for_tests("switching")
     artifacts.promote(output_dir, run_identifier)
     artifacts.write_current(output_dir, current_record(output_dir, run_identifier, promoted_at))
     _LOGGER.info("Serving %s", run_identifier)
@@ -106,7 +102,7 @@ def conclude(store: HistoryStore, settings: Settings, run: TrainingRun, result: 
     output_dir = settings.storage.output_dir
     serve = result.status is RunStatus.COMPLETED and result.decision is Decision.PROMOTED
     with _SWITCH_LOCK:
-        finished = record_result(store, run, result, serve=serve)
+        finished = record_result(store, settings, run, result, serve=serve)
         if serve:
             _switch(output_dir, run.run_identifier, utcnow().isoformat())
         artifacts.apply_retention(output_dir, settings.storage.keep_runs, protected_runs(store))

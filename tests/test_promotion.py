@@ -145,10 +145,9 @@ def test_a_kill_between_recording_and_switching_is_consistent_after_restart(
         "HOMEIQ_TRAINING__BASE_MODEL": settings.training.base_model,
         "HOMEIQ_TRAINING__EPOCHS": "1",
         "HOMEIQ_EVALUATION__MAX_NEW_TOKENS": "8",
-        "HOMEIQ_TEST_PAUSE_AT_PHASE": "switching:120",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "homeiq_trainer", "train", "--no-progress"],
+        [sys.executable, "-m", "tests.paused_switch", "120", "train", "--no-progress"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
