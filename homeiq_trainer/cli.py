@@ -181,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{run.run_identifier} completed: {result.data.examples} examples "
             f"({result.train_examples} train / {result.eval_examples} eval), "
             f"final loss {_fmt(result.final_loss)}, eval loss {_fmt(result.eval_loss)}, "
-            f"adapter {result.run_dir}; {'served' if run.promoted else 'not served'}: {result.decision_reason}"
+            f"adapter {result.run_dir}; {'served' if run.promoted else 'not served'} ({result.decision_reason})"
         )
         return EXIT_OK
     if result.status is RunStatus.CANCELLED:
@@ -236,6 +236,49 @@ def cmd_runs(args: argparse.Namespace) -> int:
             (note[-1][:80] if note else f"by {row['triggered_by']}"),
         )
     Console(width=max(120, Console().width)).print(table)
+    return EXIT_OK
+
+
+def cmd_serving(args: argparse.Namespace) -> int:
+    """`promote RUN` or `rollback`: switch the served adapter (with the daemon stopped; else use MQTT)."""
+    from homeiq_trainer import promotion
+    from homeiq_trainer.history import HistoryStore
+    from homeiq_trainer.jobs import InstanceLock
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    lock = InstanceLock(settings)
+    lock.acquire()
+    store = HistoryStore(settings.storage.history_db)
+    try:
+        promotion.reconcile(store, settings.storage.output_dir)
+        if args.command == "promote":
+            served = promotion.promote(store, settings, args.run_id, triggered_by="cli").run_identifier
+        else:
+            served = promotion.rollback(store, settings, triggered_by="cli")
+    except promotion.PromotionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        store.close()
+        lock.release()
+    print(f"serving {served} from {settings.storage.output_dir / served}")
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print what an adapter (default: the served one) answers to a query."""
+    from homeiq_trainer.training import artifacts
+    from homeiq_trainer.training.evaluate import answer
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    try:
+        run_dir = artifacts.resolve_run_dir(settings.storage.output_dir, args.run or artifacts.LATEST)
+    except artifacts.ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(answer(run_dir, args.query, settings.training.source_max_tokens, settings.evaluation.max_new_tokens))
     return EXIT_OK
 
 
@@ -305,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=25)
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     runs.set_defaults(func=cmd_runs)
+
+    promote = with_config(sub.add_parser("promote", help="serve a completed run's adapter (points latest at it)"))
+    promote.add_argument("run_id", help="a run identifier from `runs`")
+    promote.set_defaults(func=cmd_serving)
+    rollback = with_config(sub.add_parser("rollback", help="serve the adapter served before the current one"))
+    rollback.set_defaults(func=cmd_serving)
+
+    generate = with_config(sub.add_parser("generate", help="print what an adapter answers to a query"))
+    generate.add_argument("query", help="an Ask AI query")
+    generate.add_argument("--run", help="a run identifier (default: the served adapter, `latest`)")
+    generate.set_defaults(func=cmd_generate)
 
     serve = with_config(sub.add_parser("serve", help="run the MQTT daemon"))
     serve.set_defaults(func=cmd_serve)

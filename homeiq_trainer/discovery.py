@@ -6,12 +6,13 @@ built from models that forbid unknown keys and check each platform's required op
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from homeiq_trainer import __version__
-from homeiq_trainer.messages import RunStatus
+from homeiq_trainer.messages import Decision, RunStatus
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.topics import AVAILABLE, NOT_AVAILABLE, Topics
 
@@ -52,7 +53,7 @@ class Availability(_Strict):
     payload_not_available: str = NOT_AVAILABLE
 
 
-Platform = Literal["button", "sensor", "binary_sensor"]
+Platform = Literal["button", "sensor", "binary_sensor", "update"]
 _PLATFORM_KEYS: dict[str, set[str]] = {
     "button": {"command_topic", "payload_press"},
     "sensor": {
@@ -66,6 +67,9 @@ _PLATFORM_KEYS: dict[str, set[str]] = {
         "json_attributes_topic",
         "json_attributes_template",
     },
+    # Home Assistant reads installed_version, latest_version, title and release_summary from the
+    # state topic's JSON; `payload_install` goes to `command_topic` when Install is pressed.
+    "update": {"state_topic", "command_topic", "payload_install", "device_class", "entity_picture"},
     "binary_sensor": {
         "state_topic",
         "value_template",
@@ -110,6 +114,8 @@ class Component(_Strict):
     unit_of_measurement: str | None = None
     options: list[str] | None = None
     suggested_display_precision: int | None = None
+    payload_install: str | None = None
+    entity_picture: str | None = None
     payload_on: str | None = None
     payload_off: str | None = None
     json_attributes_topic: str | None = None
@@ -136,6 +142,20 @@ class Component(_Strict):
         return self
 
 
+class DeviceTrigger(_Strict):
+    """An MQTT device trigger: an event on `topic` that automations can start from."""
+
+    platform: Literal["device_automation"] = "device_automation"
+    unique_id: str = Field(min_length=1)  # required in device-based discovery
+    automation_type: Literal["trigger"] = "trigger"
+    topic: str
+    type: str = Field(pattern=r"^[a-z_]+$")
+    subtype: str = Field(pattern=r"^[a-z_]+$")
+    payload: str
+    value_template: str
+    qos: int | None = Field(None, ge=0, le=2)
+
+
 class DeviceDiscovery(_Strict):
     """The whole device-based discovery payload."""
 
@@ -143,7 +163,7 @@ class DeviceDiscovery(_Strict):
     origin: OriginInfo
     availability: list[Availability] = Field(min_length=1)
     qos: int = Field(1, ge=0, le=2)
-    components: dict[str, Component] = Field(min_length=1)
+    components: dict[str, Component | DeviceTrigger] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> DeviceDiscovery:
@@ -175,7 +195,7 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
         )
 
     none_if_missing = "{{ value_json.%s if value_json.%s is not none else 'None' }}"
-    components = dict(
+    components: dict[str, Component | DeviceTrigger] = dict(
         [
             component(
                 "start",
@@ -295,6 +315,8 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
             ),
         ]
     )
+    components.update(_adapter_components(topics, component))
+    components.update(_triggers(topics, instance))
     return DeviceDiscovery(
         device=DeviceInfo(
             identifiers=[instance],
@@ -308,3 +330,77 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
         qos=1,
         components=components,
     )
+
+
+DECISION_OPTIONS = [decision.value for decision in Decision]
+TRIGGER_EVENTS = (
+    "run_started",
+    "run_completed",
+    "run_failed",
+    "adapter_promoted",
+    "adapter_rejected",
+    "not_enough_data",
+)
+
+
+def _adapter_components(topics: Topics, component: Callable[..., tuple[str, Component]]) -> dict[str, Component]:
+    """The served adapter: an update entity to install a waiting candidate, rollback, its metric, the last decision."""
+    return dict(
+        [
+            component(
+                "adapter",
+                "update",
+                "Ask AI adapter",
+                state_topic=topics.adapter,
+                command_topic=topics.command,
+                payload_install="promote",
+                icon="mdi:brain",
+            ),
+            component(
+                "rollback",
+                "button",
+                "Roll back adapter",
+                command_topic=topics.command,
+                payload_press="rollback",
+                icon="mdi:undo-variant",
+            ),
+            component(
+                "adapter_chrf",
+                "sensor",
+                "Adapter chrF",
+                state_topic=topics.model,
+                value_template="{{ (value_json.metrics or {}).chrf if (value_json.metrics or {}).chrf is not none "
+                "else 'None' }}",
+                state_class="measurement",
+                suggested_display_precision=1,
+                icon="mdi:text-box-check-outline",
+            ),
+            component(
+                "last_decision",
+                "sensor",
+                "Last decision",
+                state_topic=topics.decision,
+                value_template="{{ value_json.decision or 'None' }}",
+                device_class="enum",
+                options=DECISION_OPTIONS,
+                json_attributes_topic=topics.decision,
+                icon="mdi:scale-balance",
+            ),
+        ]
+    )
+
+
+def _triggers(topics: Topics, instance: str) -> dict[str, DeviceTrigger]:
+    """One device trigger per event on `<base>/event` (payload `{"event": ..., ...}`)."""
+    return {
+        f"trigger_{event}": DeviceTrigger(
+            unique_id=f"{instance}_trigger_{event}",
+            topic=topics.event,
+            type=event,
+            subtype="ask_ai_adapter" if event.startswith("adapter") else "training",
+            payload=event,
+            value_template="{{ value_json.event }}",
+            qos=1,
+        )
+        for event in TRIGGER_EVENTS
+    }

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from homeiq_trainer import promotion
 from homeiq_trainer.commands import (
     CommandError,
     parse_json_object,
@@ -91,6 +92,8 @@ class Dispatcher:
             "cancel": self._cancel,
             "status": lambda _command: self.reporter.status(),
             "runs": lambda _command: self.reporter.runs(),
+            "promote": self._promote,
+            "rollback": self._rollback,
         }
 
     def close(self) -> None:
@@ -191,9 +194,28 @@ class Dispatcher:
             raise CommandError("not_running", str(exc)) from None
         return {"run_id": run.run_identifier}
 
+    def _promote(self, command: Command) -> Data:
+        try:
+            data = promotion.promote_requested(self.store, self.settings, command.run_id, command.triggered_by)
+        except promotion.PromotionError as exc:
+            raise CommandError(exc.code, str(exc)) from None
+        self.reporter.publish_serving()
+        return data
+
+    def _rollback(self, command: Command) -> Data:
+        try:
+            served = promotion.rollback(self.store, self.settings, command.triggered_by)
+        except promotion.PromotionError as exc:
+            raise CommandError(exc.code, str(exc)) from None
+        self.reporter.publish_serving()
+        return {"served": served}
+
     def _start(self, command: Command) -> Data | Later:
         self._refuse_if_busy()
         params = command.params or StartParams()
+        beyond = self.settings.limits.refusal(params)
+        if beyond is not None:
+            raise CommandError("invalid_command", beyond)
         self._check_base_model(params)
         if params.min_new_samples is None:
             return self._submit(command, {})
@@ -211,6 +233,7 @@ class Dispatcher:
     def _after_count(self, command: Command, note: Data, found: int) -> Data:
         if found < note["required"]:
             message = f"{found} new usable examples since the last completed run; {note['required']} required"
+            self.reporter.event("not_enough_data", new_samples=found, required=note["required"], reason=message)
             raise CommandError("not_enough_new_data", message, {"new_samples": found, **note})
         return self._submit(command, {"new_samples": found, **note})
 

@@ -179,7 +179,8 @@ class EventEnvelope(_Wire):
 
 # --- MQTT commands and state -------------------------------------------------------------------
 
-PLAIN_COMMANDS = ("start", "cancel", "status", "runs")
+# `promote` alone serves the candidate offered for install (the update entity's install payload).
+PLAIN_COMMANDS = ("start", "cancel", "status", "runs", "promote", "rollback")
 
 
 def is_request_id(value: object) -> bool:
@@ -201,15 +202,19 @@ class Command(_Wire):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    action: Literal["start", "cancel", "status", "runs"]
+    action: Literal["start", "cancel", "status", "runs", "promote", "rollback"]
     request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN)
     triggered_by: str = Field("mqtt", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@ -]+$")
     params: StartParams | None = None
+    run_id: str | None = Field(None, pattern=RUN_ID_PATTERN)
+    """For `promote`: the run to serve; without it, the candidate offered for install."""
 
     @model_validator(mode="after")
     def _params_only_for_start(self) -> Command:
         if self.params is not None and self.action != "start":
             raise ValueError(f"params are only accepted with action 'start', not {self.action!r}")
+        if self.run_id is not None and self.action != "promote":
+            raise ValueError(f"run_id is only accepted with action 'promote', not {self.action!r}")
         return self
 
 

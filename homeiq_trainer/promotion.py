@@ -128,6 +128,33 @@ def promote(store: HistoryStore, settings: Settings, run_identifier: str, trigge
     return store.by_identifier(run_identifier) or run
 
 
+def offered(store: HistoryStore, settings: Settings) -> TrainingRun | None:
+    """The best candidate awaiting approval (what the update entity offers to install), if any."""
+    name, higher = settings.promotion.metric, METRICS[settings.promotion.metric][1]
+
+    def score(run: TrainingRun) -> float:
+        value = ((run.evaluation_json or {}).get("candidate") or {}).get(name)
+        if not isinstance(value, int | float):
+            return float("-inf")
+        return float(value) if higher else -float(value)
+
+    candidates = [
+        run for run in store.awaiting() if artifacts.is_complete(settings.storage.output_dir / run.run_identifier)
+    ]
+    return max(candidates, key=score, default=None)
+
+
+def promote_requested(store: HistoryStore, settings: Settings, run_identifier: str | None, by: str) -> dict[str, Any]:
+    """`promote` from a command: the named run, or without a name the candidate offered for install."""
+    if run_identifier is None:
+        candidate = offered(store, settings)
+        if candidate is None:
+            raise PromotionError("nothing_to_install", "no candidate is awaiting approval; name a run_id")
+        run_identifier = candidate.run_identifier
+    promote(store, settings, run_identifier, triggered_by=by)
+    return {"run_id": run_identifier, "served": run_identifier}
+
+
 def rollback(store: HistoryStore, settings: Settings, triggered_by: str) -> str:
     """Serve the adapter served before the current one again; returns its run identifier."""
     output_dir = settings.storage.output_dir

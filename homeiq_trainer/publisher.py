@@ -62,6 +62,12 @@ class Publisher:
             if self.link.connected:
                 self.link.publish(topic, text, qos=qos, retain=True)
 
+    def event(self, topic: str, payload: dict[str, Any]) -> None:
+        """Publish one event (not retained: a trigger fires once); dropped while disconnected."""
+        with self._lock:
+            if self.link.connected:
+                self.link.publish(topic, json.dumps(payload, ensure_ascii=False), qos=QOS_RELIABLE)
+
     def respond(self, text: str) -> None:
         """Publish one command answer (not retained)."""
         self.link.publish(self.response_topic, text, qos=QOS_RELIABLE)

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from homeiq_trainer.adapter_state import decision_payload, finished_events, update_payload
 from homeiq_trainer.discovery import IDLE
 from homeiq_trainer.history import HistoryStore, TrainingRun, run_to_dict
 from homeiq_trainer.messages import (
@@ -89,8 +90,7 @@ class RunReporter:
         else:
             self._publish_state(IDLE, None, None, "no run yet")
         self._publish_progress(ProgressPayload())
-        self.publish_history()
-        self.publish_model()
+        self.publish_serving()
 
     def _publish_state(self, state: str, run_id: str | None, phase: Phase | None, message: str) -> None:
         payload = StatePayload(
@@ -134,11 +134,24 @@ class RunReporter:
         }
         self.publisher.retain(self.topics.model, _json(model))
 
+    def publish_serving(self) -> None:
+        """The served adapter, the update entity, the last decision and the history that records them."""
+        self.publish_model()
+        self.publish_history()
+        self.publisher.retain(self.topics.adapter, _json(update_payload(self.store, self.settings)))
+        self.publisher.retain(self.topics.decision, _json(decision_payload(self.store)))
+
+    def event(self, name: str, **details: Any) -> None:
+        """Fire one device trigger."""
+        self.publisher.event(self.topics.event, json_safe({"event": name, **details}))
+
     # --- runner events ---------------------------------------------------------------------------
 
     def run_state(self, run: TrainingRun, phase: Phase | None, message: str) -> None:
         status = RunStatus.QUEUED.value if phase is None else RunStatus.RUNNING.value
         self._publish_state(status, run.run_identifier, phase, message)
+        if phase is None:
+            self.event("run_started", run_id=run.run_identifier)
         if phase is None:
             self._publish_progress(ProgressPayload(run_id=run.run_identifier))
 
@@ -165,9 +178,10 @@ class RunReporter:
             RunStatus.COMPLETED: f"completed: {result.decision_reason or f'final loss {result.final_loss}'}",
             RunStatus.CANCELLED: "cancelled; the current model is unchanged",
         }.get(result.status) or result.reason()
-        self.publish_history()
-        if run.promoted:
-            self.publish_model()
+        self.publish_serving()
+        # Before the final state, so whoever waits for the state has seen the triggers too.
+        for event in finished_events(run, result):
+            self.publisher.event(self.topics.event, json_safe(event))
         self._publish_state(result.status.value, run.run_identifier, None, message)
         _LOGGER.info("Run %s %s", run.run_identifier, result.status.value)
 

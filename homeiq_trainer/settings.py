@@ -184,6 +184,42 @@ class MqttSettings(_Section):
         return self
 
 
+class LimitsSettings(_Section):
+    """Ceilings on what an MQTT `start` may ask for (the CLI may go up to the schema's own bounds)."""
+
+    max_epochs: int = Field(10, ge=1, le=100)
+    """Most epochs a command may ask for."""
+    max_samples: int = Field(5000, ge=1, le=1_000_000)
+    """Most examples a command may ask for."""
+    max_batch_size: int = Field(64, ge=1, le=512)
+    """Largest batch a command may ask for."""
+    min_learning_rate: float = Field(1e-6, gt=0.0, le=1.0)
+    """Smallest learning rate a command may ask for."""
+    max_learning_rate: float = Field(1e-2, gt=0.0, le=1.0)
+    """Largest learning rate a command may ask for."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LimitsSettings:
+        if self.min_learning_rate > self.max_learning_rate:
+            raise ValueError("min_learning_rate must not be above max_learning_rate")
+        return self
+
+    def refusal(self, params: Any) -> str | None:
+        """Which limit a command's parameters break (the first one), or None."""
+        checks = (
+            ("epochs", "max_epochs", lambda v: v <= self.max_epochs),
+            ("max_samples", "max_samples", lambda v: v <= self.max_samples),
+            ("batch_size", "max_batch_size", lambda v: v <= self.max_batch_size),
+            ("learning_rate", "max_learning_rate", lambda v: v <= self.max_learning_rate),
+            ("learning_rate", "min_learning_rate", lambda v: v >= self.min_learning_rate),
+        )
+        for field, limit, within in checks:
+            value = getattr(params, field, None)
+            if value is not None and not within(value):
+                return f"{field} {value:g} is beyond limits.{limit} ({getattr(self, limit):g})"
+        return None
+
+
 class DaemonSettings(_Section):
     """How the MQTT daemon behaves."""
 
@@ -230,6 +266,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     promotion: PromotionSettings = PromotionSettings()
+    limits: LimitsSettings = LimitsSettings()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -23,6 +23,9 @@ class Topics:
     last_run: str
     runs: str
     model: str
+    adapter: str
+    decision: str
+    event: str
     discovery: str
     ha_status: str
 
@@ -39,6 +42,9 @@ class Topics:
             last_run=f"{base}/last_run",
             runs=f"{base}/runs",
             model=f"{base}/model",
+            adapter=f"{base}/adapter",
+            decision=f"{base}/decision",
+            event=f"{base}/event",
             discovery=f"{settings.mqtt.discovery_prefix}/device/{settings.daemon.instance_id}/config",
             ha_status=settings.mqtt.ha_status_topic,
         )
@@ -52,5 +58,7 @@ class Topics:
             self.last_run,
             self.runs,
             self.model,
+            self.adapter,
+            self.decision,
             self.availability,
         )

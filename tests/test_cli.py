@@ -37,7 +37,7 @@ def test_train_then_runs(make_settings: SettingsFactory, tmp_path: Path) -> None
     source_hash = hashlib.sha256(settings.data.source_db.read_bytes()).hexdigest()
     done = cli("train", "--epochs", "1", "--max-samples", "60", env=env_of(settings))
     assert done.returncode == 0, done.stderr
-    assert "completed: 60 examples (54 train / 6 eval)" in done.stdout
+    assert "completed: 60 examples (" in done.stdout and "; served (promoted: no adapter was in use)" in done.stdout
     assert "step " in done.stderr  # plain progress lines when not on a terminal
     assert hashlib.sha256(settings.data.source_db.read_bytes()).hexdigest() == source_hash
 
@@ -48,6 +48,26 @@ def test_train_then_runs(make_settings: SettingsFactory, tmp_path: Path) -> None
     assert rows[0]["triggered_by"] == "cli"
     table = cli("runs", env=env_of(settings))
     assert rows[0]["run_id"] in table.stdout and "completed" in table.stdout
+
+
+def test_promote_rollback_and_generate(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    env = env_of(settings) | {"HOMEIQ_PROMOTION__POLICY": "always", "HOMEIQ_EVALUATION__MAX_NEW_TOKENS": "8"}
+    for _ in range(2):
+        assert cli("train", "--epochs", "1", "--max-samples", "40", env=env).returncode == 0
+    first, second = sorted(row["run_id"] for row in json.loads(cli("runs", "--json", env=env).stdout))
+    out = settings.storage.output_dir
+    assert os.readlink(out / "latest") == second
+    back = cli("rollback", env=env)
+    assert back.returncode == 0 and f"serving {first}" in back.stdout and os.readlink(out / "latest") == first
+    again = cli("rollback", env=env)
+    assert again.returncode == 1 and "no adapter was served before" in again.stderr
+    assert cli("promote", second, env=env).returncode == 0 and os.readlink(out / "latest") == second
+    unknown = cli("promote", "run_20990101_000000", env=env)
+    assert unknown.returncode == 1 and "no run run_20990101_000000" in unknown.stderr
+    said = cli("generate", "Turn on the porch light at sunset", "--run", first, env=env)
+    assert said.returncode == 0 and said.stdout.endswith("\n"), said.stderr
+    assert cli("generate", "x", "--run", "run_20990101_000000", env=env).returncode == 1
 
 
 def test_failures_exit_non_zero_with_one_line(make_settings: SettingsFactory, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def test_topics_follow_settings() -> None:
 def test_payload_has_every_entity_the_issue_names() -> None:
     payload = build_discovery(load_settings()).payload()
     components = payload["components"]
-    by_platform = {(c["platform"], c["name"]) for c in components.values()}
+    by_platform = {(c["platform"], c.get("name")) for c in components.values()}
     for expected in [
         ("button", "Start training"),
         ("button", "Cancel training"),
@@ -38,6 +38,10 @@ def test_payload_has_every_entity_the_issue_names() -> None:
         ("sensor", "Last run"),
         ("sensor", "Last error"),
         ("sensor", "Current model"),
+        ("update", "Ask AI adapter"),
+        ("button", "Roll back adapter"),
+        ("sensor", "Adapter chrF"),
+        ("sensor", "Last decision"),
     ]:
         assert expected in by_platform, expected
     assert components["status"]["options"] == STATE_OPTIONS
@@ -47,6 +51,8 @@ def test_payload_has_every_entity_the_issue_names() -> None:
     assert components["last_error"]["entity_category"] == "diagnostic"
     assert {c["unique_id"] for c in components.values()} == {f"homeiq_trainer_{k}" for k in components}
     for component in components.values():
+        if component["platform"] == "device_automation":
+            continue
         assert component["default_entity_id"] == f"{component['platform']}.{component['object_id']}"
     assert payload["device"]["identifiers"] and payload["origin"]["support_url"].startswith("https://")
     assert payload["availability"][0]["topic"] == "homeiq/trainer/availability"
@@ -111,3 +117,36 @@ def test_device_needs_identifiers_and_unique_ids() -> None:
     payload["components"]["cancel"]["unique_id"] = payload["components"]["start"]["unique_id"]
     with pytest.raises(ValidationError, match="unique"):
         DeviceDiscovery.model_validate(payload)
+
+
+def test_update_entity_and_device_triggers_follow_home_assistants_schemas() -> None:
+    from homeiq_trainer.discovery import DECISION_OPTIONS, TRIGGER_EVENTS
+
+    components = build_discovery(load_settings()).payload()["components"]
+    update = components["adapter"]
+    # HA's MQTT update: state_topic JSON carries the versions; Install sends payload_install to command_topic.
+    assert update["state_topic"] == "homeiq/trainer/adapter" and update["command_topic"] == "homeiq/trainer/command"
+    assert update["payload_install"] == "promote" and components["rollback"]["payload_press"] == "rollback"
+    assert set(update) <= {
+        "platform", "unique_id", "name", "default_entity_id", "object_id", "icon", "state_topic", "command_topic",
+        "payload_install", "device_class", "entity_picture",
+    }  # fmt: skip
+    assert components["last_decision"]["options"] == DECISION_OPTIONS == [
+        "promoted", "kept_current", "awaiting_approval", "not_promoted_invalid",
+    ]  # fmt: skip
+    triggers = {c["type"]: c for c in components.values() if c["platform"] == "device_automation"}
+    assert set(triggers) == set(TRIGGER_EVENTS) == {
+        "run_started", "run_completed", "run_failed", "adapter_promoted", "adapter_rejected", "not_enough_data",
+    }  # fmt: skip
+    for event, trigger in triggers.items():
+        # Device-based discovery needs a unique_id; HA matches `payload` against the rendered template.
+        assert trigger["automation_type"] == "trigger" and trigger["unique_id"].endswith(event)
+        assert trigger["topic"] == "homeiq/trainer/event" and trigger["payload"] == event
+        assert set(trigger) == {
+            "platform", "unique_id", "automation_type", "topic", "type", "subtype", "payload", "value_template", "qos",
+        }  # fmt: skip
+    with pytest.raises(ValidationError):
+        Component(
+            platform="update", unique_id="u", name="x", default_entity_id="update.x", object_id="x",
+            state_topic="t", payload_press="p",
+        )  # fmt: skip

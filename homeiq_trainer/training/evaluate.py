@@ -105,7 +105,7 @@ def generate(
     model: Any,
     tokenizer: Any,
     sources: Sequence[str],
-    hp: Hyperparameters,
+    source_max_tokens: int,
     max_new_tokens: int,
     on_batch: Callable[[int], None],
 ) -> list[str]:
@@ -118,7 +118,7 @@ def generate(
     with torch.no_grad():
         for start in range(0, len(sources), GENERATE_BATCH):
             chunk = list(sources[start : start + GENERATE_BATCH])
-            enc = tokenizer(chunk, max_length=hp.source_max_tokens, truncation=True, padding=True, return_tensors="pt")
+            enc = tokenizer(chunk, max_length=source_max_tokens, truncation=True, padding=True, return_tensors="pt")
             out = model.generate(
                 **{k: v.to(device) for k, v in enc.items()},
                 max_new_tokens=max_new_tokens,
@@ -184,10 +184,10 @@ def evaluate_adapters(
             model.set_adapter(name)
             score.eval_loss = evaluate_loss(model, features, padder, hp.batch_size)
             sources = [ex.instruction for ex in scored]
-            predictions = generate(model, tokenizer, sources, hp, options.max_new_tokens, advance)
+            predictions = generate(model, tokenizer, sources, hp.source_max_tokens, options.max_new_tokens, advance)
             score.chrf, score.exact_match = text_scores(predictions, [ex.response for ex in scored])
             score.generated = len(predictions)
-            answers[name] = generate(model, tokenizer, probes, hp, options.max_new_tokens, advance)
+            answers[name] = generate(model, tokenizer, probes, hp.source_max_tokens, options.max_new_tokens, advance)
     except _Stopped:
         _LOGGER.info("Evaluation stopped on request")
     samples = [
@@ -199,3 +199,21 @@ def evaluate_adapters(
         for i, query in enumerate(probes)
     ]
     return Evaluation(len(eval_set), scores["candidate"], scores.get("served"), samples=samples)
+
+
+def answer(run_dir: Path, query: str, source_max_tokens: int, max_new_tokens: int) -> str:
+    """What the adapter in `run_dir` answers to `query` (greedy), on the base model its config names."""
+    import json
+
+    from peft import PeftModel
+
+    from homeiq_trainer.training.engine import load_base_model, pick_device
+
+    config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    device, bf16 = pick_device("auto")
+    _, base = load_base_model(config["base_model_name_or_path"], device, bf16)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    model = PeftModel.from_pretrained(base, str(run_dir))
+    return generate(model, tokenizer, [query], source_max_tokens, max_new_tokens, lambda _n: None)[0]

@@ -1,0 +1,71 @@
+"""What Home Assistant shows about the served adapter: the update entity, the last decision, device triggers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from homeiq_trainer.history import HistoryStore, TrainingRun
+from homeiq_trainer.messages import Decision, RunResult, RunStatus
+from homeiq_trainer.promotion import METRICS, offered
+from homeiq_trainer.settings import Settings
+
+# Home Assistant refuses a longer release_summary.
+RELEASE_SUMMARY_MAX_CHARS = 255
+UPDATE_TITLE = "Ask AI adapter"
+DECIDED_LOOKBACK_RUNS = 25
+
+
+def _clip(text: str, limit: int = RELEASE_SUMMARY_MAX_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def update_payload(store: HistoryStore, settings: Settings) -> dict[str, Any]:
+    """The update entity's state: installed = served run, latest = the candidate awaiting approval (or served)."""
+    stack = store.served_stack()
+    served = stack[0].run_identifier if stack else None
+    candidate = offered(store, settings)
+    if candidate is not None:
+        summary = f"{candidate.run_identifier}: {candidate.decision_reason or 'awaiting approval'}"
+    elif served is not None:
+        row = store.by_identifier(served)
+        value = (((row.evaluation_json if row else None) or {}).get("candidate") or {}).get(settings.promotion.metric)
+        label = METRICS[settings.promotion.metric][0]
+        summary = f"serving {served}" + (f" ({label} {value:.1f})" if isinstance(value, int | float) else "")
+    else:
+        summary = "no adapter served yet"
+    return {
+        "installed_version": served,
+        "latest_version": candidate.run_identifier if candidate is not None else served,
+        "title": UPDATE_TITLE,
+        "release_summary": _clip(summary),
+    }
+
+
+def decision_payload(store: HistoryStore) -> dict[str, Any]:
+    """The newest run's decision (every key present before the first one, for templates)."""
+    decided = next((run for run in store.recent(DECIDED_LOOKBACK_RUNS) if run.decision), None)
+    if decided is None:
+        return {"decision": None, "reason": None, "run_id": None, "promoted": None}
+    return {
+        "decision": decided.decision,
+        "reason": decided.decision_reason,
+        "run_id": decided.run_identifier,
+        "promoted": decided.promoted,
+    }
+
+
+def finished_events(run: TrainingRun, result: RunResult) -> list[dict[str, Any]]:
+    """The device-trigger events a finished run fires, in order."""
+    base = {"run_id": run.run_identifier}
+    events: list[dict[str, Any]] = []
+    if result.status is RunStatus.COMPLETED:
+        events.append({"event": "run_completed", **base, "reason": result.decision_reason})
+    elif result.status is RunStatus.FAILED:
+        events.append({"event": "run_failed", **base, "reason": result.reason()})
+        if result.error and result.error.startswith("no usable examples"):
+            events.append({"event": "not_enough_data", **base, "reason": result.reason()})
+    if run.promoted:
+        events.append({"event": "adapter_promoted", **base, "reason": result.decision_reason})
+    elif result.decision in (Decision.KEPT_CURRENT, Decision.NOT_PROMOTED_INVALID):
+        events.append({"event": "adapter_rejected", **base, "reason": result.decision_reason})
+    return events
