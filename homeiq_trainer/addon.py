@@ -63,6 +63,7 @@ OPTION_MAP: Mapping[str, tuple[str, ...]] = {
     "mqtt_ca_certs": ("mqtt", "ca_certs"),
     "base_topic": ("mqtt", "base_topic"),
     "discovery_prefix": ("mqtt", "discovery_prefix"),
+    "promotion_policy": ("promotion", "policy"),
     "log_level": ("log_level",),
 }
 """Every add-on option (the flat names of the UI form) and the settings key it sets."""

@@ -121,7 +121,63 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-class HistoryStore:
+class _ServedAdapters:
+    """The served-adapter half of the history: which run is served, and which wait for approval."""
+
+    _engine: Engine
+    _lock: threading.Lock
+
+    def served_stack(self) -> list[ServedAdapter]:
+        """Adapters served and not withdrawn, the one served now first."""
+        with Session(self._engine, expire_on_commit=False) as session:
+            query = (
+                select(ServedAdapter)
+                .where(ServedAdapter.withdrawn_at.is_(None))  # type: ignore[union-attr]
+                .order_by(ServedAdapter.id.desc())  # type: ignore[union-attr]
+            )
+            rows = list(session.exec(query).all())
+        for row in rows:
+            row.served_at = _aware(row.served_at) or row.served_at
+        return rows
+
+    def serve(self, run_identifier: str, action: str, triggered_by: str) -> ServedAdapter:
+        """Record that `run_identifier` is served from now on (and mark its run promoted)."""
+        row = ServedAdapter(run_identifier=run_identifier, served_at=utcnow(), action=action, triggered_by=triggered_by)
+        with self._lock, Session(self._engine, expire_on_commit=False) as session:
+            session.add(row)
+            run = session.exec(select(TrainingRun).where(TrainingRun.run_identifier == run_identifier)).first()
+            if run is not None and action == "promote":
+                run.promoted = True
+                run.decision = Decision.PROMOTED.value
+                run.decision_reason = f"promoted on request by {triggered_by}"
+                session.add(run)
+            session.commit()
+            session.refresh(row)
+        return row
+
+    def withdraw(self, served_id: int, triggered_by: str) -> None:
+        """The served adapter is no longer served (a rollback, or its directory is gone)."""
+        with self._lock, Session(self._engine, expire_on_commit=False) as session:
+            row = session.get(ServedAdapter, served_id)
+            if row is not None:
+                row.withdrawn_at, row.withdrawn_by = utcnow(), triggered_by
+                session.add(row)
+                session.commit()
+
+    def awaiting(self) -> list[TrainingRun]:
+        """Completed runs awaiting approval, newer than the current served adapter's promotion."""
+        stack = self.served_stack()
+        with Session(self._engine, expire_on_commit=False) as session:
+            query = select(TrainingRun).where(
+                TrainingRun.status == RunStatus.COMPLETED.value,
+                TrainingRun.decision == Decision.AWAITING_APPROVAL.value,
+            )
+            if stack:
+                query = query.where(TrainingRun.finished_at > stack[0].served_at)  # type: ignore[operator]
+            return list(session.exec(query.order_by(TrainingRun.id.desc())).all())  # type: ignore[union-attr]
+
+
+class HistoryStore(_ServedAdapters):
     """The run history, with one method per thing that happens to a run."""
 
     def __init__(self, path: Path) -> None:
@@ -307,54 +363,3 @@ class HistoryStore:
         """Every run identifier in the history."""
         with Session(self._engine) as session:
             return set(session.exec(select(TrainingRun.run_identifier)).all())
-
-    # --- the served adapter ------------------------------------------------------------------
-
-    def served_stack(self) -> list[ServedAdapter]:
-        """Adapters served and not withdrawn, the one served now first."""
-        with Session(self._engine, expire_on_commit=False) as session:
-            query = (
-                select(ServedAdapter)
-                .where(ServedAdapter.withdrawn_at.is_(None))  # type: ignore[union-attr]
-                .order_by(ServedAdapter.id.desc())  # type: ignore[union-attr]
-            )
-            rows = list(session.exec(query).all())
-        for row in rows:
-            row.served_at = _aware(row.served_at) or row.served_at
-        return rows
-
-    def serve(self, run_identifier: str, action: str, triggered_by: str) -> ServedAdapter:
-        """Record that `run_identifier` is served from now on (and mark its run promoted)."""
-        row = ServedAdapter(run_identifier=run_identifier, served_at=utcnow(), action=action, triggered_by=triggered_by)
-        with self._lock, Session(self._engine, expire_on_commit=False) as session:
-            session.add(row)
-            run = session.exec(select(TrainingRun).where(TrainingRun.run_identifier == run_identifier)).first()
-            if run is not None and action == "promote":
-                run.promoted = True
-                run.decision = Decision.PROMOTED.value
-                run.decision_reason = f"promoted on request by {triggered_by}"
-                session.add(run)
-            session.commit()
-            session.refresh(row)
-        return row
-
-    def withdraw(self, served_id: int, triggered_by: str) -> None:
-        """The served adapter is no longer served (a rollback, or its directory is gone)."""
-        with self._lock, Session(self._engine, expire_on_commit=False) as session:
-            row = session.get(ServedAdapter, served_id)
-            if row is not None:
-                row.withdrawn_at, row.withdrawn_by = utcnow(), triggered_by
-                session.add(row)
-                session.commit()
-
-    def awaiting(self) -> list[TrainingRun]:
-        """Completed runs awaiting approval, newer than the current served adapter's promotion."""
-        stack = self.served_stack()
-        with Session(self._engine, expire_on_commit=False) as session:
-            query = select(TrainingRun).where(
-                TrainingRun.status == RunStatus.COMPLETED.value,
-                TrainingRun.decision == Decision.AWAITING_APPROVAL.value,
-            )
-            if stack:
-                query = query.where(TrainingRun.finished_at > stack[0].served_at)  # type: ignore[operator]
-            return list(session.exec(query.order_by(TrainingRun.id.desc())).all())  # type: ignore[union-attr]

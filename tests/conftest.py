@@ -53,6 +53,8 @@ def make_settings(tmp_path: Path, tiny_model: Path, source_db: Path) -> Settings
             "daemon": {"announce_delay_max_s": 0.0},
             # A random tiny model never says EOS: keep its generations short.
             "evaluation": {"max_new_tokens": 16},
+            # Tests start long runs over MQTT to cancel or kill them; the ceilings have their own tests.
+            "limits": {"max_epochs": 100},
         }
         for section, values in sections.items():
             overrides.setdefault(section, {}).update(values)

@@ -229,6 +229,7 @@ EVERY_OPTION: dict[str, Any] = {
     "mqtt_ca_certs": "/ssl/ca.pem",
     "base_topic": "home/trainer",
     "discovery_prefix": "ha-discovery",
+    "promotion_policy": "manual",
     "log_level": "debug",
 }
 
@@ -265,6 +266,7 @@ def test_every_option_reaches_its_setting(tmp_path: Path, config: dict[str, Any]
     assert settings.mqtt.ca_certs == Path("/ssl/ca.pem")
     assert settings.mqtt.base_topic == "home/trainer"
     assert settings.mqtt.discovery_prefix == "ha-discovery"
+    assert settings.promotion.policy == "manual"
     assert settings.log_level == "DEBUG"
     defaults = Settings.model_construct()
     for option in EVERY_OPTION:

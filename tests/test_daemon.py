@@ -213,7 +213,7 @@ def test_broker_restart_during_run(app: TrainerApp, watcher: Watcher, broker: Br
     broker.restart(down_s=1.0)  # no persistence: every retained message is gone
     fresh = Watcher(broker.port)
     try:
-        state = fresh.wait_for(STATE, lambda s: s["run_id"] == run_id and is_done(s), timeout=120)
+        state = fresh.wait_for(STATE, lambda s: s["run_id"] == run_id and is_done(s), timeout=300)
         assert state["state"] == "completed"
         assert fresh.wait_for(f"{BASE}/availability", timeout=10) == "online"
         assert fresh.wait_for(DISCOVERY, timeout=10)["components"]
@@ -258,6 +258,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "HOMEIQ_TRAINING__LEARNING_RATE": "0.01",
         "HOMEIQ_DAEMON__ANNOUNCE_DELAY_MAX_S": "0",
         "HOMEIQ_EVALUATION__MAX_NEW_TOKENS": "16",
+        "HOMEIQ_LIMITS__MAX_EPOCHS": "100",
     }
 
 

@@ -140,3 +140,29 @@ def test_candidate_and_served_measured_alike_and_metric_recomputed(make_settings
     assert row.decision == result2.decision.value and row.evaluation_json["served"]["run_id"] == first.run_identifier
     assert len(json.dumps(row.evaluation_json["samples"])) < 4000
     assert artifacts.read_metadata(out / second.run_identifier)["decision_reason"] == row.decision_reason
+
+
+def test_a_diverged_run_fails_and_its_result_survives_the_pipe(make_settings: SettingsFactory, monkeypatch) -> None:
+    """A NaN loss once made the child's result unparsable ("exited with code 0 without a result")."""
+    import math
+
+    from homeiq_trainer.messages import EventEnvelope
+    from homeiq_trainer.training import engine
+    from homeiq_trainer.training.engine import TrainOutcome
+    from homeiq_trainer.worker import parse_event
+
+    def diverging(examples, hp, save_dir, **_kwargs) -> TrainOutcome:
+        nan = math.nan
+        history = [{"step": 1.0, "epoch": 0.5, "loss": 3.0}, {"step": 2.0, "epoch": 1.0, "loss": nan}]
+        return TrainOutcome(False, 10, 2, nan, math.inf, history, 1.0, 1.0, 0.9, "cpu", 2)
+
+    monkeypatch.setattr(engine, "train_adapter", diverging)
+    settings = make_settings()
+    result = execute_run(settings, TrainParams(), "run_20250101_000000")
+    assert result.status is RunStatus.FAILED and result.error == "loss diverged"
+    assert result.decision is Decision.NOT_PROMOTED_INVALID and not result.promoted
+    line = EventEnvelope(event=result).model_dump_json()
+    assert "NaN" not in line and "Infinity" not in line
+    back = parse_event(line)
+    assert back.status is RunStatus.FAILED and back.loss_history[1]["loss"] is None
+    assert not (settings.storage.output_dir / "run_20250101_000000").exists()

@@ -30,7 +30,7 @@ def _app(make_settings: SettingsFactory, broker: Broker, policy: str) -> Trainer
         mqtt={"host": "127.0.0.1", "port": broker.port, "client_id": "homeiq-trainer-test"},
         data={"max_samples": 120},
         promotion={"policy": policy, "metric": "eval_loss"},
-        limits={"max_learning_rate": 1.0},
+        limits={"max_learning_rate": 1.0, "max_epochs": 10},
         evaluation={"max_generate_examples": 4, "max_new_tokens": 8},
     )
     app = TrainerApp(settings)

@@ -486,6 +486,7 @@ def bench_daemon(work: Path, model_dir: Path, source_db: Path) -> None:
         "HOMEIQ_STORAGE__OUTPUT_DIR": str(work / "daemon-out"),
         "HOMEIQ_STORAGE__HISTORY_DB": str(work / "daemon-history.db"),
         "HOMEIQ_DAEMON__ANNOUNCE_DELAY_MAX_S": "0",
+        "HOMEIQ_LIMITS__MAX_EPOCHS": "100",
     }
     cli_env = {
         **os.environ,
