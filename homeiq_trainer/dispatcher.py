@@ -9,8 +9,8 @@ the command thread, so a `status` or a `cancel` sent meanwhile is answered at on
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -84,7 +84,6 @@ class Dispatcher:
         self.memory = memory
         self._respond = respond
         self._post = post
-        self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="new-data")
         self._checking = False
         self.handlers: dict[str, Callable[[Command], Data | Later]] = {
             "start": self._start,
@@ -92,10 +91,6 @@ class Dispatcher:
             "status": lambda _command: self.reporter.status(),
             "runs": lambda _command: self.reporter.runs(),
         }
-
-    def close(self) -> None:
-        """Stop the new-data check thread (a check in progress ends at its deadline)."""
-        self._checks.shutdown(wait=False, cancel_futures=True)
 
     # --- one command -----------------------------------------------------------------------------
 
@@ -154,7 +149,11 @@ class Dispatcher:
             if context.inline:
                 self._later(context, outcome, post=lambda task: task())
             else:
-                self._checks.submit(self._later, context, outcome, self._post)
+                # A daemon thread: a count still running at shutdown must not hold the exit (one at a
+                # time: `start` is refused while `_checking`).
+                threading.Thread(
+                    target=self._later, args=(context, outcome, self._post), name="new-data", daemon=True
+                ).start()
         else:
             response = Response(request_id=context.request_id, action=context.action, status="ok", data=outcome)
             self._answer(context, response.model_dump_json(), remember=True)
@@ -206,7 +205,10 @@ class Dispatcher:
                 f"min_new_samples {params.min_new_samples} is above data.max_samples ({limit}); {required} required"
             )
         self._checking = True
-        return Later(work=lambda: self._count_new(required), then=lambda found: self._after_count(command, note, found))
+        return Later(
+            work=lambda: count_new_since_last_completed(self.settings, self.store, required),
+            then=lambda found: self._after_count(command, note, found),
+        )
 
     def _after_count(self, command: Command, note: Data, found: int) -> Data:
         if found < note["required"]:
@@ -256,21 +258,22 @@ class Dispatcher:
             raise CommandError("shutting_down", str(exc)) from None
         return {"run_id": run.run_identifier, "state": RunStatus.QUEUED.value, **extra}
 
-    def _count_new(self, required: int) -> int:
-        """New usable examples since the last completed run (its own thread; bounded by a deadline)."""
-        last = self.store.latest_completed()
-        since = None
-        if last is not None:
-            report = last.data_report_json or {}
-            newest = report.get("newest_created_at")
-            since = datetime.fromisoformat(newest) if isinstance(newest, str) else last.started_at
-        try:
-            return count_new_examples(
-                self.settings.data.source_db,
-                since,
-                limit=required,
-                busy_timeout_s=self.settings.data.busy_timeout_s,
-                deadline_s=NEW_DATA_CHECK_DEADLINE_S,
-            )
-        except DataError as exc:
-            raise CommandError("data_unavailable", str(exc)) from None
+
+def count_new_since_last_completed(settings: Settings, store: HistoryStore, required: int) -> int:
+    """New usable examples since the last completed run (its own thread; bounded by a deadline)."""
+    last = store.latest_completed()
+    since = None
+    if last is not None:
+        report = last.data_report_json or {}
+        newest = report.get("newest_created_at")
+        since = datetime.fromisoformat(newest) if isinstance(newest, str) else last.started_at
+    try:
+        return count_new_examples(
+            settings.data.source_db,
+            since,
+            limit=required,
+            busy_timeout_s=settings.data.busy_timeout_s,
+            deadline_s=NEW_DATA_CHECK_DEADLINE_S,
+        )
+    except DataError as exc:
+        raise CommandError("data_unavailable", str(exc)) from None

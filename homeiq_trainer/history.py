@@ -12,7 +12,7 @@ from sqlalchemy import JSON, Column, Index, Text, delete, event
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from homeiq_trainer.messages import RunStatus, utcnow
+from homeiq_trainer.messages import RunRecord, RunStatus, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -58,23 +58,27 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+def run_record(run: TrainingRun) -> RunRecord:
+    """The row as published and printed (timestamps with a zone)."""
+    return RunRecord(
+        id=run.id,
+        run_id=run.run_identifier,
+        status=RunStatus(run.status),
+        triggered_by=run.triggered_by,
+        started_at=_aware(run.started_at),
+        finished_at=_aware(run.finished_at),
+        dataset_size=run.dataset_size,
+        base_model=run.base_model,
+        output_dir=run.output_dir,
+        final_loss=run.final_loss,
+        eval_loss=run.eval_loss,
+        error=run.error_message,
+    )
+
+
 def run_to_dict(run: TrainingRun) -> dict[str, Any]:
-    """The record as published and printed (timestamps ISO 8601 with a zone)."""
-    started, finished = _aware(run.started_at), _aware(run.finished_at)
-    return {
-        "id": run.id,
-        "run_id": run.run_identifier,
-        "status": run.status,
-        "triggered_by": run.triggered_by,
-        "started_at": started.isoformat() if started else None,
-        "finished_at": finished.isoformat() if finished else None,
-        "dataset_size": run.dataset_size,
-        "base_model": run.base_model,
-        "output_dir": run.output_dir,
-        "final_loss": run.final_loss,
-        "eval_loss": run.eval_loss,
-        "error": run.error_message,
-    }
+    """`run_record` as JSON-ready values."""
+    return run_record(run).model_dump(mode="json")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
