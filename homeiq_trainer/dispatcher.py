@@ -40,7 +40,7 @@ _LOGGER = logging.getLogger(__name__)
 REMEMBERED_ERRORS = frozenset({"invalid_command", "base_model_not_allowed"})
 INTERNAL_ERROR_MAX_CHARS = 200
 # A new-data count runs off the command thread, but a start should not wait for it forever.
-NEW_DATA_CHECK_DEADLINE_S = 60.0
+NEW_DATA_CHECK_DEADLINE_S = 120.0
 
 Reply = Callable[[str], None]
 Data = dict[str, Any]
