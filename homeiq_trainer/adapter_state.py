@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from homeiq_trainer.history import HistoryStore, TrainingRun
-from homeiq_trainer.messages import Decision, RunResult, RunStatus
+from homeiq_trainer.messages import AdapterUpdate, Decision, DecisionInfo, RunResult, RunStatus, TriggerEvent
 from homeiq_trainer.promotion import METRICS, offered
 from homeiq_trainer.settings import Settings
 
@@ -19,7 +17,7 @@ def _clip(text: str, limit: int = RELEASE_SUMMARY_MAX_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def update_payload(store: HistoryStore, settings: Settings) -> dict[str, Any]:
+def update_payload(store: HistoryStore, settings: Settings) -> AdapterUpdate:
     """The update entity's state: installed = served run, latest = the candidate awaiting approval (or served)."""
     stack = store.served_stack()
     served = stack[0].run_identifier if stack else None
@@ -33,39 +31,39 @@ def update_payload(store: HistoryStore, settings: Settings) -> dict[str, Any]:
         summary = f"serving {served}" + (f" ({label} {value:.1f})" if isinstance(value, int | float) else "")
     else:
         summary = "no adapter served yet"
-    return {
-        "installed_version": served,
-        "latest_version": candidate.run_identifier if candidate is not None else served,
-        "title": UPDATE_TITLE,
-        "release_summary": _clip(summary),
-    }
+    return AdapterUpdate(
+        installed_version=served,
+        latest_version=candidate.run_identifier if candidate is not None else served,
+        title=UPDATE_TITLE,
+        release_summary=_clip(summary),
+    )
 
 
-def decision_payload(store: HistoryStore) -> dict[str, Any]:
+def decision_payload(store: HistoryStore) -> DecisionInfo:
     """The newest run's decision (every key present before the first one, for templates)."""
     decided = next((run for run in store.recent(DECIDED_LOOKBACK_RUNS) if run.decision), None)
     if decided is None:
-        return {"decision": None, "reason": None, "run_id": None, "promoted": None}
-    return {
-        "decision": decided.decision,
-        "reason": decided.decision_reason,
-        "run_id": decided.run_identifier,
-        "promoted": decided.promoted,
-    }
+        return DecisionInfo()
+    return DecisionInfo(
+        decision=Decision(decided.decision) if decided.decision else None,
+        reason=decided.decision_reason,
+        run_id=decided.run_identifier,
+        promoted=decided.promoted,
+    )
 
 
-def finished_events(run: TrainingRun, result: RunResult) -> list[dict[str, Any]]:
+def finished_events(run: TrainingRun, result: RunResult) -> list[TriggerEvent]:
     """The device-trigger events a finished run fires, in order."""
-    base = {"run_id": run.run_identifier}
-    events: list[dict[str, Any]] = []
+    run_id = run.run_identifier
+    events: list[TriggerEvent] = []
     if result.status is RunStatus.COMPLETED:
-        events.append({"event": "run_completed", **base, "reason": result.decision_reason})
+        events.append(TriggerEvent(event="run_completed", run_id=run_id, reason=result.decision_reason))
     elif result.status is RunStatus.FAILED:
-        events.append({"event": "run_failed", **base, "reason": result.reason()})
+        events.append(TriggerEvent(event="run_failed", run_id=run_id, reason=result.reason()))
         if result.error and result.error.startswith("no usable examples"):
-            events.append({"event": "not_enough_data", **base, "reason": result.reason()})
+            events.append(TriggerEvent(event="not_enough_data", run_id=run_id, reason=result.reason()))
     if run.promoted:
-        events.append({"event": "adapter_promoted", **base, "reason": result.decision_reason})
+        events.append(TriggerEvent(event="adapter_promoted", run_id=run_id, reason=result.decision_reason))
     elif result.decision in (Decision.KEPT_CURRENT, Decision.NOT_PROMOTED_INVALID):
-        events.append({"event": "adapter_rejected", **base, "reason": result.decision_reason})
+        events.append(TriggerEvent(event="adapter_rejected", run_id=run_id, reason=result.decision_reason))
     return events

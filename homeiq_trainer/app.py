@@ -93,7 +93,6 @@ class TrainerApp:
             stack.callback(store.close)
             interrupted = recover(store, self.settings)
             parts = self._build(store)
-            stack.callback(parts.dispatcher.close)
             parts.reporter.publish_initial(interrupted)
             parts.commands.start()
             stack.callback(parts.commands.stop)

@@ -9,8 +9,8 @@ the command thread, so a `status` or a `cancel` sent meanwhile is answered at on
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,7 +27,7 @@ from homeiq_trainer.commands import (
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.idempotency import RequestIdConflict, RequestMemory, fingerprint
 from homeiq_trainer.jobs import JobRequest
-from homeiq_trainer.messages import Command, ErrorInfo, Response, RunStatus, StartParams
+from homeiq_trainer.messages import Command, ErrorInfo, Response, RunStatus, StartParams, TriggerEvent
 from homeiq_trainer.reporter import RunReporter
 from homeiq_trainer.runner import Busy, NotRunning, Runner, ShuttingDown
 from homeiq_trainer.settings import Settings
@@ -41,7 +41,7 @@ _LOGGER = logging.getLogger(__name__)
 REMEMBERED_ERRORS = frozenset({"invalid_command", "base_model_not_allowed"})
 INTERNAL_ERROR_MAX_CHARS = 200
 # A new-data count runs off the command thread, but a start should not wait for it forever.
-NEW_DATA_CHECK_DEADLINE_S = 60.0
+NEW_DATA_CHECK_DEADLINE_S = 120.0
 
 Reply = Callable[[str], None]
 Data = dict[str, Any]
@@ -85,7 +85,6 @@ class Dispatcher:
         self.memory = memory
         self._respond = respond
         self._post = post
-        self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="new-data")
         self._checking = False
         self.handlers: dict[str, Callable[[Command], Data | Later]] = {
             "start": self._start,
@@ -95,10 +94,6 @@ class Dispatcher:
             "promote": self._promote,
             "rollback": self._rollback,
         }
-
-    def close(self) -> None:
-        """Stop the new-data check thread (a check in progress ends at its deadline)."""
-        self._checks.shutdown(wait=False, cancel_futures=True)
 
     # --- one command -----------------------------------------------------------------------------
 
@@ -157,7 +152,11 @@ class Dispatcher:
             if context.inline:
                 self._later(context, outcome, post=lambda task: task())
             else:
-                self._checks.submit(self._later, context, outcome, self._post)
+                # A daemon thread: a count still running at shutdown must not hold the exit (one at a
+                # time: `start` is refused while `_checking`).
+                threading.Thread(
+                    target=self._later, args=(context, outcome, self._post), name="new-data", daemon=True
+                ).start()
         else:
             response = Response(request_id=context.request_id, action=context.action, status="ok", data=outcome)
             self._answer(context, response.model_dump_json(), remember=True)
@@ -228,12 +227,16 @@ class Dispatcher:
                 f"min_new_samples {params.min_new_samples} is above data.max_samples ({limit}); {required} required"
             )
         self._checking = True
-        return Later(work=lambda: self._count_new(required), then=lambda found: self._after_count(command, note, found))
+        return Later(
+            work=lambda: count_new_since_last_completed(self.settings, self.store, required),
+            then=lambda found: self._after_count(command, note, found),
+        )
 
     def _after_count(self, command: Command, note: Data, found: int) -> Data:
         if found < note["required"]:
             message = f"{found} new usable examples since the last completed run; {note['required']} required"
-            self.reporter.event("not_enough_data", new_samples=found, required=note["required"], reason=message)
+            event = TriggerEvent(event="not_enough_data", new_samples=found, required=note["required"], reason=message)
+            self.reporter.event(event)
             raise CommandError("not_enough_new_data", message, {"new_samples": found, **note})
         return self._submit(command, {"new_samples": found, **note})
 
@@ -279,21 +282,22 @@ class Dispatcher:
             raise CommandError("shutting_down", str(exc)) from None
         return {"run_id": run.run_identifier, "state": RunStatus.QUEUED.value, **extra}
 
-    def _count_new(self, required: int) -> int:
-        """New usable examples since the last completed run (its own thread; bounded by a deadline)."""
-        last = self.store.latest_completed()
-        since = None
-        if last is not None:
-            report = last.data_report_json or {}
-            newest = report.get("newest_created_at")
-            since = datetime.fromisoformat(newest) if isinstance(newest, str) else last.started_at
-        try:
-            return count_new_examples(
-                self.settings.data.source_db,
-                since,
-                limit=required,
-                busy_timeout_s=self.settings.data.busy_timeout_s,
-                deadline_s=NEW_DATA_CHECK_DEADLINE_S,
-            )
-        except DataError as exc:
-            raise CommandError("data_unavailable", str(exc)) from None
+
+def count_new_since_last_completed(settings: Settings, store: HistoryStore, required: int) -> int:
+    """New usable examples since the last completed run (its own thread; bounded by a deadline)."""
+    last = store.latest_completed()
+    since = None
+    if last is not None:
+        report = last.data_report_json or {}
+        newest = report.get("newest_created_at")
+        since = datetime.fromisoformat(newest) if isinstance(newest, str) else last.started_at
+    try:
+        return count_new_examples(
+            settings.data.source_db,
+            since,
+            limit=required,
+            busy_timeout_s=settings.data.busy_timeout_s,
+            deadline_s=NEW_DATA_CHECK_DEADLINE_S,
+        )
+    except DataError as exc:
+        raise CommandError("data_unavailable", str(exc)) from None

@@ -13,7 +13,7 @@ from sqlalchemy import JSON, Column, Index, Text, delete, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from homeiq_trainer.messages import Decision, RunStatus, utcnow
+from homeiq_trainer.messages import Decision, RunRecord, RunStatus, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -78,28 +78,32 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+def run_record(run: TrainingRun) -> RunRecord:
+    """The row as published and printed (timestamps with a zone)."""
+    return RunRecord(
+        id=run.id,
+        run_id=run.run_identifier,
+        status=RunStatus(run.status),
+        triggered_by=run.triggered_by,
+        started_at=_aware(run.started_at),
+        finished_at=_aware(run.finished_at),
+        dataset_size=run.dataset_size,
+        base_model=run.base_model,
+        output_dir=run.output_dir,
+        final_loss=run.final_loss,
+        eval_loss=run.eval_loss,
+        error=run.error_message,
+        promoted=run.promoted,
+        decision=Decision(run.decision) if run.decision else None,
+        decision_reason=run.decision_reason,
+        evaluation={k: v for k, v in (run.evaluation_json or {}).items() if k != "samples"} or None,
+        samples=(run.evaluation_json or {}).get("samples") or [],
+    )
+
+
 def run_to_dict(run: TrainingRun) -> dict[str, Any]:
-    """The record as published and printed (timestamps ISO 8601 with a zone)."""
-    started, finished = _aware(run.started_at), _aware(run.finished_at)
-    return {
-        "id": run.id,
-        "run_id": run.run_identifier,
-        "status": run.status,
-        "triggered_by": run.triggered_by,
-        "started_at": started.isoformat() if started else None,
-        "finished_at": finished.isoformat() if finished else None,
-        "dataset_size": run.dataset_size,
-        "base_model": run.base_model,
-        "output_dir": run.output_dir,
-        "final_loss": run.final_loss,
-        "eval_loss": run.eval_loss,
-        "error": run.error_message,
-        "promoted": run.promoted,
-        "decision": run.decision,
-        "decision_reason": run.decision_reason,
-        "evaluation": {k: v for k, v in (run.evaluation_json or {}).items() if k != "samples"} or None,
-        "samples": (run.evaluation_json or {}).get("samples") or [],
-    }
+    """`run_record` as JSON-ready values."""
+    return run_record(run).model_dump(mode="json")
 
 
 def _add_missing_columns(engine: Engine) -> None:

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from homeiq_trainer.parameters import parameter
+
 RUN_ID_PATTERN = r"^run_\d{8}_\d{6}(_\d{1,3})?$"
 RESUME_FROM_PATTERN = rf"^(latest|{RUN_ID_PATTERN[1:-1]})$"
 # One rule for request ids everywhere (commands, answers to refused commands, the idempotency memory):
@@ -82,13 +84,14 @@ class TrainParams(_Wire):
     # Strict: a command saying "epochs": "3" is a mistake worth naming, not something to guess at.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    epochs: int | None = Field(None, ge=1, le=100)
-    max_samples: int | None = Field(None, ge=1, le=1_000_000)
-    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
-    batch_size: int | None = Field(None, ge=1, le=512)
-    lora_r: int | None = Field(None, ge=1, le=256)
-    lora_alpha: int | None = Field(None, ge=1, le=1024)
-    lora_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    # Bounds and help from the one declaration (parameters.py); a test checks every one is here.
+    epochs: int | None = parameter("epochs").field(None)
+    max_samples: int | None = parameter("max_samples").field(None)
+    learning_rate: float | None = parameter("learning_rate").field(None)
+    batch_size: int | None = parameter("batch_size").field(None)
+    lora_r: int | None = parameter("lora_r").field(None)
+    lora_alpha: int | None = parameter("lora_alpha").field(None)
+    lora_dropout: float | None = parameter("lora_dropout").field(None)
     resume_from: str | None = Field(None, pattern=RESUME_FROM_PATTERN, max_length=32)
     base_model: str | None = Field(None, min_length=1, max_length=512)
 
@@ -233,12 +236,23 @@ class Response(_Wire):
     error: ErrorInfo | None = None
 
 
+class State(StrEnum):
+    """`<base>/state`'s `state`: `idle` before the first run, else the latest run's status."""
+
+    IDLE = "idle"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 class StatePayload(_Wire):
     """Retained on `<base>/state`."""
 
-    state: str
+    state: State
     run_id: str | None = None
-    phase: str | None = None
+    phase: Phase | None = None
     message: str = ""
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -254,3 +268,102 @@ class ProgressPayload(_Wire):
     loss: float | None = None
     samples_per_s: float | None = None
     eta_s: float | None = None
+
+
+class RunSummary(_Wire):
+    """One run in the retained `runs` list (compact: the list stays around 2 KB)."""
+
+    run_id: str | None = None
+    status: RunStatus | None = None
+    triggered_by: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    dataset_size: int | None = None
+    final_loss: float | None = None
+    promoted: bool | None = None
+    decision: Decision | None = None
+
+
+class RunRecord(RunSummary):
+    """One run as `last_run`, the `runs` answer and `homeiq-trainer runs --json` show it.
+
+    Every key is present even before the first run (all null), so Home Assistant's templates find them.
+    """
+
+    id: int | None = None
+    base_model: str | None = None
+    output_dir: str | None = None
+    eval_loss: float | None = None
+    error: str | None = None
+    decision_reason: str | None = None
+    evaluation: dict[str, Any] | None = None
+    """Both adapters on the held-out examples: `metric`, `candidate`, `served` (see training_run.json)."""
+    samples: list[dict[str, str | None]] = Field(default_factory=list)
+    """Probe queries with the answers of the adapter in use and of the candidate, clipped."""
+
+
+class RunsPayload(_Wire):
+    """Retained on `<base>/runs`: the newest runs, compact."""
+
+    runs: list[RunSummary]
+
+
+class RunsAnswer(_Wire):
+    """The `runs` command's data: the newest runs in full."""
+
+    runs: list[RunRecord]
+
+
+class ModelInfo(_Wire):
+    """Retained on `<base>/model`: what `latest` points to (`run_id` null when nothing does)."""
+
+    run_id: str | None = None
+    path: str | None = None
+    base_model: str | None = None
+    trained_at: str | None = None
+    samples_used: int | None = None
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    directory: str | None = None
+    metrics: dict[str, float | None] | None = None
+    promoted_at: str | None = None
+
+
+class AdapterUpdate(_Wire):
+    """Retained on `<base>/adapter`: the "Ask AI adapter" update entity (Home Assistant reads these keys)."""
+
+    installed_version: str | None = None
+    latest_version: str | None = None
+    title: str = "Ask AI adapter"
+    release_summary: str = Field("", max_length=255)
+
+
+class DecisionInfo(_Wire):
+    """Retained on `<base>/decision`: the newest run's decision (all null before the first)."""
+
+    decision: Decision | None = None
+    reason: str | None = None
+    run_id: str | None = None
+    promoted: bool | None = None
+
+
+TriggerName = Literal[
+    "run_started", "run_completed", "run_failed", "adapter_promoted", "adapter_rejected", "not_enough_data"
+]
+
+
+class TriggerEvent(_Wire):
+    """One message on `<base>/event` (not retained): what the device triggers fire on."""
+
+    event: TriggerName
+    run_id: str | None = None
+    reason: str | None = None
+    new_samples: int | None = None
+    required: int | None = None
+
+
+class StatusAnswer(_Wire):
+    """The `status` command's data: the state and progress last published."""
+
+    state: StatePayload
+    progress: ProgressPayload

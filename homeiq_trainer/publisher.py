@@ -62,11 +62,11 @@ class Publisher:
             if self.link.connected:
                 self.link.publish(topic, text, qos=qos, retain=True)
 
-    def event(self, topic: str, payload: dict[str, Any]) -> None:
+    def event(self, topic: str, payload: BaseModel) -> None:
         """Publish one event (not retained: a trigger fires once); dropped while disconnected."""
         with self._lock:
             if self.link.connected:
-                self.link.publish(topic, json.dumps(payload, ensure_ascii=False), qos=QOS_RELIABLE)
+                self.link.publish(topic, payload.model_dump_json(), qos=QOS_RELIABLE)
 
     def respond(self, text: str) -> None:
         """Publish one command answer (not retained)."""

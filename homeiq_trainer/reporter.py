@@ -7,24 +7,27 @@ never queries the history on the command path).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from typing import Any
 
 from homeiq_trainer.adapter_state import decision_payload, finished_events, update_payload
-from homeiq_trainer.discovery import IDLE
-from homeiq_trainer.history import HistoryStore, TrainingRun, run_to_dict
+from homeiq_trainer.history import HistoryStore, TrainingRun, run_record
 from homeiq_trainer.messages import (
+    ModelInfo,
     Phase,
     ProgressEvent,
     ProgressPayload,
+    RunRecord,
     RunResult,
+    RunsAnswer,
+    RunsPayload,
     RunStatus,
+    State,
     StatePayload,
-    json_safe,
-    utcnow,
+    StatusAnswer,
+    TriggerEvent,
 )
 from homeiq_trainer.publisher import Publisher
 from homeiq_trainer.settings import Settings
@@ -34,17 +37,6 @@ from homeiq_trainer.training import artifacts
 _LOGGER = logging.getLogger(__name__)
 
 STATE_MESSAGE_MAX_CHARS = 500
-COMPACT_RUN_KEYS = (
-    "run_id",
-    "status",
-    "triggered_by",
-    "started_at",
-    "finished_at",
-    "dataset_size",
-    "final_loss",
-    "promoted",
-    "decision",
-)
 QOS_PROGRESS = 0
 
 
@@ -57,9 +49,9 @@ class RunReporter:
         self.publisher = publisher
         self.store = store
         self._lock = threading.Lock()
-        self._state = StatePayload(state=IDLE, message="no run yet")
+        self._state = StatePayload(state=State.IDLE, message="no run yet")
         self._progress = ProgressPayload()
-        self._runs: list[dict[str, Any]] = []
+        self._runs: list[RunRecord] = []
         self._last_progress_at = 0.0
 
     # --- answers for commands --------------------------------------------------------------------
@@ -67,12 +59,14 @@ class RunReporter:
     def status(self) -> dict[str, Any]:
         """The `status` answer: the state and progress last published."""
         with self._lock:
-            return {"state": self._state.model_dump(mode="json"), "progress": self._progress.model_dump(mode="json")}
+            answer = StatusAnswer(state=self._state, progress=self._progress)
+        return answer.model_dump(mode="json")
 
     def runs(self) -> dict[str, Any]:
         """The `runs` answer, as refreshed when the last run ended."""
         with self._lock:
-            return {"runs": list(self._runs)}
+            answer = RunsAnswer(runs=self._runs)
+        return answer.model_dump(mode="json")
 
     # --- publishing ------------------------------------------------------------------------------
 
@@ -86,16 +80,14 @@ class RunReporter:
                 if any(r.id == run.id for r in interrupted)
                 else f"last run {run.status}"
             )
-            self._publish_state(run.status, run.run_identifier, None, message)
+            self._publish_state(State(run.status), run.run_identifier, None, message)
         else:
-            self._publish_state(IDLE, None, None, "no run yet")
+            self._publish_state(State.IDLE, None, None, "no run yet")
         self._publish_progress(ProgressPayload())
         self.publish_serving()
 
-    def _publish_state(self, state: str, run_id: str | None, phase: Phase | None, message: str) -> None:
-        payload = StatePayload(
-            state=state, run_id=run_id, phase=phase.value if phase else None, message=message[:STATE_MESSAGE_MAX_CHARS]
-        )
+    def _publish_state(self, state: State, run_id: str | None, phase: Phase | None, message: str) -> None:
+        payload = StatePayload(state=state, run_id=run_id, phase=phase, message=message[:STATE_MESSAGE_MAX_CHARS])
         with self._lock:
             self._state = payload
         self.publisher.retain(self.topics.state, payload)
@@ -108,50 +100,46 @@ class RunReporter:
     def publish_history(self) -> None:
         """`last_run` and `runs` from the history (and the cached `runs` answer)."""
         last = self.store.latest_finished()
-        # Every key present even before the first run, so Home Assistant's templates find them.
-        empty = dict.fromkeys(run_to_dict(TrainingRun(run_identifier="", started_at=utcnow())), None)
-        self.publisher.retain(self.topics.last_run, _json(run_to_dict(last) if last else empty))
-        runs = [run_to_dict(run) for run in self.store.recent(self.settings.daemon.runs_published)]
+        self.publisher.retain(self.topics.last_run, run_record(last) if last else RunRecord())
+        runs = [run_record(run) for run in self.store.recent(self.settings.daemon.runs_published)]
         with self._lock:
             self._runs = runs
-        compact = [{key: run[key] for key in COMPACT_RUN_KEYS} for run in runs]
-        self.publisher.retain(self.topics.runs, _json({"runs": compact}))
+        self.publisher.retain(self.topics.runs, RunsPayload(runs=list(runs)))
 
     def publish_model(self) -> None:
         """What `latest` points to."""
         output_dir = self.settings.storage.output_dir
         name = artifacts.latest_run(output_dir)
         if name is None:
-            self.publisher.retain(self.topics.model, _json({"run_id": None}))
+            self.publisher.retain(self.topics.model, ModelInfo())
             return
         meta = artifacts.read_metadata(output_dir / name)
+        known = {key: meta.get(key) for key in ("base_model", "trained_at", "samples_used", "final_loss", "eval_loss")}
         current = artifacts.read_current(output_dir)
         # What current.json says, plus the keys this topic carried before current.json existed.
-        model = {
-            **(current if current.get("run_id") == name else {"run_id": name}),
-            "path": str((output_dir / name).resolve()),
-            **{key: meta.get(key) for key in ("base_model", "trained_at", "samples_used", "final_loss", "eval_loss")},
-        }
-        self.publisher.retain(self.topics.model, _json(model))
+        serving = {key: current.get(key) for key in ("directory", "metrics", "promoted_at")}
+        if current.get("run_id") != name:
+            serving = {}
+        model = ModelInfo(run_id=name, path=str((output_dir / name).resolve()), **known, **serving)
+        self.publisher.retain(self.topics.model, model)
 
     def publish_serving(self) -> None:
         """The served adapter, the update entity, the last decision and the history that records them."""
         self.publish_model()
         self.publish_history()
-        self.publisher.retain(self.topics.adapter, _json(update_payload(self.store, self.settings)))
-        self.publisher.retain(self.topics.decision, _json(decision_payload(self.store)))
+        self.publisher.retain(self.topics.adapter, update_payload(self.store, self.settings))
+        self.publisher.retain(self.topics.decision, decision_payload(self.store))
 
-    def event(self, name: str, **details: Any) -> None:
+    def event(self, event: TriggerEvent) -> None:
         """Fire one device trigger."""
-        self.publisher.event(self.topics.event, json_safe({"event": name, **details}))
+        self.publisher.event(self.topics.event, event)
 
     # --- runner events ---------------------------------------------------------------------------
 
     def run_state(self, run: TrainingRun, phase: Phase | None, message: str) -> None:
-        status = RunStatus.QUEUED.value if phase is None else RunStatus.RUNNING.value
-        self._publish_state(status, run.run_identifier, phase, message)
+        self._publish_state(State.QUEUED if phase is None else State.RUNNING, run.run_identifier, phase, message)
         if phase is None:
-            self.event("run_started", run_id=run.run_identifier)
+            self.event(TriggerEvent(event="run_started", run_id=run.run_identifier))
         if phase is None:
             self._publish_progress(ProgressPayload(run_id=run.run_identifier))
 
@@ -181,11 +169,6 @@ class RunReporter:
         self.publish_serving()
         # Before the final state, so whoever waits for the state has seen the triggers too.
         for event in finished_events(run, result):
-            self.publisher.event(self.topics.event, json_safe(event))
-        self._publish_state(result.status.value, run.run_identifier, None, message)
+            self.publisher.event(self.topics.event, event)
+        self._publish_state(State(result.status.value), run.run_identifier, None, message)
         _LOGGER.info("Run %s %s", run.run_identifier, result.status.value)
-
-
-def _json(value: Any) -> str:
-    # Unknown numbers go out as null: a bare NaN is not JSON, and Home Assistant's templates choke on it.
-    return json.dumps(json_safe(value), ensure_ascii=False, default=str, allow_nan=False)

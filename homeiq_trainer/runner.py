@@ -1,6 +1,8 @@
 """The single worker: accepts or rejects a job, owns its whole lifecycle, turns events into state.
 
-Knows nothing about MQTT: whatever it has to say goes to a `RunnerListener`.
+Knows nothing about MQTT: whatever it has to say goes to a `RunnerListener` (the daemon's is the
+`RunReporter`, reporter.py). A `Launcher` starts the training process (a child process here; another
+backend plugs in as another launcher); the row stays `queued` until that process exists.
 """
 
 from __future__ import annotations

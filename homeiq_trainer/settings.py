@@ -17,6 +17,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from homeiq_trainer.parameters import parameter
+
 CONFIG_ENV = "HOMEIQ_CONFIG"
 DEFAULT_BASE_MODEL = "google/flan-t5-small"
 
@@ -30,8 +32,7 @@ class DataSettings(_Section):
 
     source_db: Path = Path("data/ai_automation.db")
     """HomeIQ's SQLite database holding `ask_ai_queries`; opened read-only."""
-    max_samples: int = Field(2000, ge=1, le=1_000_000)
-    """Most usable examples per run (filled after skipping bad rows)."""
+    max_samples: int = parameter("max_samples").field(2000)
     eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
     """Share of examples held out to report eval_loss."""
     min_eval_examples: int = Field(20, ge=1, le=100_000)
@@ -56,12 +57,9 @@ class StorageSettings(_Section):
 class LoraSettings(_Section):
     """LoRA adapter shape (HomeIQ's defaults)."""
 
-    r: int = Field(16, ge=1, le=256)
-    """Rank of the update matrices."""
-    alpha: int = Field(16, ge=1, le=1024)
-    """Scaling numerator (alpha / r)."""
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    """Dropout on the LoRA path."""
+    r: int = parameter("lora_r").field(16)
+    alpha: int = parameter("lora_alpha").field(16)
+    dropout: float = parameter("lora_dropout").field(0.05)
     target_modules: tuple[str, ...] = ("q", "v")
     """Module names that get adapters (T5: q, k, v, o, wi, wo)."""
 
@@ -80,12 +78,9 @@ class TrainingSettings(_Section):
     """Hugging Face hub id or local directory of a seq2seq model."""
     allowed_base_models: tuple[str, ...] = ()
     """Extra base models a command may ask for; `base_model` is always allowed."""
-    epochs: int = Field(3, ge=1, le=100)
-    """Passes over the training split."""
-    learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
-    """Peak AdamW learning rate."""
-    batch_size: int = Field(8, ge=1, le=512)
-    """Examples per optimizer micro-batch."""
+    epochs: int = parameter("epochs").field(3)
+    learning_rate: float = parameter("learning_rate").field(3e-4)
+    batch_size: int = parameter("batch_size").field(8)
     gradient_accumulation_steps: int = Field(1, ge=1, le=128)
     """Micro-batches per optimizer step."""
     source_max_tokens: int = Field(256, ge=8, le=4096)

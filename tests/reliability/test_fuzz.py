@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import run_to_dict
 from homeiq_trainer.messages import PLAIN_COMMANDS
+from homeiq_trainer.parameters import PARAMETERS
 
 from ..conftest import Broker, SettingsFactory
 from ..fakes import RefusingLauncher
@@ -97,14 +98,10 @@ not_a_string = st.one_of(
     st.floats(allow_nan=False),
 )
 
-INT_FIELDS = {
-    "epochs": (1, 100),
-    "max_samples": (1, 1_000_000),
-    "batch_size": (1, 512),
-    "lora_r": (1, 256),
-    "lora_alpha": (1, 1024),
-    "min_new_samples": (1, 1_000_000),
-}
+# The bounds come from the one declaration of the parameters (parameters.py), plus the start-only one.
+INT_FIELDS = {p.name: (int(p.ge or 0), int(p.le or 0)) for p in PARAMETERS if p.kind is int}
+INT_FIELDS["min_new_samples"] = (1, 1_000_000)
+FLOAT_FIELDS = {p.name: p for p in PARAMETERS if p.kind is float}
 
 
 def out_of_range(field: str) -> st.SearchStrategy[Any]:
@@ -115,25 +112,22 @@ def out_of_range(field: str) -> st.SearchStrategy[Any]:
             st.integers(max_value=low - 1),
             st.integers(min_value=high + 1),
         )
-    if field == "learning_rate":
-        return st.sampled_from([0.0, -0.0, -1e-9, 1.0000001, 2.0, 1e308, -1e308, 5e-324 * -1])
-    return st.sampled_from([1.0, 1.5, -0.1, -1e-12, 1e308])  # lora_dropout
+    declared = FLOAT_FIELDS[field]
+    low = declared.ge or 0.0
+    beyond = (
+        [declared.lt, declared.lt + 0.5] if declared.lt is not None else [declared.le * 1.0000001, 2.0 * declared.le]
+    )  # type: ignore[operator]
+    return st.sampled_from([*beyond, low - 1e-9, -0.1, 1e308, -1e308])
 
 
 def valid_params() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries(
-        {},
-        optional={
-            "epochs": st.integers(1, 100),
-            "max_samples": st.integers(1, 1_000_000),
-            "batch_size": st.integers(1, 512),
-            "learning_rate": st.floats(1e-6, 1.0),
-            "lora_r": st.integers(1, 256),
-            "lora_alpha": st.integers(1, 1024),
-            "lora_dropout": st.floats(0.0, 0.99),
-            "min_new_samples": st.integers(1, 1_000_000),
-        },
-    )
+    optional: dict[str, st.SearchStrategy[Any]] = {
+        name: st.integers(low, high) for name, (low, high) in INT_FIELDS.items()
+    }
+    for name, declared in FLOAT_FIELDS.items():
+        high = declared.le if declared.le is not None else declared.lt
+        optional[name] = st.floats(declared.ge, high, exclude_max=declared.le is None)
+    return st.fixed_dictionaries({}, optional=optional)
 
 
 def request_ids() -> st.SearchStrategy[str | None]:
@@ -181,7 +175,7 @@ def json_commands(draw: st.DrawFn, allowed_base_models: tuple[str, ...]) -> dict
         key = draw(st.text(max_size=30).filter(lambda k: k not in ("action", "request_id", "triggered_by", "params")))
         body[key] = draw(json_value)
     elif defect == "extra_param":
-        known = set(INT_FIELDS) | {"learning_rate", "lora_dropout", "resume_from", "base_model"}
+        known = set(INT_FIELDS) | set(FLOAT_FIELDS) | {"resume_from", "base_model"}
         key = draw(
             st.one_of(
                 st.sampled_from(
@@ -201,10 +195,10 @@ def json_commands(draw: st.DrawFn, allowed_base_models: tuple[str, ...]) -> dict
         )
         params[key] = draw(st.one_of(st.just(True), hostile_text, json_value))  # type: ignore[index]
     elif defect == "range":
-        name = draw(st.sampled_from([*INT_FIELDS, "learning_rate", "lora_dropout"]))
+        name = draw(st.sampled_from([*INT_FIELDS, *FLOAT_FIELDS]))
         params[name] = draw(out_of_range(name))  # type: ignore[index]
     elif defect == "type":
-        name = draw(st.sampled_from([*INT_FIELDS, "learning_rate", "lora_dropout", "resume_from", "base_model"]))
+        name = draw(st.sampled_from([*INT_FIELDS, *FLOAT_FIELDS, "resume_from", "base_model"]))
         params[name] = draw(
             wrong_typed.filter(lambda v: not isinstance(v, str) or name not in ("resume_from", "base_model"))
         )  # type: ignore[index]  # noqa: E501
