@@ -22,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from pydantic import ValidationError
 
+from homeiq_trainer.control import SettingPinned, SettingsPanel, apply_log_level
 from homeiq_trainer.discovery import IDLE, build_discovery
 from homeiq_trainer.history import HistoryStore, TrainingRun, run_to_dict
 from homeiq_trainer.jobs import InstanceLock, JobRequest, recover
@@ -40,6 +41,8 @@ from homeiq_trainer.messages import (
     utcnow,
 )
 from homeiq_trainer.mqtt import MqttLink
+from homeiq_trainer.overrides import OverridesStore, SettingRefused, pinned_settings
+from homeiq_trainer.problem import SourceWatch, problem_payload
 from homeiq_trainer.runner import Busy, Launcher, NotRunning, Runner, ShuttingDown
 from homeiq_trainer.settings import Settings, describe_validation_error
 from homeiq_trainer.topics import Topics
@@ -49,6 +52,8 @@ from homeiq_trainer.training.data import DataError, count_new_examples
 _LOGGER = logging.getLogger(__name__)
 
 REMEMBERED_REQUESTS = 1000
+BUTTON = "button"
+"""`triggered_by` of the Start button's plain `start`; every other start counts as automation-started."""
 NEW_DATA_CHECK_TIMEOUT_S = 2.0
 REQUEST_ID_SCAN_BYTES = 1024
 _REQUEST_ID_NEAR_START = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:@/+-]{1,128})"')
@@ -81,7 +86,7 @@ def parse_command(payload: bytes, max_bytes: int) -> Command:
     except UnicodeDecodeError:
         raise CommandError("invalid_payload", "command is not valid UTF-8") from None
     if text.lower() in PLAIN_COMMANDS:
-        return Command.model_validate({"action": text.lower(), "triggered_by": "button"})
+        return Command.model_validate({"action": text.lower(), "triggered_by": BUTTON})
     if not text.startswith("{"):
         raise CommandError("invalid_payload", f"expected one of {', '.join(PLAIN_COMMANDS)} or a JSON object")
     try:
@@ -114,13 +119,25 @@ def _request_id_of(payload: bytes, max_bytes: int) -> str | None:
 class TrainerApp:
     """Everything the daemon does, wired together."""
 
-    def __init__(self, settings: Settings, launcher: Launcher | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        launcher: Launcher | None = None,
+        command_line: dict[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         self.instance_lock = InstanceLock(settings)
         self.instance_lock.acquire()
         self.store = HistoryStore(settings.storage.history_db)
         interrupted = recover(self.store, settings)
+        # What Home Assistant set, on top of the configuration: what the next run uses.
+        self.panel = SettingsPanel(
+            settings, OverridesStore(self.store.engine), pinned_settings(os.environ, command_line)
+        )
+        if self.panel.effective.log_level != settings.log_level:
+            apply_log_level(self.panel.effective.log_level)
+        self.source_watch = SourceWatch(settings, lambda _error: self._publish_problem())
         self.runner = Runner(settings, self.store, listener=self, launcher=launcher)
         self._lock = threading.RLock()
         self._retained: dict[str, tuple[str, int]] = {}
@@ -131,7 +148,12 @@ class TrainerApp:
         self.link = MqttLink(
             settings.mqtt,
             availability_topic=self.topics.availability,
-            subscriptions={self.topics.command: 1, self.topics.ha_status: 1},
+            subscriptions={
+                self.topics.command: 1,
+                self.topics.ha_status: 1,
+                self.topics.setting_commands: 1,
+                self.topics.reannounce: 1,
+            },
             on_connected=self.announce,
             on_message=self.on_message,
         )
@@ -141,6 +163,7 @@ class TrainerApp:
 
     def start(self) -> None:
         """Connect (in the background) and start serving."""
+        self.source_watch.start()
         self.link.start()
 
     def stop(self) -> None:
@@ -151,6 +174,7 @@ class TrainerApp:
             self._stopping = True
             if self._announce_timer is not None:
                 self._announce_timer.cancel()
+        self.source_watch.stop()
         self.link.stop()
         self.close()
 
@@ -177,6 +201,9 @@ class TrainerApp:
             if self.settings.mqtt.discovery:
                 discovery = build_discovery(self.settings, self.topics).payload()
                 self.link.publish(self.topics.discovery, json.dumps(discovery), qos=1, retain=True)
+            else:
+                # An earlier announcement stays retained otherwise, and Home Assistant keeps the device.
+                self.link.publish(self.topics.discovery, b"", qos=1, retain=True)
             for topic, (text, qos) in self._retained.items():
                 self.link.publish(topic, text, qos=qos, retain=True)
             self.link.announce_online()
@@ -247,6 +274,12 @@ class TrainerApp:
         self._retain(self.topics.progress, ProgressPayload().model_dump(mode="json"), qos=0)
         self._publish_history()
         self._publish_model()
+        self._retain(self.topics.settings, self.panel.state())
+        self._publish_problem()
+
+    def _publish_problem(self) -> None:
+        last = self.store.latest_finished()
+        self._retain(self.topics.problem, problem_payload(last.status if last else None, self.source_watch.error))
 
     # --- runner events ---------------------------------------------------------------------------
 
@@ -284,6 +317,7 @@ class TrainerApp:
             RunStatus.CANCELLED: "cancelled; the current model is unchanged",
         }.get(result.status) or result.reason()
         self._publish_history()
+        self._publish_problem()
         if result.promoted:
             self._publish_model()
         self._publish_state(result.status.value, run.run_identifier, None, message)
@@ -298,13 +332,44 @@ class TrainerApp:
                 _LOGGER.info("Home Assistant came online; re-announcing")
                 self._schedule_announce()
             return
-        if message.topic != self.topics.command:
+        setting = self.topics.setting_name(message.topic)
+        if message.topic not in (self.topics.command, self.topics.reannounce) and setting is None:
             return
         if message.retain:
             # A retained command would re-run on every reconnect; honour only live ones.
             _LOGGER.warning("Ignoring a retained command on %s", message.topic)
             return
-        self.link.publish(self.topics.response, self.handle_command(bytes(message.payload)), qos=1)
+        if message.topic == self.topics.reannounce:
+            _LOGGER.info("Re-announcing, as asked from Home Assistant")
+            self.announce()
+        elif setting is not None:
+            self.link.publish(self.topics.response, self.change_setting(setting, bytes(message.payload)), qos=1)
+        else:
+            self.link.publish(self.topics.response, self.handle_command(bytes(message.payload)), qos=1)
+
+    def change_setting(self, name: str, payload: bytes) -> str:
+        """Apply one value sent to `<base>/settings/<name>/set`; the JSON response. State is always re-published."""
+        try:
+            control, value = self.panel.change(name, payload)
+            if control.path == "log_level":
+                apply_log_level(value)
+            response = Response(
+                request_id=None, action="set", status="ok", data={"setting": control.path, "value": value}
+            )
+        except SettingRefused as exc:
+            code = "setting_pinned" if isinstance(exc, SettingPinned) else "invalid_setting"
+            if code == "invalid_setting":
+                _LOGGER.warning("Refused a change from Home Assistant: %s", exc)
+            response = Response(
+                request_id=None,
+                action="set",
+                status="error",
+                data={"setting": name},
+                error=ErrorInfo(code=code, message=str(exc)),
+            )
+        # Also after a refusal: Home Assistant's entity snaps back to the value in force.
+        self._retain(self.topics.settings, self.panel.state())
+        return response.model_dump_json()
 
     def handle_command(self, payload: bytes) -> str:
         """The JSON response to one raw command; never raises."""
@@ -389,15 +454,20 @@ class TrainerApp:
                     "base_model_not_allowed",
                     f"run {params.resume_from} was trained on a base model that is not allowed any more",
                 )
-        if params and params.min_new_samples:
-            self._require_new_data(params.min_new_samples)
+        settings = self.panel.effective
+        required = params.min_new_samples if params and params.min_new_samples else None
+        if required is None and command.triggered_by != BUTTON:
+            # Automation-started (anything but the Start button) waits for Home Assistant's threshold.
+            required = settings.daemon.min_new_samples
+        if required:
+            self._require_new_data(required)
         request = JobRequest(
             params=train_params or TrainParams(),
             triggered_by=command.triggered_by,
             request_id=command.request_id,
         )
         try:
-            run = self.runner.submit(request)
+            run = self.runner.submit(request, settings)
         except Busy as exc:
             raise CommandError("busy", str(exc), {"run_id": exc.run.run_identifier}) from None
         except ShuttingDown as exc:
