@@ -99,7 +99,7 @@ def number_limits(control: Control) -> dict[str, float]:
     """`min`, `max` and `step` of a number control, from the schema's bounds."""
     field = field_info(control.path)
     assert field is not None
-    whole = field.annotation is int
+    whole = field.annotation is int or set(typing.get_args(field.annotation)) == {int, type(None)}
     limits: dict[str, float] = {"step": 1 if whole else NUMBER_STEP_MIN}
     for bound in field.metadata:
         if isinstance(bound, annotated_types.Ge):
@@ -147,9 +147,22 @@ class SettingsPanel:
         self.controls = {control.name: control for control in active_controls()}
         self._lock = threading.Lock()
         self._pinned_refusals_logged: set[str] = set()
-        self.effective, ignored = apply_overrides(configured, store.load(), self.pinned)
+        stored = store.load()
+        ignored = {}
+        for control in self.controls.values():
+            value = stored.get(control.path)
+            if control.platform == "select" and value is not None and str(value) not in self.options(control):
+                # Chosen when it was allowed; the configuration has taken it off the list since.
+                ignored[control.path] = f"{value!r} is no longer one of the choices"
+                del stored[control.path]
+        self.effective, refused = apply_overrides(configured, stored, self.pinned)
+        ignored.update(refused)
         for path, why in ignored.items():
             _LOGGER.warning("Ignoring the value set from Home Assistant for %s: %s", path, why)
+
+    def options(self, control: Control) -> list[str]:
+        """The choices of a select control, from the configured (not the changed) settings."""
+        return select_options(control, self.configured)
 
     def state(self) -> dict[str, Any]:
         """The retained `<base>/settings` payload: each control's value, and what pins it (or null)."""
@@ -178,7 +191,7 @@ class SettingsPanel:
             changed = with_value(self.effective, control.path, value)
             new_value = value_at(changed, control.path)
             if control.platform == "select":
-                options = select_options(control, self.configured)
+                options = self.options(control)
                 if str(new_value) not in options:
                     raise SettingRefused(f"invalid setting: {control.path}: must be one of {', '.join(options)}")
             self.store.set(control.path, _jsonable(new_value))

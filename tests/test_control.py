@@ -184,6 +184,18 @@ def test_panel_changes_refuses_and_logs_a_pinned_refusal_once(
     assert panel.change("base_model", b"google/flan-t5-small")[1] == "google/flan-t5-small"
 
 
+def test_stored_choice_taken_off_the_allow_list_is_ignored(
+    history: HistoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = OverridesStore(history.engine)
+    store.set("training.base_model", "google/flan-t5-base")
+    store.set("training.epochs", 4)
+    caplog.set_level(logging.WARNING)
+    panel = SettingsPanel(load_settings(), store, {})
+    assert panel.effective.training.base_model == "google/flan-t5-small" and panel.effective.training.epochs == 4
+    assert "'google/flan-t5-base' is no longer one of the choices" in caplog.text
+
+
 @pytest.mark.parametrize("default_entity_ids", [True, False])
 def test_discovery_validates_with_and_without_entity_ids(default_entity_ids: bool) -> None:
     settings = load_settings(None, {"mqtt": {"default_entity_ids": default_entity_ids}})
