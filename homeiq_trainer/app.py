@@ -22,7 +22,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from pydantic import ValidationError
 
-from homeiq_trainer.control import SettingPinned, SettingsPanel, apply_log_level
+from homeiq_trainer.control import SettingsPanel, apply_log_level
 from homeiq_trainer.discovery import IDLE, build_discovery
 from homeiq_trainer.history import HistoryStore, TrainingRun, run_to_dict
 from homeiq_trainer.jobs import InstanceLock, JobRequest, recover
@@ -41,7 +41,7 @@ from homeiq_trainer.messages import (
     utcnow,
 )
 from homeiq_trainer.mqtt import MqttLink
-from homeiq_trainer.overrides import OverridesStore, SettingRefused, pinned_settings
+from homeiq_trainer.overrides import OverridesStore, pinned_settings
 from homeiq_trainer.problem import SourceWatch, problem_payload
 from homeiq_trainer.runner import Busy, Launcher, NotRunning, Runner, ShuttingDown
 from homeiq_trainer.settings import Settings, describe_validation_error
@@ -349,24 +349,7 @@ class TrainerApp:
 
     def change_setting(self, name: str, payload: bytes) -> str:
         """Apply one value sent to `<base>/settings/<name>/set`; the JSON response. State is always re-published."""
-        try:
-            control, value = self.panel.change(name, payload)
-            if control.path == "log_level":
-                apply_log_level(value)
-            response = Response(
-                request_id=None, action="set", status="ok", data={"setting": control.path, "value": value}
-            )
-        except SettingRefused as exc:
-            code = "setting_pinned" if isinstance(exc, SettingPinned) else "invalid_setting"
-            if code == "invalid_setting":
-                _LOGGER.warning("Refused a change from Home Assistant: %s", exc)
-            response = Response(
-                request_id=None,
-                action="set",
-                status="error",
-                data={"setting": name},
-                error=ErrorInfo(code=code, message=str(exc)),
-            )
+        response = self.panel.answer(name, payload)
         # Also after a refusal: Home Assistant's entity snaps back to the value in force.
         self._retain(self.topics.settings, self.panel.state())
         return response.model_dump_json()
@@ -456,11 +439,13 @@ class TrainerApp:
                 )
         settings = self.panel.effective
         required = params.min_new_samples if params and params.min_new_samples else None
+        hint = ""
         if required is None and command.triggered_by != BUTTON:
             # Automation-started (anything but the Start button) waits for Home Assistant's threshold.
             required = settings.daemon.min_new_samples
+            hint = " (daemon.min_new_samples, for starts not from the Start button)"
         if required:
-            self._require_new_data(required)
+            self._require_new_data(required, hint)
         request = JobRequest(
             params=train_params or TrainParams(),
             triggered_by=command.triggered_by,
@@ -474,7 +459,7 @@ class TrainerApp:
             raise CommandError("shutting_down", str(exc)) from None
         return {"run_id": run.run_identifier, "state": RunStatus.QUEUED.value}
 
-    def _require_new_data(self, required: int) -> None:
+    def _require_new_data(self, required: int, hint: str = "") -> None:
         last = self.store.latest_completed()
         since = None
         if last is not None:
@@ -494,7 +479,7 @@ class TrainerApp:
         if found < required:
             raise CommandError(
                 "not_enough_new_data",
-                f"{found} new usable examples since the last completed run; {required} required",
+                f"{found} new usable examples since the last completed run; {required} required{hint}",
                 {"new_samples": found, "required": required},
             )
 

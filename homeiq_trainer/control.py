@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import annotated_types
 
+from homeiq_trainer.messages import ErrorInfo, Response
 from homeiq_trainer.overrides import (
     OverridesStore,
     SettingRefused,
@@ -198,3 +199,17 @@ class SettingsPanel:
             self.effective = changed
         _LOGGER.info("%s set to %s from Home Assistant", control.path, new_value)
         return control, new_value
+
+    def answer(self, name: str, payload: bytes) -> Response:
+        """`change`, applied (the log level at once) or refused, as the response to publish."""
+        try:
+            control, value = self.change(name, payload)
+        except SettingRefused as exc:
+            code = "setting_pinned" if isinstance(exc, SettingPinned) else "invalid_setting"
+            if code == "invalid_setting":  # a pinned refusal is logged once, by `change`
+                _LOGGER.warning("Refused a change from Home Assistant: %s", exc)
+            error = ErrorInfo(code=code, message=str(exc))
+            return Response(request_id=None, action="set", status="error", data={"setting": name}, error=error)
+        if control.path == "log_level":
+            apply_log_level(value)
+        return Response(request_id=None, action="set", status="ok", data={"setting": control.path, "value": value})

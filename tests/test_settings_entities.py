@@ -159,6 +159,7 @@ def test_each_entity_sets_the_next_run_and_survives_a_restart(
         # Automation-started (anything but the button) waits for the threshold set from Home Assistant...
         refused = watcher.request(CMD, RESP, {"action": "start", "triggered_by": "nightly"})
         assert refused["error"]["code"] == "not_enough_new_data" and refused["data"]["required"] == 100000
+        assert "daemon.min_new_samples" in refused["error"]["message"]
         # ...unless it names its own...
         own = watcher.request(CMD, RESP, {"action": "start", "params": {"min_new_samples": 1}})
         assert own["error"]["code"] == "not_enough_new_data" and own["data"]["required"] == 1
