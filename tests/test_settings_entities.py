@@ -327,3 +327,28 @@ def test_problem_sensor_follows_failed_runs_and_the_source(
         assert problem["problem"] and "not found" in problem["source_error"]
     finally:
         app.stop()
+
+
+def test_garbage_on_every_setting_topic_is_answered_and_changes_nothing(
+    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+) -> None:
+    settings = app_settings(make_settings, broker)
+    app = start_app(settings, RecordingLauncher())
+    try:
+        before = watcher.wait_for(SETTINGS)
+        payloads = [b"", b"\xff\xfe\x00", b"{}", b"[1]", b"null", b"1e309", b"-Infinity", b"\x00", b"x" * 5000]
+        names = [*app.panel.controls, "nope", "../epochs"]
+        for name in names:
+            for payload in payloads:
+                watcher.publish(f"{SETTINGS}/{name}/set", payload)
+        sent = (len(names) - 1) * len(payloads)  # `../epochs` is no setting's topic: not ours to answer
+        deadline = time.monotonic() + 30
+        while len(watcher.messages(RESP)) < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        responses = [json.loads(p) for p in watcher.messages(RESP)]
+        assert len(responses) == sent
+        assert all(r["status"] == "error" and r["error"]["message"] for r in responses)
+        assert watcher.request(CMD, RESP, {"action": "status"})["status"] == "ok"  # still serving
+        assert watcher.json(SETTINGS) == before and app.panel.store.load() == {}
+    finally:
+        app.stop()
