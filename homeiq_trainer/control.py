@@ -12,6 +12,7 @@ import threading
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Literal
 
 import annotated_types
@@ -91,8 +92,10 @@ def select_options(control: Control, configured: Settings) -> list[str]:
         return [str(option) for option in control.options(configured)]
     field = field_info(control.path)
     annotation = field.annotation if field else None
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return [str(member.value) for member in annotation]
     if typing.get_origin(annotation) is not Literal:
-        raise TypeError(f"{control.path} is no Literal; give its control an options function")
+        raise TypeError(f"{control.path} is neither a Literal nor an Enum; give its control an options function")
     return [str(option) for option in typing.get_args(annotation)]
 
 
@@ -135,6 +138,8 @@ def parse_value(payload: bytes) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, Enum):
+        value = value.value
     return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
 
@@ -193,7 +198,7 @@ class SettingsPanel:
             new_value = value_at(changed, control.path)
             if control.platform == "select":
                 options = self.options(control)
-                if str(new_value) not in options:
+                if str(_jsonable(new_value)) not in options:
                     raise SettingRefused(f"invalid setting: {control.path}: must be one of {', '.join(options)}")
             self.store.set(control.path, _jsonable(new_value))
             self.effective = changed

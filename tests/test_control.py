@@ -6,13 +6,16 @@ import json
 import logging
 import math
 import re
+from enum import StrEnum
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from homeiq_trainer.control import (
     CONTROLS,
+    Control,
     SettingPinned,
     SettingsPanel,
     active_controls,
@@ -148,6 +151,20 @@ def test_table_lists_controls_whose_settings_may_come_later() -> None:
     )
     for control in CONTROLS:
         assert (control.name in active) == (field_info(control.path) is not None)
+
+
+def test_select_choices_from_a_literal_or_an_enum(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Policy(StrEnum):
+        IF_BETTER = "if_better"
+        MANUAL = "manual"
+
+    field = FieldInfo(annotation=Policy, default=Policy.IF_BETTER)
+    monkeypatch.setattr("homeiq_trainer.control.field_info", lambda path: field)
+    control = Control("policy", "promotion.policy", "select", "Policy", "mdi:x")
+    assert select_options(control, load_settings()) == ["if_better", "manual"]
+    field = FieldInfo(annotation=int, default=1)
+    with pytest.raises(TypeError, match="neither a Literal nor an Enum"):
+        select_options(control, load_settings())
 
 
 def test_entity_ranges_and_choices_come_from_the_schema() -> None:
