@@ -175,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = crash_result(run, exc)
         finally:
             observer.close()
-        run = record_result(store, run, result)
+        run = record_result(store, settings, run, result)
         store.close()
     finally:
         lock.release()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Text, event
+from sqlalchemy import JSON, Column, Index, Text, delete, event
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -233,6 +233,26 @@ class HistoryStore:
                 .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
             )
             return session.exec(query.limit(1)).first()
+
+    def prune(self, keep: int, protect: str | None = None) -> int:
+        """Delete finished rows beyond the newest `keep`, never `protect`'s (the served run); how many went."""
+        with self._lock, Session(self._engine) as session:
+            newest = (
+                select(TrainingRun.id)
+                .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
+                .limit(keep)
+            )
+            doomed = delete(TrainingRun).where(
+                TrainingRun.id.not_in(newest.scalar_subquery()),  # type: ignore[union-attr]
+                TrainingRun.finished_at.is_not(None),  # type: ignore[union-attr]
+            )
+            if protect is not None:
+                doomed = doomed.where(TrainingRun.run_identifier != protect)  # type: ignore[arg-type]
+            removed = session.exec(doomed).rowcount
+            session.commit()
+        if removed:
+            _LOGGER.info("Pruned %d history rows beyond the newest %d", removed, keep)
+        return int(removed or 0)
 
     def identifiers(self) -> set[str]:
         """Every run identifier in the history."""

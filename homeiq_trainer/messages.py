@@ -6,6 +6,7 @@ here, so the JSON shapes live in one place.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -14,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RUN_ID_PATTERN = r"^run_\d{8}_\d{6}(_\d{1,3})?$"
 RESUME_FROM_PATTERN = rf"^(latest|{RUN_ID_PATTERN[1:-1]})$"
+# One rule for request ids everywhere (commands, answers to refused commands, the idempotency memory):
+# printable ASCII only, so every answer serialises whatever a sender put in the id.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:@/+-]{1,128}$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
 def utcnow() -> datetime:
@@ -151,6 +156,11 @@ class EventEnvelope(_Wire):
 PLAIN_COMMANDS = ("start", "cancel", "status", "runs")
 
 
+def is_request_id(value: object) -> bool:
+    """Whether `value` is a well-formed request id."""
+    return isinstance(value, str) and _REQUEST_ID.fullmatch(value) is not None
+
+
 class StartParams(TrainParams):
     """What a `start` command may set: the per-run overrides plus a new-data threshold."""
 
@@ -166,7 +176,7 @@ class Command(_Wire):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     action: Literal["start", "cancel", "status", "runs"]
-    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+-]+$")
+    request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN)
     triggered_by: str = Field("mqtt", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@ -]+$")
     params: StartParams | None = None
 

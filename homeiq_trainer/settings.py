@@ -49,6 +49,8 @@ class StorageSettings(_Section):
     """Run directories and the `latest` symlink go here."""
     keep_runs: int = Field(5, ge=1, le=1000)
     """Newest run directories kept; the one `latest` points to is never deleted."""
+    keep_history_rows: int = Field(1000, ge=10, le=1_000_000)
+    """Newest history rows kept; older ones are pruned when a run ends (never the served run's)."""
 
 
 class LoraSettings(_Section):
@@ -135,6 +137,8 @@ class MqttSettings(_Section):
     """Home Assistant's birth/will topic; `online` there makes us re-announce."""
     keepalive_s: int = Field(30, ge=5, le=3600)
     """MQTT keepalive, in seconds."""
+    max_queued_messages: int = Field(1000, ge=10, le=100_000)
+    """Outgoing messages paho holds while the broker is away; retained state is re-sent on reconnect anyway."""
 
     @field_validator("base_topic", "discovery_prefix", "ha_status_topic")
     @classmethod
@@ -143,6 +147,14 @@ class MqttSettings(_Section):
         if not value or any(ch in value for ch in "#+\0"):
             raise ValueError("must be a non-empty topic without wildcards")
         return value
+
+    @model_validator(mode="after")
+    def _tls_options_need_tls(self) -> MqttSettings:
+        # Certificates without `tls` would silently connect in plaintext.
+        stray = [name for name in ("ca_certs", "certfile", "keyfile", "tls_insecure") if getattr(self, name)]
+        if stray and not self.tls:
+            raise ValueError(f"{', '.join(stray)} set but tls is false: set mqtt.tls = true, or remove them")
+        return self
 
 
 class DaemonSettings(_Section):
@@ -164,6 +176,12 @@ class DaemonSettings(_Section):
     """Upper bound of the random delay before re-announcing after Home Assistant's birth, in seconds."""
     min_new_samples: int = Field(0, ge=0, le=1_000_000)
     """New usable examples a `start` not sent by the Start button needs when it names none; 0: no threshold."""
+    command_queue_size: int = Field(1000, ge=1, le=100_000)
+    """Commands waiting for the command thread; beyond this they are answered `overloaded`."""
+    commands_per_s: float = Field(50.0, gt=0, le=100_000)
+    """Command rate limit: tokens refilled per second; without one a command is answered `rate_limited`."""
+    command_burst: int = Field(500, ge=1, le=100_000)
+    """Command rate limit: commands accepted at once before the rate applies."""
 
 
 class Settings(BaseSettings):

@@ -1,6 +1,6 @@
 """Home Assistant's configuration entities against a real Mosquitto: set, persist, pin, refuse, log level.
 
-Runs use a recording launcher (no training): what matters is the settings and parameters a run gets.
+Runs use a fake launcher (no training): what matters is the settings and parameters a run gets.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from typing import Any
 import pytest
 
 from homeiq_trainer.app import TrainerApp
-from homeiq_trainer.history import HistoryStore, TrainingRun
-from homeiq_trainer.jobs import JobRequest
-from homeiq_trainer.messages import RunResult, RunStatus
+from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.settings import Settings
 
 from .conftest import Broker, SettingsFactory
+from .fakes import FakeLauncher
 from .mqtt_client import Watcher
 
 BASE = "homeiq/trainer"
@@ -27,47 +26,7 @@ CMD, RESP, STATE = f"{BASE}/command", f"{BASE}/response", f"{BASE}/state"
 SETTINGS, PROBLEM = f"{BASE}/settings", f"{BASE}/problem"
 DISCOVERY = "homeassistant/device/homeiq_trainer/config"
 OTHER_MODEL = "google/flan-t5-base"
-
-
-class _Finished:
-    """A training process that has already ended with `status`."""
-
-    def __init__(self, run: TrainingRun, status: RunStatus) -> None:
-        self.run, self.status = run, status
-
-    def events(self, stall_timeout_s: float) -> Iterator[RunResult]:
-        failed = self.status is RunStatus.FAILED
-        yield RunResult(
-            run_identifier=self.run.run_identifier,
-            status=self.status,
-            base_model=self.run.base_model or "",
-            final_loss=None if failed else 1.0,
-            error="boom" if failed else None,
-        )
-
-    def terminate(self) -> None:
-        pass
-
-    def kill(self) -> None:
-        pass
-
-    def wait(self, timeout_s: float) -> int | None:
-        return 0
-
-    def failure_text(self) -> str:
-        return "boom"
-
-
-class RecordingLauncher:
-    """Records the settings and request of every run it starts."""
-
-    def __init__(self, status: RunStatus = RunStatus.COMPLETED) -> None:
-        self.status = status
-        self.started: list[tuple[Settings, JobRequest]] = []
-
-    def start(self, settings: Settings, request: JobRequest, run: TrainingRun) -> _Finished:
-        self.started.append((settings, request))
-        return _Finished(run, self.status)
+COMPLETES, FAILS = ["result"], ["die"]  # fake training processes' scripts
 
 
 def app_settings(make_settings: SettingsFactory, broker: Broker, **sections: dict) -> Settings:
@@ -77,7 +36,7 @@ def app_settings(make_settings: SettingsFactory, broker: Broker, **sections: dic
     return make_settings(mqtt=mqtt, training=training, **sections)
 
 
-def start_app(settings: Settings, launcher: RecordingLauncher) -> TrainerApp:
+def start_app(settings: Settings, launcher: FakeLauncher) -> TrainerApp:
     app = TrainerApp(settings, launcher=launcher)
     app.start()
     assert app.link.wait_connected(10)
@@ -105,8 +64,8 @@ def set_value(watcher: Watcher, name: str, payload: str) -> dict[str, Any]:
     raise AssertionError(f"no answer to {name} = {payload!r}")
 
 
-def run_once(watcher: Watcher, payload: str = "start") -> dict[str, Any]:
-    """Start a run, wait for its end, and return its `last_run` record."""
+def run_once(app: TrainerApp, watcher: Watcher, payload: str = "start") -> dict[str, Any]:
+    """Start a run, wait until the runner has let it go, and return its `last_run` record."""
     before = len(watcher.messages(RESP))
     watcher.publish(CMD, payload)
     deadline = time.monotonic() + 10
@@ -115,14 +74,18 @@ def run_once(watcher: Watcher, payload: str = "start") -> dict[str, Any]:
     response = json.loads(watcher.messages(RESP)[before])
     assert response["status"] == "ok", response
     run_id = response["data"]["run_id"]
-    return watcher.wait_for(f"{BASE}/last_run", lambda r: r.get("run_id") == run_id, timeout=30)
+    last_run = watcher.wait_for(f"{BASE}/last_run", lambda r: r.get("run_id") == run_id, timeout=30)
+    deadline = time.monotonic() + 10
+    while app.runner.active is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return last_run
 
 
 def test_each_entity_sets_the_next_run_and_survives_a_restart(
     make_settings: SettingsFactory, broker: Broker, watcher: Watcher
 ) -> None:
     settings = app_settings(make_settings, broker)
-    launcher = RecordingLauncher()
+    launcher = FakeLauncher(COMPLETES)
     app = start_app(settings, launcher)
     try:
         assert watcher.wait_for(SETTINGS)["epochs"] == 1
@@ -147,8 +110,8 @@ def test_each_entity_sets_the_next_run_and_survives_a_restart(
         }
         late.close()
 
-        run_once(watcher)  # the Start button: no threshold
-        used, request = launcher.started[-1]
+        run_once(app, watcher)  # the Start button: no threshold
+        used, request = launcher.calls[-1]
         assert (used.training.epochs, used.data.max_samples, used.training.batch_size) == (5, 120, 4)
         assert (used.training.learning_rate, used.training.base_model) == (0.0003, OTHER_MODEL)
         row = HistoryStore(settings.storage.history_db).recent(1)[0]
@@ -158,15 +121,18 @@ def test_each_entity_sets_the_next_run_and_survives_a_restart(
 
         # Automation-started (anything but the button) waits for the threshold set from Home Assistant...
         refused = watcher.request(CMD, RESP, {"action": "start", "triggered_by": "nightly"})
-        assert refused["error"]["code"] == "not_enough_new_data" and refused["data"]["required"] == 100000
+        assert refused["error"]["code"] == "not_enough_new_data"
+        assert refused["data"]["required"] == 120  # clamped to max_samples, also Home Assistant's
+        assert refused["data"]["required_by"] == "daemon.min_new_samples"
         assert "daemon.min_new_samples" in refused["error"]["message"]
         # ...unless it names its own...
         own = watcher.request(CMD, RESP, {"action": "start", "params": {"min_new_samples": 1}})
         assert own["error"]["code"] == "not_enough_new_data" and own["data"]["required"] == 1
+        assert "required_by" not in own["data"]
         # ...and a start's own params win over Home Assistant's values.
         assert set_value(watcher, "min_new_samples", "0")["status"] == "ok"
-        run_once(watcher, json.dumps({"action": "start", "params": {"epochs": 2}}))
-        assert launcher.started[-1][1].params.epochs == 2
+        run_once(app, watcher, json.dumps({"action": "start", "params": {"epochs": 2}}))
+        assert launcher.calls[-1][1].params.epochs == 2
         assert (HistoryStore(settings.storage.history_db).recent(1)[0].parameters_json or {})["epochs"] == 2
     finally:
         app.stop()
@@ -174,14 +140,14 @@ def test_each_entity_sets_the_next_run_and_survives_a_restart(
     # A restart: the values come back from homeiq-trainer's own database, not from the broker.
     broker.restart()
     fresh = Watcher(broker.port)
-    launcher = RecordingLauncher()
+    launcher = FakeLauncher(COMPLETES)
     app = start_app(settings, launcher)
     try:
         state = fresh.wait_for(SETTINGS, timeout=10)
         assert {key: state[key] for key in changes} == kept
         assert logging.getLogger().level == logging.WARNING
-        run_once(fresh)
-        assert launcher.started[-1][0].training.epochs == 5
+        run_once(app, fresh)
+        assert launcher.calls[-1][0].training.epochs == 5
     finally:
         app.stop()
         fresh.close()
@@ -196,7 +162,7 @@ def test_pinned_value_is_refused_and_snaps_back(
 ) -> None:
     monkeypatch.setenv("HOMEIQ_TRAINING__EPOCHS", "4")
     settings = app_settings(make_settings, broker, training={"epochs": 4})
-    launcher = RecordingLauncher()
+    launcher = FakeLauncher(COMPLETES)
     caplog.set_level(logging.WARNING)
     app = start_app(settings, launcher)
     try:
@@ -213,8 +179,8 @@ def test_pinned_value_is_refused_and_snaps_back(
             time.sleep(0.02)
         assert [json.loads(p)["epochs"] for p in watcher.messages(SETTINGS)[published:]] == [4, 4, 4]
         assert caplog.text.count("training.epochs is pinned") == 1
-        run_once(watcher)
-        assert launcher.started[-1][0].training.epochs == 4
+        run_once(app, watcher)
+        assert launcher.calls[-1][0].training.epochs == 4
     finally:
         app.stop()
 
@@ -239,7 +205,7 @@ def test_bad_value_is_refused_with_the_schemas_message_and_changes_nothing(
     make_settings: SettingsFactory, broker: Broker, watcher: Watcher, name: str, payload: str, message: str
 ) -> None:
     settings = app_settings(make_settings, broker)
-    app = start_app(settings, RecordingLauncher())
+    app = start_app(settings, FakeLauncher(COMPLETES))
     try:
         before = watcher.wait_for(SETTINGS)
         response = set_value(watcher, name, payload)
@@ -254,7 +220,7 @@ def test_bad_value_is_refused_with_the_schemas_message_and_changes_nothing(
 
 def test_log_level_changes_at_once(make_settings: SettingsFactory, broker: Broker, watcher: Watcher) -> None:
     logging.getLogger().setLevel(logging.INFO)
-    app = start_app(app_settings(make_settings, broker), RecordingLauncher())
+    app = start_app(app_settings(make_settings, broker), FakeLauncher(COMPLETES))
     try:
         assert not logging.getLogger("homeiq_trainer.app").isEnabledFor(logging.DEBUG)
         assert set_value(watcher, "log_level", "debug")["data"]["value"] == "DEBUG"
@@ -267,7 +233,7 @@ def test_log_level_changes_at_once(make_settings: SettingsFactory, broker: Broke
 
 def test_retained_setting_command_is_ignored(make_settings: SettingsFactory, broker: Broker, watcher: Watcher) -> None:
     watcher.publish(f"{SETTINGS}/epochs/set", "7", retain=True)
-    app = start_app(app_settings(make_settings, broker), RecordingLauncher())
+    app = start_app(app_settings(make_settings, broker), FakeLauncher(COMPLETES))
     try:
         watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=10)
         time.sleep(0.5)
@@ -280,7 +246,7 @@ def test_retained_setting_command_is_ignored(make_settings: SettingsFactory, bro
 def test_discovery_off_clears_it_and_reannounce_button(
     make_settings: SettingsFactory, broker: Broker, watcher: Watcher
 ) -> None:
-    app = start_app(app_settings(make_settings, broker, mqtt={"default_entity_ids": False}), RecordingLauncher())
+    app = start_app(app_settings(make_settings, broker, mqtt={"default_entity_ids": False}), FakeLauncher(COMPLETES))
     try:
         components = watcher.wait_for(DISCOVERY)["components"]
         assert components["epochs"]["entity_category"] == "config" and "default_entity_id" not in components["epochs"]
@@ -292,7 +258,7 @@ def test_discovery_off_clears_it_and_reannounce_button(
         assert len(watcher.messages(DISCOVERY)) > published
     finally:
         app.stop()
-    app = start_app(app_settings(make_settings, broker, mqtt={"discovery": False}), RecordingLauncher())
+    app = start_app(app_settings(make_settings, broker, mqtt={"discovery": False}), FakeLauncher(COMPLETES))
     try:
         watcher.wait_for(DISCOVERY, lambda v: v == "", timeout=10)
         late = Watcher(broker.port)
@@ -308,20 +274,20 @@ def test_problem_sensor_follows_failed_runs_and_the_source(
     make_settings: SettingsFactory, broker: Broker, watcher: Watcher, tmp_path: Any
 ) -> None:
     settings = app_settings(make_settings, broker)
-    launcher = RecordingLauncher(RunStatus.FAILED)
+    launcher = FakeLauncher(FAILS)
     app = start_app(settings, launcher)
     try:
         assert watcher.wait_for(PROBLEM)["problem"] is False
-        run_once(watcher)
+        run_once(app, watcher)
         problem = watcher.wait_for(PROBLEM, lambda p: p["problem"], timeout=10)
         assert problem["last_run_failed"] and problem["source_error"] is None
-        launcher.status = RunStatus.COMPLETED
-        run_once(watcher)
+        launcher.script = COMPLETES
+        run_once(app, watcher)
         watcher.wait_for(PROBLEM, lambda p: not p["problem"], timeout=10)
     finally:
         app.stop()
     missing = app_settings(make_settings, broker, data={"source_db": str(tmp_path / "gone.db")})
-    app = start_app(missing, RecordingLauncher())
+    app = start_app(missing, FakeLauncher(COMPLETES))
     try:
         problem = watcher.wait_for(PROBLEM, lambda p: p["source_error"] is not None, timeout=10)
         assert problem["problem"] and "not found" in problem["source_error"]
@@ -333,7 +299,7 @@ def test_garbage_on_every_setting_topic_is_answered_and_changes_nothing(
     make_settings: SettingsFactory, broker: Broker, watcher: Watcher
 ) -> None:
     settings = app_settings(make_settings, broker)
-    app = start_app(settings, RecordingLauncher())
+    app = start_app(settings, FakeLauncher(COMPLETES))
     try:
         before = watcher.wait_for(SETTINGS)
         payloads = [b"", b"\xff\xfe\x00", b"{}", b"[1]", b"null", b"1e309", b"-Infinity", b"\x00", b"x" * 5000]
