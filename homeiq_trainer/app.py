@@ -23,8 +23,8 @@ import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from homeiq_trainer.discovery import IDLE, build_discovery
-from homeiq_trainer.history import HistoryStore, TrainingRun, run_to_dict
-from homeiq_trainer.jobs import InstanceLock, JobRequest, recover
+from homeiq_trainer.history import TrainingRun, run_to_dict
+from homeiq_trainer.jobs import InstanceLock, JobRequest, open_history, recover
 from homeiq_trainer.messages import (
     PLAIN_COMMANDS,
     Command,
@@ -44,7 +44,7 @@ from homeiq_trainer.runner import Busy, Launcher, NotRunning, Runner, ShuttingDo
 from homeiq_trainer.settings import Settings, describe_validation_error
 from homeiq_trainer.topics import Topics
 from homeiq_trainer.training import artifacts
-from homeiq_trainer.training.data import DataError, count_new_examples
+from homeiq_trainer.training.data import DataError, SourceOptions, count_new_examples
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class TrainerApp:
         self.topics = Topics.from_settings(settings)
         self.instance_lock = InstanceLock(settings)
         self.instance_lock.acquire()
-        self.store = HistoryStore(settings.storage.history_db)
+        self.store = open_history(settings)
         interrupted = recover(self.store, settings)
         self.runner = Runner(settings, self.store, listener=self, launcher=launcher)
         self._lock = threading.RLock()
@@ -412,12 +412,18 @@ class TrainerApp:
             newest = report.get("newest_created_at")
             since = datetime.fromisoformat(newest) if isinstance(newest, str) else last.started_at
         try:
+            data = self.settings.data
             found = count_new_examples(
-                self.settings.data.source_db,
+                data.source_url(),
                 since,
                 limit=required,
                 # This runs on the MQTT network thread: never wait long enough to miss a keepalive.
-                busy_timeout_s=min(self.settings.data.busy_timeout_s, NEW_DATA_CHECK_TIMEOUT_S),
+                options=SourceOptions(
+                    busy_timeout_s=min(data.busy_timeout_s, NEW_DATA_CHECK_TIMEOUT_S),
+                    connect_timeout_s=min(data.connect_timeout_s, NEW_DATA_CHECK_TIMEOUT_S),
+                    schema=data.source_schema or None,
+                    exclude_sources=frozenset(data.exclude_sources),
+                ),
             )
         except DataError as exc:
             raise CommandError("data_unavailable", str(exc)) from None

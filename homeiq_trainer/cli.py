@@ -120,8 +120,15 @@ class ConsoleObserver:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training run in the foreground."""
-    from homeiq_trainer.history import HistoryStore
-    from homeiq_trainer.jobs import InstanceLock, JobRequest, crash_result, open_run, record_result, recover
+    from homeiq_trainer.jobs import (
+        InstanceLock,
+        JobRequest,
+        crash_result,
+        open_history,
+        open_run,
+        record_result,
+        recover,
+    )
     from homeiq_trainer.training.run import execute_run
 
     overrides = _section_overrides(
@@ -157,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     lock = InstanceLock(settings)
     lock.acquire()
     try:
-        store = HistoryStore(settings.storage.history_db)
+        store = open_history(settings)
         recover(store, settings)
         run = open_run(store, settings, JobRequest(params=params, triggered_by=args.triggered_by))
         store.mark_running(run.id)  # type: ignore[arg-type]
@@ -200,13 +207,16 @@ def _fmt(value: float | None) -> str:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """List the history, newest first."""
+    from homeiq_trainer.database import masked, sqlite_path
     from homeiq_trainer.history import HistoryStore, run_to_dict
 
     settings = _settings(args)
-    if not settings.storage.history_db.exists():
+    history = settings.storage.history_url()
+    path = sqlite_path(history)
+    if path is not None and not path.exists():
         rows: list[dict[str, Any]] = []
     else:
-        store = HistoryStore(settings.storage.history_db)
+        store = HistoryStore(history)
         rows = [run_to_dict(run) for run in store.recent(args.limit)]
         store.close()
     if args.json:
@@ -218,7 +228,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"training runs ({settings.storage.history_db})")
+    table = Table(title=f"training runs ({masked(history)})")
     for column in ("id", "run", "status", "samples", "loss", "started", "finished"):
         table.add_column(column, no_wrap=True)
     table.add_column("note", overflow="fold")

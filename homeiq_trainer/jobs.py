@@ -8,7 +8,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from homeiq_trainer.database import sqlite_path
 from homeiq_trainer.history import HistoryStore, TrainingRun
+from homeiq_trainer.homeiq_runs import HomeIQRuns
 from homeiq_trainer.messages import RunResult, RunStatus, TrainParams
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
@@ -36,7 +38,8 @@ class InstanceLock:
     """
 
     def __init__(self, settings: Settings) -> None:
-        history = settings.storage.history_db
+        # Beside the history file; a history on a server has none, so beside the output dir.
+        history = sqlite_path(settings.storage.history_url()) or settings.storage.output_dir
         self.path = history.with_name(history.name + ".lock")
         self._fd: int | None = None
 
@@ -59,6 +62,12 @@ class InstanceLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def open_history(settings: Settings) -> HistoryStore:
+    """The history store of these settings, recording into HomeIQ's `training_runs` too when asked."""
+    homeiq_url = settings.homeiq_runs_url()
+    return HistoryStore(settings.storage.history_url(), HomeIQRuns(homeiq_url) if homeiq_url else None)
 
 
 def recover(store: HistoryStore, settings: Settings) -> list[TrainingRun]:

@@ -16,6 +16,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import URL
+
+from homeiq_trainer.database import database_url, is_postgres, same_database
 
 CONFIG_ENV = "HOMEIQ_CONFIG"
 DEFAULT_BASE_MODEL = "google/flan-t5-small"
@@ -28,8 +31,18 @@ class _Section(BaseModel):
 class DataSettings(_Section):
     """Where the training examples come from."""
 
+    source: SecretStr = SecretStr("")
+    """HomeIQ's database as a SQLAlchemy URL or SQLite path; wins over `source_db` when set. Opened read-only."""
     source_db: Path = Path("data/ai_automation.db")
     """HomeIQ's SQLite database holding `ask_ai_queries`; opened read-only."""
+    source_password: SecretStr = SecretStr("")
+    """Password for a `source` URL that carries none (the add-on's password field)."""
+    source_schema: str = Field("", pattern=r"^([A-Za-z_][A-Za-z0-9_]{0,62})?$")
+    """PostgreSQL schema of `ask_ai_queries`; empty: `automation`, then `public`."""
+    exclude_sources: tuple[str, ...] = ("keyword_match",)
+    """Suggestion sources never used as targets (`keyword_match` is HomeIQ's canned template text)."""
+    connect_timeout_s: float = Field(10.0, gt=0, le=600)
+    """How long to wait for a PostgreSQL server to answer, in seconds."""
     max_samples: int = Field(2000, ge=1, le=1_000_000)
     """Most usable examples per run (filled after skipping bad rows)."""
     eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
@@ -37,18 +50,48 @@ class DataSettings(_Section):
     min_eval_examples: int = Field(20, ge=1, le=100_000)
     """Below this many examples no evaluation split is made."""
     busy_timeout_s: float = Field(10.0, gt=0, le=600)
-    """How long to wait for HomeIQ's writers before giving up with a clear error, in seconds."""
+    """How long to wait for HomeIQ's writers (PostgreSQL: for each statement) before a clear error, in seconds."""
+
+    @field_validator("source")
+    @classmethod
+    def _source_url(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            database_url(value.get_secret_value())  # fails early on a URL we cannot read
+        return value
+
+    def source_url(self) -> URL:
+        """The source as a SQLAlchemy URL (password included: show it only through `database.masked`)."""
+        if not self.source.get_secret_value():
+            return database_url(self.source_db)
+        return database_url(self.source.get_secret_value(), self.source_password.get_secret_value() or None)
 
 
 class StorageSettings(_Section):
     """Where homeiq-trainer keeps what it writes."""
 
+    history: SecretStr = SecretStr("")
+    """homeiq-trainer's own history as a SQLAlchemy URL or SQLite path; wins over `history_db`."""
     history_db: Path = Path("data/homeiq_trainer.db")
     """homeiq-trainer's own SQLite database with the `training_runs` table."""
+    homeiq_runs: bool = False
+    """Also record each finished run in HomeIQ's own `automation.training_runs` (its admin page)."""
+    homeiq_runs_url: SecretStr = SecretStr("")
+    """PostgreSQL URL for `homeiq_runs` (a role with INSERT there); empty: the source's database."""
     output_dir: Path = Path("data/ask_ai_soft_prompt")
     """Run directories and the `latest` symlink go here."""
     keep_runs: int = Field(5, ge=1, le=1000)
     """Newest run directories kept; the one `latest` points to is never deleted."""
+
+    @field_validator("history", "homeiq_runs_url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            database_url(value.get_secret_value())
+        return value
+
+    def history_url(self) -> URL:
+        """The history as a SQLAlchemy URL."""
+        return database_url(self.history.get_secret_value() or self.history_db)
 
 
 class LoraSettings(_Section):
@@ -207,9 +250,24 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _never_write_homeiqs_database(self) -> Settings:
-        if self.storage.history_db.resolve() == self.data.source_db.resolve():
-            raise ValueError("storage.history_db must not be HomeIQ's database (data.source_db): it is never written")
+        if same_database(self.storage.history_url(), self.data.source_url()):
+            raise ValueError(
+                "storage.history must not be HomeIQ's database (data.source): HomeIQ's database is never written"
+            )
+        target = self.homeiq_runs_url()
+        if self.storage.homeiq_runs and (target is None or not is_postgres(target)):
+            raise ValueError("storage.homeiq_runs needs a PostgreSQL data.source or storage.homeiq_runs_url")
         return self
+
+    def homeiq_runs_url(self) -> URL | None:
+        """Where HomeIQ's own `training_runs` is written, when `storage.homeiq_runs` is on."""
+        if not self.storage.homeiq_runs:
+            return None
+        password = self.data.source_password.get_secret_value() or None
+        if self.storage.homeiq_runs_url.get_secret_value():
+            return database_url(self.storage.homeiq_runs_url.get_secret_value(), password)
+        source = self.data.source_url()
+        return source if is_postgres(source) else None
 
     def allowed_base_models(self) -> tuple[str, ...]:
         """Base models a command may ask for."""

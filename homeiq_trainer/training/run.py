@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from homeiq_trainer import __version__
+from homeiq_trainer.database import masked
 from homeiq_trainer.messages import Phase, RunResult, RunStatus, TrainParams, utcnow
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.artifacts import ArtifactError
-from homeiq_trainer.training.data import DataError, load_examples
+from homeiq_trainer.training.data import DataError, SourceOptions, load_examples
 from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver
 
 _LOGGER = logging.getLogger(__name__)
@@ -110,11 +111,12 @@ def execute_run(
                 "lora_target_modules": sorted(config.get("target_modules") or []),
             }
 
-        observer.phase(Phase.LOADING_DATA, f"reading {settings.data.source_db}")
+        source = settings.data.source_url()
+        observer.phase(Phase.LOADING_DATA, f"reading {masked(source)}")
         examples, report = load_examples(
-            settings.data.source_db,
+            source,
             params.max_samples or settings.data.max_samples,
-            settings.data.busy_timeout_s,
+            options=SourceOptions.from_settings(settings.data),
         )
         result.data = report
         if stop.is_set():
