@@ -40,6 +40,7 @@ training_runs = Table(
     Column("metadata_path", String),
     Column("triggered_by", String),
     Column("iteration_history_json", JSON),
+    implicit_returning=False,  # RETURNING id would need SELECT; the role has INSERT only
 )
 TABLE_NAME = f"{HOMEIQ_SCHEMA}.training_runs"
 

@@ -77,6 +77,8 @@ HOMEIQ_RUNS_QUERY = (
 )
 # A content checksum of the whole table, independent of physical order.
 CHECKSUM_QUERY = "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {table} AS t"
+EMPTY_DIGEST = "d41d8cd98f00b204e9800998ecf8427e"
+"""md5 of no rows at all."""
 BASE_TIME = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SQL_NULL = object()
 """A suggestions value stored as SQL NULL (any other None is JSON `null`)."""
