@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from homeiq_trainer.database import database_url
+from homeiq_trainer.database import database_url, server
 from homeiq_trainer.training import data
 from homeiq_trainer.training.data import (
     SKIP_DUPLICATE,
@@ -248,7 +248,7 @@ def test_server_gone_mid_read_is_one_line(current_db: str, monkeypatch: pytest.M
         load_examples(url, max_samples=100_000)
     message = str(caught.value)
     assert "server closed the connection" in message
-    assert f"automation.ask_ai_queries from database {current_db} on 127.0.0.1:5432" in message
+    assert f"automation.ask_ai_queries from database {current_db} on {server(url)}" in message
     assert PASSWORD not in message and "\n" not in message
 
 
@@ -257,7 +257,7 @@ def test_server_gone_mid_read_is_one_line(current_db: str, monkeypatch: pytest.M
     [
         (lambda db: f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/{db}", "connection refused"),
         (lambda db: f"postgresql://postgres:{PASSWORD}@no-such-host.invalid:5432/{db}", "unknown host"),
-        (lambda db: f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{db}_missing", "database does not exist"),
+        (lambda db: postgres.sqlalchemy_url(f"{db}_missing", PASSWORD), "database does not exist"),
     ],
     ids=["refused", "unknown-host", "missing-database"],
 )
@@ -318,7 +318,7 @@ def test_no_select_permission_is_named(current_db: str) -> None:
             load_examples(url, 10)
         message = str(caught.value)
         assert "no SELECT permission on automation.ask_ai_queries" in message
-        assert f"database {current_db} on 127.0.0.1:5432" in message and PASSWORD not in message
+        assert f"database {current_db} on {server(url)}" in message and PASSWORD not in message
     finally:
         with postgres.connect(current_db) as conn:
             conn.execute(f'DROP OWNED BY "{role}"')
