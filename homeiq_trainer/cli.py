@@ -133,6 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = _section_overrides(
         {
+            "source": ("data", "source"),
             "source_db": ("data", "source_db"),
             "output_dir": ("storage", "output_dir"),
             "history_db": ("storage", "history_db"),
@@ -303,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-dropout", type=float)
     train.add_argument("--base-model", help="hub id or local directory of a seq2seq model")
     train.add_argument("--resume-from", help="'latest' or a run identifier from the history")
-    train.add_argument("--source-db", type=Path, help="HomeIQ's database (read-only)")
+    train.add_argument(
+        "--source",
+        help="HomeIQ's database as a URL (postgresql://user@host:5432/homeiq) or SQLite path, read-only; "
+        "give a password in HOMEIQ_DATA__SOURCE_PASSWORD, not here (a command line is visible to all)",
+    )
+    train.add_argument("--source-db", type=Path, help="HomeIQ's SQLite database (read-only)")
     train.add_argument("--output-dir", type=Path)
     train.add_argument("--history-db", type=Path)
     train.add_argument("--triggered-by", default="cli", help="recorded in the history (default: cli)")
