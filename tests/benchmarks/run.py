@@ -44,6 +44,7 @@ from homeiq_trainer.training.data import Example, load_examples  # noqa: E402
 from homeiq_trainer.training.run import hyperparameters  # noqa: E402
 from tests.benchmarks import homeiq_reference  # noqa: E402
 from tests.benchmarks.fixtures import BENCH_EXAMPLES, FLAN_T5_SMALL, build_bench_db, build_bench_model  # noqa: E402
+from tests.benchmarks.postgres_data import bench_postgres_data  # noqa: E402
 from tests.conftest import Broker  # noqa: E402
 
 RESULTS_MD = Path(__file__).with_name("RESULTS.md")
@@ -692,6 +693,7 @@ def main() -> int:
             bench_stock_broker(work, source_db)
         if "data" in parts:
             bench_data(work)
+            bench_postgres_data(row, log)
     row(
         "8. Accelerator (bf16, 2,000 examples, 3 epochs)",
         "not measured: no accelerator lent to this session",
