@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import struct
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -176,3 +180,55 @@ def checksum(dbname: str, table: str = "automation.ask_ai_queries") -> tuple[int
         row = conn.execute(CHECKSUM_QUERY.format(table=table)).fetchone()
     assert row is not None
     return int(row[0]), str(row[1])
+
+
+class PasswordRejectingServer:
+    """Speaks just enough of PostgreSQL's protocol to ask for a password and reject it, as a server
+    with password authentication does (the tests' real server trusts 127.0.0.1 and never asks)."""
+
+    _SSL_OR_GSS = (80877103, 80877104)
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.passwords: list[str] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError, struct.error):
+                self._session(conn)
+
+    @staticmethod
+    def _read(conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise OSError("client went away")
+            data += chunk
+        return data
+
+    def _session(self, conn: socket.socket) -> None:
+        while True:  # SSL and GSS encryption requests are declined, then the startup message comes
+            length, code = struct.unpack("!ii", self._read(conn, 8))
+            self._read(conn, length - 8)
+            if code not in self._SSL_OR_GSS:
+                break
+            conn.sendall(b"N")
+        conn.sendall(b"R" + struct.pack("!ii", 8, 3))  # AuthenticationCleartextPassword
+        kind = self._read(conn, 1)
+        length = struct.unpack("!i", self._read(conn, 4))[0]
+        body = self._read(conn, length - 4)
+        if kind == b"p":
+            self.passwords.append(body.rstrip(b"\0").decode())
+        fields = b'SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user "homeiq"\0\0'
+        conn.sendall(b"E" + struct.pack("!i", len(fields) + 4) + fields)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -325,17 +325,31 @@ def test_no_select_permission_is_named(current_db: str) -> None:
             conn.execute(f'DROP ROLE "{role}"')
 
 
-def test_wrong_password_maps_to_one_line() -> None:
-    # The tests' server trusts 127.0.0.1 (pg_hba.conf), so it never asks for a password: the mapping
-    # is checked on the driver's own exception as libpq words it for a rejected password.
+def test_wrong_password_is_one_line_without_it() -> None:
+    # The tests' server trusts 127.0.0.1 (pg_hba.conf) and never asks for a password, so a stand-in
+    # server asks for one and rejects it: the real driver, connection and error path end to end.
+    server_ = postgres.PasswordRejectingServer()
+    try:
+        url = f"postgresql+asyncpg://homeiq@127.0.0.1:{server_.port}/homeiq"
+        with pytest.raises(DataError) as caught:
+            load_examples(database_url(url, PASSWORD), 10, options=SourceOptions(connect_timeout_s=5))
+    finally:
+        server_.close()
+    assert server_.passwords and server_.passwords[-1] == PASSWORD  # source_password reached the server
+    assert str(caught.value) == (
+        f"cannot read ask_ai_queries from database homeiq on 127.0.0.1:{server_.port}: password authentication failed"
+    )
+
+
+def test_wrong_password_maps_from_the_drivers_error() -> None:
     url = database_url(f"postgresql://homeiq:{PASSWORD}@postgres:5432/homeiq")
     driver = psycopg.OperationalError(
         'connection failed: connection to server at "172.18.0.2", port 5432 failed: '
         'FATAL:  password authentication failed for user "homeiq"'
     )
     error = source_error(OperationalError("connect", {}, driver), url, None, 10.0)
-    assert (
-        str(error) == "cannot read ask_ai_queries from database homeiq on postgres:5432: password authentication failed"
+    assert str(error) == (
+        "cannot read ask_ai_queries from database homeiq on postgres:5432: password authentication failed"
     )
 
 
