@@ -11,6 +11,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,9 @@ _LOGGER = logging.getLogger(__name__)
 # writers and migrations get in.
 FIRST_PAGE_ROWS = 512
 MAX_PAGE_ROWS = 32768
+# Counting keeps no rows, so small pages: a page is most of what a count holds (the daemon stays within
+# +20 MB over 200,000 rows); each page costs a pass over the table's keys, so smaller is slower.
+COUNT_PAGE_ROWS = 2048
 
 SKIP_INVALID_JSON = "invalid_json"
 SKIP_NOT_A_LIST = "not_a_list"
@@ -143,13 +147,16 @@ def _since_clause(src: SourceTable, since: datetime | None, postgres: bool) -> l
     return [func.julianday(src.created) > func.julianday(stamp)]
 
 
-def _pages(conn: Connection, src: SourceTable, since: datetime | None, wanted: int | None) -> Iterator[Sequence]:
+def _pages(
+    conn: Connection, src: SourceTable, since: datetime | None, wanted: int | None, max_page_rows: int | None = None
+) -> Iterator[Sequence]:
+    max_page_rows = max_page_rows or MAX_PAGE_ROWS
     where = list(src.filters) + _since_clause(src, since, is_postgres(conn.engine.url))
     order = (src.created.desc().nulls_last(), src.key.desc())
     cursor_key: tuple[object, object] | None = None
     # Every page costs a sort of the whole table's keys, so the first asks for what is wanted plus
     # room for a typical share of bad rows: the usual run is then one statement.
-    page_rows = FIRST_PAGE_ROWS if wanted is None else min(MAX_PAGE_ROWS, max(FIRST_PAGE_ROWS, wanted * 3 // 2))
+    page_rows = FIRST_PAGE_ROWS if wanted is None else min(max_page_rows, max(FIRST_PAGE_ROWS, wanted * 3 // 2))
     while True:
         clause = list(where)
         if cursor_key is not None and cursor_key[0] is None:
@@ -177,7 +184,7 @@ def _pages(conn: Connection, src: SourceTable, since: datetime | None, wanted: i
         if len(rows) < page_rows:
             return
         cursor_key = (rows[-1][3], rows[-1][0])
-        page_rows = min(page_rows * 4, MAX_PAGE_ROWS)
+        page_rows = min(page_rows * 4, max_page_rows)
 
 
 def _stamp(value: object) -> str | None:
@@ -213,18 +220,25 @@ def _collect(
     return examples, skipped, rows_read
 
 
-def _read(
-    url: URL, options: SourceOptions, max_samples: int | None, since: datetime | None
-) -> tuple[list[Example], DataReport]:
-    started = time.monotonic()
+@contextmanager
+def _open_table(url: URL, options: SourceOptions) -> Iterator[tuple[Connection, SourceTable]]:
+    """The read-only connection and HomeIQ's table on it; every database error as one `DataError` line."""
     table_name: str | None = None
     try:
         with connect_source(url, options.busy_timeout_s, options.connect_timeout_s) as conn:
             src = locate_table(conn, url, options.schema)
             table_name = src.name
-            examples, skipped, rows_read = _collect(conn, src, options, max_samples, since)
+            yield conn, src
     except SQLAlchemyError as exc:
         raise source_error(exc, url, table_name, options.busy_timeout_s, options.connect_timeout_s) from None
+
+
+def _read(
+    url: URL, options: SourceOptions, max_samples: int | None, since: datetime | None
+) -> tuple[list[Example], DataReport]:
+    started = time.monotonic()
+    with _open_table(url, options) as (conn, src):
+        examples, skipped, rows_read = _collect(conn, src, options, max_samples, since)
     report = DataReport(
         rows_read=rows_read,
         examples=len(examples),
@@ -270,20 +284,48 @@ def load_examples(
     return examples, report
 
 
+def _count(
+    conn: Connection,
+    src: SourceTable,
+    options: SourceOptions,
+    limit: int,
+    since: datetime | None,
+    deadline_s: float | None,
+) -> int:
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    seen: set[int] = set()  # digests only: a count over a large history costs little memory
+    for page in _pages(conn, src, since, limit, max_page_rows=COUNT_PAGE_ROWS):
+        for row in page:
+            if src.status is not None and row[4] != COMPLETE_STATUS:
+                continue
+            parsed = example_from_row(row[1], row[2], options.exclude_sources, decoded=src.decoded)
+            if not isinstance(parsed, str):
+                seen.add(hash(parsed))
+                if len(seen) >= limit:
+                    return len(seen)
+        if deadline is not None and time.monotonic() > deadline:
+            raise DataError(f"counting new examples took longer than {deadline_s:g} s; try again later")
+    return len(seen)
+
+
 def count_new_examples(
     source: str | Path | URL,
     since: datetime | None,
     limit: int,
     busy_timeout_s: float | None = None,
+    deadline_s: float | None = None,
     *,
     options: SourceOptions | None = None,
 ) -> int:
     """How many usable, distinct examples were created after `since` (counting stops at `limit`).
 
-    A naive `since` is UTC; the comparison is made in SQL between timestamps, zones included.
+    A naive `since` is UTC; the comparison is made in SQL between timestamps, zones included. Counts
+    in small pages without building examples; raises `DataError` past `deadline_s`.
     """
-    examples, _ = _read(database_url(source), _options(busy_timeout_s, options), limit, since=since)
-    return len(examples)
+    url = database_url(source)
+    options = _options(busy_timeout_s, options)
+    with _open_table(url, options) as (conn, src):
+        return _count(conn, src, options, limit, since, deadline_s)
 
 
 def _parse_timestamp(value: str | None) -> datetime | None:
