@@ -58,7 +58,7 @@ def train(settings: Settings) -> RunResult:
         row = open_run(store, settings, JobRequest(params=TrainParams(), triggered_by="home_assistant"))
         store.mark_running(row.id)  # type: ignore[arg-type]
         result = execute_run(settings, TrainParams(), row.run_identifier)
-        record_result(store, row, result)
+        record_result(store, settings, row, result)
     finally:
         store.close()
     return result

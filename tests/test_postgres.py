@@ -371,7 +371,7 @@ def test_training_run_on_postgres_keeps_password_out(current_db: str, make_setti
     store = open_history(settings)
     row = open_run(store, settings, JobRequest(params=TrainParams(), triggered_by="test"))
     result = execute_run(settings, TrainParams(), row.run_identifier)
-    row = record_result(store, row, result)
+    row = record_result(store, settings, row, result)
     store.close()
     assert result.status is RunStatus.COMPLETED, result.error
     assert result.data.skipped == EXPECTED_SKIPS
