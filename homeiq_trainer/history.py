@@ -74,6 +74,9 @@ def run_to_dict(run: TrainingRun) -> dict[str, Any]:
         "final_loss": run.final_loss,
         "eval_loss": run.eval_loss,
         "error": run.error_message,
+        # Where it trained: `local`, or `ray` with the cluster's address, workers, CPUs and GPUs.
+        "backend": (run.parameters_json or {}).get("backend", "local"),
+        "cluster": (run.parameters_json or {}).get("cluster"),
     }
 
 
@@ -155,6 +158,7 @@ class HistoryStore:
         base_model: str | None = None,
         data_report: dict[str, Any] | None = None,
         error: str | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> TrainingRun:
         """Close the run with its outcome; `error` keeps its last 5000 characters."""
         values: dict[str, Any] = {
@@ -172,6 +176,8 @@ class HistoryStore:
             values["output_dir"] = output_dir
         if base_model:
             values["base_model"] = base_model  # a resumed run trains on its parent's base model
+        if parameters is not None:
+            values["parameters_json"] = parameters
         return self._update(run_id, **values)
 
     def mark_interrupted(self) -> list[TrainingRun]:

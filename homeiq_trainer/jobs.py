@@ -108,4 +108,5 @@ def record_result(store: HistoryStore, run: TrainingRun, result: RunResult) -> T
         base_model=result.base_model,
         data_report=result.data.model_dump(mode="json") if result.data.rows_read else None,
         error=result.error,
+        parameters={**(run.parameters_json or {}), "cluster": result.cluster} if result.cluster else None,
     )

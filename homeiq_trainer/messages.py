@@ -129,6 +129,8 @@ class RunResult(_Wire):
     train_samples_per_second: float | None = None
     padding_efficiency: float | None = None
     device: str | None = None
+    cluster: dict[str, Any] | None = None
+    """Where a run trained when not here: the Ray cluster's address, workers, CPUs and GPUs."""
     error: str | None = None
 
     def reason(self) -> str:

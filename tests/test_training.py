@@ -18,6 +18,7 @@ from homeiq_trainer.training.engine import grouped_order, split_examples
 from homeiq_trainer.training.run import execute_run
 
 from .conftest import SettingsFactory
+from .losses import independent_token_loss
 
 
 class Recorder:
@@ -44,29 +45,6 @@ def run_job(settings, params: TrainParams | None = None, observer=None, stop=Non
     result = execute_run(settings, params or TrainParams(), row.run_identifier, observer, stop)
     row = record_result(store, row, result)
     return store, row, result
-
-
-def independent_token_loss(model_dir: Path, pairs: list[tuple[str, str]], adapter: Path | None = None) -> float:
-    """Mean per-token cross-entropy computed the plain way, one example at a time."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for source, target in pairs:
-            enc = tokenizer(source, return_tensors="pt", truncation=True, max_length=256)
-            labels = tokenizer(text_target=target, return_tensors="pt", truncation=True, max_length=256).input_ids
-            loss = model(**enc, labels=labels).loss  # HF's own mean over this example's tokens
-            total += float(loss) * labels.numel()
-            tokens += labels.numel()
-    return total / tokens
 
 
 def test_end_to_end_run_writes_everything_and_agrees(make_settings: SettingsFactory) -> None:
