@@ -185,7 +185,7 @@ def train_on_ray(
     observer: TrainingObserver | None = None,
     stop: threading.Event | None = None,
     resume_adapter: Path | None = None,
-) -> tuple[TrainOutcome, dict[str, Any]]:
+) -> tuple[TrainOutcome, dict[str, Any] | None]:
     """`train_adapter` on the Ray cluster in `cluster`, with the adapter written to `save_dir` here.
 
     Returns the outcome and what trained it (address, workers, the cluster's CPUs and GPUs). Every
@@ -200,6 +200,8 @@ def train_on_ray(
     ray = _import_ray()
     connect(ray, cluster)
     try:
+        if stopper.is_set():  # cancelled while connecting
+            return _nothing(cancelled=True), None
         resources = ray.cluster_resources()
         check_fits(cluster, resources)
         cpus = cluster.resources_per_worker.get("CPU", 1)
@@ -222,7 +224,10 @@ def train_on_ray(
             _figure(resources.get("GPU")),
             cluster.num_workers,
         )
-        trainer = _trainer(cluster, config, _scratch_on_cluster(ray))
+        try:
+            trainer = _trainer(cluster, config, _scratch_on_cluster(ray))
+        except ValueError as exc:  # Ray Train's own checks of the scaling settings
+            raise ClusterError(f"Ray Train refused the job: {_last_line(exc)}") from None
         where = {
             "address": cluster.address,
             "workers": cluster.num_workers,
