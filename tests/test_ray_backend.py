@@ -359,3 +359,23 @@ def test_a_killed_worker_is_retried_up_to_max_failures(
         app.stop()
     assert state["state"] == "completed", state
     assert os.readlink(app.settings.storage.output_dir / "latest") == run_id
+
+
+@pytest.mark.slow
+def test_resume_ships_the_adapter_to_the_workers(
+    ray_head: RayHead, make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+) -> None:
+    app = running_app(ray_settings(make_settings, broker, ray_head))
+    runs = []
+    try:
+        for params in ({"lora_r": 8}, {"resume_from": "latest"}):
+            run_id = watcher.request(CMD, RESP, {"action": "start", "params": params})["data"]["run_id"]
+            state = watcher.wait_for(STATE, lambda s, r=run_id: s.get("run_id") == r and finished(s), RUN_TIMEOUT_S)
+            assert state["state"] == "completed", state
+            runs.append(json.loads((app.settings.storage.output_dir / run_id / "training_run.json").read_text()))
+    finally:
+        app.stop()
+    first, resumed = runs
+    assert resumed["hyperparameters"]["resume_from"] == "latest" and resumed["hyperparameters"]["lora_r"] == 8
+    # The workers started from the trained adapter, not from a fresh one.
+    assert resumed["loss_history"][0]["loss"] < first["loss_history"][0]["loss"]

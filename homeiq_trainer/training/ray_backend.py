@@ -217,27 +217,31 @@ def train_on_ray(
             "label": label,
             "resume_files": _pack(resume_adapter) if resume_adapter is not None else None,
         }
-        _LOGGER.info(
-            "Training on the Ray cluster at %s (%s CPUs, %s GPUs): %d workers",
-            cluster.address,
-            _figure(resources.get("CPU")),
-            _figure(resources.get("GPU")),
-            cluster.num_workers,
-        )
         try:
             trainer = _trainer(cluster, config, _scratch_on_cluster(ray))
         except ValueError as exc:  # Ray Train's own checks of the scaling settings
             raise ClusterError(f"Ray Train refused the job: {_last_line(exc)}") from None
-        where = {
-            "address": cluster.address,
-            "workers": cluster.num_workers,
-            "use_gpu": cluster.use_gpu,
-            "cpus": resources.get("CPU", 0.0),
-            "gpus": resources.get("GPU", 0.0),
-        }
-        return _fit(ray, trainer, channel, watcher, stopper, cluster, save_dir), where
+        return _fit(ray, trainer, channel, watcher, stopper, cluster, save_dir), _where(cluster, resources)
     finally:
         ray.shutdown()
+
+
+def _where(cluster: RaySettings, resources: dict[str, float]) -> dict[str, Any]:
+    """What trained a run, for the history and Home Assistant."""
+    _LOGGER.info(
+        "Trained on the Ray cluster at %s (%s CPUs, %s GPUs): %d workers",
+        cluster.address,
+        _figure(resources.get("CPU")),
+        _figure(resources.get("GPU")),
+        cluster.num_workers,
+    )
+    return {
+        "address": cluster.address,
+        "workers": cluster.num_workers,
+        "use_gpu": cluster.use_gpu,
+        "cpus": resources.get("CPU", 0.0),
+        "gpus": resources.get("GPU", 0.0),
+    }
 
 
 def _fit(
