@@ -11,13 +11,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from homeiq_trainer import __version__
-from homeiq_trainer.messages import RunStatus
+from homeiq_trainer.messages import State
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.topics import AVAILABLE, NOT_AVAILABLE, Topics
 
 SUPPORT_URL = "https://github.com/homeiq/homeiq-trainer"
-IDLE = "idle"
-STATE_OPTIONS = [IDLE, *(status.value for status in RunStatus)]
+STATE_OPTIONS = [state.value for state in State]
 # Home Assistant refuses states longer than 255 characters.
 MAX_STATE_CHARS = 250
 

@@ -83,11 +83,18 @@ def test_train_refuses_while_the_daemon_owns_the_history(make_settings: Settings
     from homeiq_trainer.app import TrainerApp
 
     settings = make_settings()
-    daemon = TrainerApp(settings)  # holds the instance lock for its lifetime
+    daemon = TrainerApp(settings)
+    daemon.start(connect=False)  # holds the instance lock until stopped
     try:
         refused = cli("train", env=env_of(settings))
         assert refused.returncode == 2 and "another homeiq-trainer" in refused.stderr
         assert daemon.store.recent(5) == []  # nothing opened, nothing marked interrupted
     finally:
-        daemon.close()
+        daemon.stop()
     assert cli("train", "--max-samples", "30", env=env_of(settings)).returncode == 0
+
+
+def test_serve_refuses_tls_options_without_tls(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    done = cli("serve", env=env_of(settings) | {"HOMEIQ_MQTT__CA_CERTS": "/etc/ssl/ca.pem"}, timeout=60)
+    assert done.returncode == 2 and "ca_certs set but tls is false" in done.stderr
