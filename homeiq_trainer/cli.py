@@ -121,8 +121,10 @@ class ConsoleObserver:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training run in the foreground."""
+    from homeiq_trainer.control import SettingsPanel
     from homeiq_trainer.history import HistoryStore
     from homeiq_trainer.jobs import InstanceLock, JobRequest, crash_result, open_run, record_result, recover
+    from homeiq_trainer.overrides import OverridesStore, pinned_settings
     from homeiq_trainer.training.run import execute_run
 
     overrides = _section_overrides(
@@ -153,6 +155,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     lock.acquire()
     try:
         store = HistoryStore(settings.storage.history_db)
+        # Values set from Home Assistant apply here too; this command's own options win, as a command's params do.
+        panel = SettingsPanel(settings, OverridesStore(store.engine), pinned_settings(os.environ, overrides))
+        settings = panel.effective
         recover(store, settings)
         run = open_run(store, settings, JobRequest(params=params, triggered_by=args.triggered_by))
         store.mark_running(run.id)  # type: ignore[arg-type]

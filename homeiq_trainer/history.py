@@ -102,6 +102,11 @@ class HistoryStore:
         SQLModel.metadata.create_all(self._engine)
         self._lock = threading.Lock()
 
+    @property
+    def engine(self) -> Engine:
+        """The history database, for our other tables beside `training_runs`."""
+        return self._engine
+
     def close(self) -> None:
         """Release the connection pool."""
         self._engine.dispose()

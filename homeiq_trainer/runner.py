@@ -239,6 +239,8 @@ class ActiveJob:
 
     run: TrainingRun
     request: JobRequest
+    settings: Settings
+    """The settings this run trains with (the configured ones with Home Assistant's values applied)."""
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     process: TrainingProcess | None = None
     phase: Phase | None = None
@@ -268,15 +270,16 @@ class Runner:
         """The queued or running job, if any."""
         return self._active
 
-    def submit(self, request: JobRequest) -> TrainingRun:
-        """Queue a run and start it; raises `Busy` when one is active, `ShuttingDown` when stopping."""
+    def submit(self, request: JobRequest, settings: Settings | None = None) -> TrainingRun:
+        """Queue a run (with `settings`, else the runner's) and start it; raises `Busy` or `ShuttingDown`."""
+        settings = settings or self.settings
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the daemon is shutting down")
             if self._active is not None:
                 raise Busy(self._active.run)
-            run = open_run(self.store, self.settings, request)
-            job = ActiveJob(run=run, request=request)
+            run = open_run(self.store, settings, request)
+            job = ActiveJob(run=run, request=request, settings=settings)
             self._active = job
             self._thread = threading.Thread(target=self._work, args=(job,), name=f"run-{run.run_identifier}")
         self.listener.run_state(run, None, "queued")
@@ -313,7 +316,7 @@ class Runner:
         result: RunResult | None = None
         try:
             # The row stays `queued` until a training process exists to run it.
-            process = None if job.cancel_requested.is_set() else self.launcher.start(self.settings, job.request, run)
+            process = None if job.cancel_requested.is_set() else self.launcher.start(job.settings, job.request, run)
             with self._lock:
                 job.process = process
             if process is not None and job.cancel_requested.is_set():

@@ -179,7 +179,9 @@ class MqttSettings(_Section):
     discovery_prefix: str = "homeassistant"
     """Home Assistant's MQTT discovery prefix."""
     discovery: bool = True
-    """Announce entities to Home Assistant."""
+    """Announce entities to Home Assistant; off clears the retained discovery message."""
+    default_entity_ids: bool = True
+    """Suggest entity ids (`default_entity_id`, `object_id`); off lets Home Assistant's own entity-id format apply."""
     ha_status_topic: str = "homeassistant/status"
     """Home Assistant's birth/will topic; `online` there makes us re-announce."""
     keepalive_s: int = Field(30, ge=5, le=3600)
@@ -221,6 +223,8 @@ class DaemonSettings(_Section):
     """How many runs the retained `runs` topic lists."""
     announce_delay_max_s: float = Field(3.0, ge=0, le=60)
     """Upper bound of the random delay before re-announcing after Home Assistant's birth, in seconds."""
+    min_new_samples: int = Field(0, ge=0, le=1_000_000)
+    """New usable examples a `start` not sent by the Start button needs when it names none; 0: no threshold."""
     command_queue_size: int = Field(1000, ge=1, le=100_000)
     """Commands waiting for the command thread; beyond this they are answered `overloaded`."""
     commands_per_s: float = Field(50.0, gt=0, le=100_000)
