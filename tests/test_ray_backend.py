@@ -327,10 +327,12 @@ def test_wrong_token_and_a_cluster_too_small_fail_in_one_line(
 def test_losses_are_exact_per_token_over_two_workers(
     ray_head: RayHead, make_settings: SettingsFactory, broker: Broker, watcher: Watcher
 ) -> None:
-    # A vanishing learning rate and no dropout freeze the model, so the epoch's loss must be the
-    # plain per-token loss over the whole training split: 54 examples in 18 batches of 3, 9 a worker.
-    params: dict[str, Any] = {"learning_rate": 1e-12, "lora_dropout": 0.0, "batch_size": 3, "max_samples": 60}
-    app = running_app(ray_settings(make_settings, broker, ray_head))
+    # One optimizer step at the very end of the epoch (9 batches of 3 per worker, accumulated 9) and
+    # no dropout: every loss of the epoch is the untouched model's, so the epoch's loss must be the
+    # plain per-token loss over the whole training split (54 examples).
+    params: dict[str, Any] = {"lora_dropout": 0.0, "max_samples": 60}
+    training = {"batch_size": 3, "gradient_accumulation_steps": 9}
+    app = running_app(ray_settings(make_settings, broker, ray_head, training=training))
     try:
         run_id = watcher.request(CMD, RESP, {"action": "start", "params": params})["data"]["run_id"]
         state = watcher.wait_for(STATE, finished, timeout=RUN_TIMEOUT_S)
