@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from homeiq_trainer.commands import CommandQueue, Intake, TokenBucket, TopicHandler
+from homeiq_trainer.control import SettingsPanel
 from homeiq_trainer.discovery import build_discovery
 from homeiq_trainer.dispatcher import Dispatcher
 from homeiq_trainer.history import HistoryStore
@@ -41,6 +42,7 @@ from homeiq_trainer.publisher import Publisher
 from homeiq_trainer.reporter import RunReporter
 from homeiq_trainer.runner import Launcher, Runner
 from homeiq_trainer.settings import Settings
+from homeiq_trainer.settings_entities import SettingsEntities
 from homeiq_trainer.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
@@ -59,13 +61,18 @@ class _Parts:
     reporter: RunReporter
     dispatcher: Dispatcher
     commands: CommandQueue
+    entities: SettingsEntities
 
 
 class TrainerApp:
     """Builds the daemon's parts in `start()` and takes them down in `stop()`."""
 
-    def __init__(self, settings: Settings, launcher: Launcher | None = None) -> None:
+    def __init__(
+        self, settings: Settings, launcher: Launcher | None = None, command_line: dict[str, Any] | None = None
+    ) -> None:
         self.settings = settings
+        self.command_line = command_line
+        """Settings the command line gave: pinned, so Home Assistant cannot change them."""
         self.topics = Topics.from_settings(settings)
         self.launcher = launcher
         self.memory = RequestMemory()
@@ -94,6 +101,8 @@ class TrainerApp:
             interrupted = recover(store, self.settings)
             parts = self._build(store)
             parts.reporter.publish_initial(interrupted)
+            parts.entities.start()
+            stack.callback(parts.entities.stop)
             parts.commands.start()
             stack.callback(parts.commands.stop)
             if connect:
@@ -115,9 +124,14 @@ class TrainerApp:
             on_birth=lambda: publisher.schedule_announce(),
             birth_topic=topics.ha_status,
         )
-        for subscription, handler in self._routes.items():
+        routes: dict[str, TopicHandler] = {
+            topics.setting_commands: lambda topic, payload: entities.on_setting(topic, payload),
+            topics.reannounce: lambda topic, payload: entities.on_reannounce(topic, payload),
+            **self._routes,  # a route given to `route()` wins
+        }
+        for subscription, handler in routes.items():
             intake.route(subscription, handler)
-        subscriptions = {topics.command: 1, topics.ha_status: 1} | dict.fromkeys(self._routes, 1)
+        subscriptions = {topics.command: 1, topics.ha_status: 1} | dict.fromkeys(routes, 1)
         link = MqttLink(
             settings.mqtt,
             availability_topic=topics.availability,
@@ -132,13 +146,24 @@ class TrainerApp:
             announce_delay_max_s=settings.daemon.announce_delay_max_s,
         )
         reporter = RunReporter(settings, topics, publisher, store)
-        runner = Runner(settings, store, listener=reporter, launcher=self.launcher)
-        dispatcher = Dispatcher(settings, runner, reporter, store, self.memory, publisher.respond, commands.post)
-        return _Parts(store, runner, link, publisher, reporter, dispatcher, commands)
+        entities = SettingsEntities(settings, topics, store, publisher, self.command_line)
+        runner = Runner(settings, store, listener=entities.listening_to(reporter), launcher=self.launcher)
+        dispatcher = Dispatcher(
+            settings,
+            runner,
+            reporter,
+            store,
+            self.memory,
+            publisher.respond,
+            commands.post,
+            run_settings=entities.run_settings,
+        )
+        return _Parts(store, runner, link, publisher, reporter, dispatcher, commands, entities)
 
-    def _discovery(self) -> tuple[str, dict[str, Any]] | None:
+    def _discovery(self) -> tuple[str, dict[str, Any] | None]:
         if not self.settings.mqtt.discovery:
-            return None
+            # Cleared: an earlier announcement stays retained otherwise, and Home Assistant keeps the device.
+            return self.topics.discovery, None
         return self.topics.discovery, build_discovery(self.settings, self.topics).payload()
 
     def stop(self) -> None:
@@ -173,6 +198,11 @@ class TrainerApp:
     @property
     def publisher(self) -> Publisher:
         return self._started().publisher
+
+    @property
+    def panel(self) -> SettingsPanel:
+        """The settings Home Assistant shows and changes."""
+        return self._started().entities.panel
 
     def handle_command(self, payload: bytes) -> str:
         """The answer to one raw command, on the caller's thread (tests and tools; the daemon queues them)."""

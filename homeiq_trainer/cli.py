@@ -121,6 +121,7 @@ class ConsoleObserver:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training run in the foreground."""
+    from homeiq_trainer.control import SettingsPanel
     from homeiq_trainer.jobs import (
         InstanceLock,
         JobRequest,
@@ -130,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         record_result,
         recover,
     )
+    from homeiq_trainer.overrides import OverridesStore, pinned_settings
     from homeiq_trainer.training.run import execute_run
 
     overrides = _section_overrides(
@@ -161,6 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     lock.acquire()
     try:
         store = open_history(settings)
+        # Values set from Home Assistant apply here too; this command's own options win, as a command's params do.
+        panel = SettingsPanel(settings, OverridesStore(store.engine), pinned_settings(os.environ, overrides))
+        settings = panel.effective
         recover(store, settings)
         run = open_run(store, settings, JobRequest(params=params, triggered_by=args.triggered_by))
         store.mark_running(run.id)  # type: ignore[arg-type]

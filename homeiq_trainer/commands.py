@@ -31,6 +31,8 @@ STOP_JOIN_TIMEOUT_S = 10.0
 
 Task = Callable[[], None]
 TopicHandler = Callable[[str, bytes], None]
+BUTTON = "button"
+"""`triggered_by` of a plain-word command: what Home Assistant's buttons send."""
 
 
 class CommandError(Exception):
@@ -51,7 +53,7 @@ def parse_json_object(payload: bytes, max_bytes: int) -> dict[str, Any] | Comman
     except UnicodeDecodeError:
         raise CommandError("invalid_payload", "command is not valid UTF-8") from None
     if text.lower() in PLAIN_COMMANDS:
-        return Command.model_validate({"action": text.lower(), "triggered_by": "button"})
+        return Command.model_validate({"action": text.lower(), "triggered_by": BUTTON})
     if not text.startswith("{"):
         raise CommandError("invalid_payload", f"expected one of {', '.join(PLAIN_COMMANDS)} or a JSON object")
     try:

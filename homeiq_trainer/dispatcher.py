@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from homeiq_trainer.commands import (
+    BUTTON,
     CommandError,
     parse_json_object,
     refusal,
@@ -41,6 +42,7 @@ REMEMBERED_ERRORS = frozenset({"invalid_command", "base_model_not_allowed"})
 INTERNAL_ERROR_MAX_CHARS = 200
 # A new-data count runs off the command thread, but a start should not wait for it forever.
 NEW_DATA_CHECK_DEADLINE_S = 120.0
+THRESHOLD_SETTING = "daemon.min_new_samples"
 
 Reply = Callable[[str], None]
 Data = dict[str, Any]
@@ -76,8 +78,11 @@ class Dispatcher:
         memory: RequestMemory,
         respond: Reply,
         post: Callable[[Callable[[], None]], None],
+        run_settings: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        # The configured settings with Home Assistant's values applied: what a run started now uses.
+        self.run_settings = run_settings or (lambda: settings)
         self.runner = runner
         self.reporter = reporter
         self.store = store
@@ -194,16 +199,21 @@ class Dispatcher:
         self._refuse_if_busy()
         params = command.params or StartParams()
         self._check_base_model(params)
-        if params.min_new_samples is None:
+        settings = self.run_settings()
+        wanted, from_settings = params.min_new_samples, False
+        if wanted is None and command.triggered_by != BUTTON:
+            # Automation-started (anything but the Start button): the threshold set in Home Assistant.
+            wanted, from_settings = settings.daemon.min_new_samples or None, True
+        if wanted is None:
             return self._submit(command, {})
         # More new examples than one run may use can never be required: clamp, and say so.
-        limit = self.settings.data.max_samples
-        required = min(params.min_new_samples, limit)
+        limit = settings.data.max_samples
+        required = min(wanted, limit)
         note: Data = {"required": required}
-        if required < params.min_new_samples:
-            note["notice"] = (
-                f"min_new_samples {params.min_new_samples} is above data.max_samples ({limit}); {required} required"
-            )
+        if from_settings:
+            note["required_by"] = THRESHOLD_SETTING
+        if required < wanted:
+            note["notice"] = f"min_new_samples {wanted} is above data.max_samples ({limit}); {required} required"
         self._checking = True
         return Later(
             work=lambda: count_new_since_last_completed(self.settings, self.store, required),
@@ -213,6 +223,8 @@ class Dispatcher:
     def _after_count(self, command: Command, note: Data, found: int) -> Data:
         if found < note["required"]:
             message = f"{found} new usable examples since the last completed run; {note['required']} required"
+            if "required_by" in note:
+                message += f" ({THRESHOLD_SETTING}, for starts not from the Start button)"
             raise CommandError("not_enough_new_data", message, {"new_samples": found, **note})
         return self._submit(command, {"new_samples": found, **note})
 
@@ -251,7 +263,7 @@ class Dispatcher:
             params=params.train_params(), triggered_by=command.triggered_by, request_id=command.request_id
         )
         try:
-            run = self.runner.submit(request)
+            run = self.runner.submit(request, self.run_settings())
         except Busy as exc:
             raise CommandError("busy", str(exc), {"run_id": exc.run.run_identifier}) from None
         except ShuttingDown as exc:

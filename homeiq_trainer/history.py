@@ -76,6 +76,8 @@ def run_record(run: TrainingRun) -> RunRecord:
         final_loss=run.final_loss,
         eval_loss=run.eval_loss,
         error=run.error_message,
+        backend=(run.parameters_json or {}).get("backend", "local"),
+        cluster=(run.parameters_json or {}).get("cluster"),
     )
 
 
@@ -113,6 +115,11 @@ class HistoryStore:
         SQLModel.metadata.create_all(self._engine)
         self._lock = threading.Lock()
         self._homeiq_runs = homeiq_runs
+
+    @property
+    def engine(self) -> Engine:
+        """The history database, for our other tables beside `training_runs`."""
+        return self._engine
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -175,6 +182,7 @@ class HistoryStore:
         base_model: str | None = None,
         data_report: dict[str, Any] | None = None,
         error: str | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> TrainingRun:
         """Close the run with its outcome; `error` keeps its last 5000 characters."""
         values: dict[str, Any] = {
@@ -192,6 +200,8 @@ class HistoryStore:
             values["output_dir"] = output_dir
         if base_model:
             values["base_model"] = base_model  # a resumed run trains on its parent's base model
+        if parameters is not None:
+            values["parameters_json"] = parameters
         run = self._update(run_id, **values)
         if self._homeiq_runs is not None:
             self._homeiq_runs.record(run)

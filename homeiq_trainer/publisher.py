@@ -41,7 +41,7 @@ class Publisher:
         self,
         link: Link,
         response_topic: str,
-        discovery: Callable[[], tuple[str, dict[str, Any]] | None],
+        discovery: Callable[[], tuple[str, dict[str, Any] | None] | None],
         announce_delay_max_s: float,
     ) -> None:
         self.link = link
@@ -74,7 +74,9 @@ class Publisher:
             discovery = self._discovery()
             if discovery is not None:
                 topic, payload = discovery
-                self.link.publish(topic, json.dumps(payload), qos=QOS_RELIABLE, retain=True)
+                # No payload: clear the retained message (an empty retained message deletes it).
+                text = b"" if payload is None else json.dumps(payload)
+                self.link.publish(topic, text, qos=QOS_RELIABLE, retain=True)
             for topic, (text, qos) in self._retained.items():
                 self.link.publish(topic, text, qos=qos, retain=True)
             self.link.announce_online()

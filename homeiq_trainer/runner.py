@@ -24,7 +24,7 @@ from typing import Protocol
 from homeiq_trainer.history import HistoryStore, TrainingRun
 from homeiq_trainer.jobs import JobRequest, crash_result, open_run, record_result
 from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus
-from homeiq_trainer.settings import Settings
+from homeiq_trainer.settings import REVEAL_SECRETS, Settings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class SubprocessTraining:
         # Raw and unbuffered: a buffered reader could hold lines that select() no longer sees.
         self._events_fd = read_fd
         try:
-            settings_dump = settings.model_dump(mode="json", exclude={"mqtt", "daemon"})
+            # On the private stdin pipe, never in the environment: the Ray token in clear, as the child needs it.
+            settings_dump = settings.model_dump(mode="json", exclude={"mqtt", "daemon"}, context={REVEAL_SECRETS: True})
             assert self.proc.stdin is not None
             self.proc.stdin.write(job_payload(settings_dump, request.params, run.run_identifier))
             self.proc.stdin.flush()
@@ -238,6 +239,8 @@ class ActiveJob:
 
     run: TrainingRun
     request: JobRequest
+    settings: Settings
+    """The settings this run trains with (the configured ones with Home Assistant's values applied)."""
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     process: TrainingProcess | None = None
     phase: Phase | None = None
@@ -267,15 +270,16 @@ class Runner:
         """The queued or running job, if any."""
         return self._active
 
-    def submit(self, request: JobRequest) -> TrainingRun:
-        """Queue a run and start it; raises `Busy` when one is active, `ShuttingDown` when stopping."""
+    def submit(self, request: JobRequest, settings: Settings | None = None) -> TrainingRun:
+        """Queue a run (with `settings`, else the runner's) and start it; raises `Busy` or `ShuttingDown`."""
+        settings = settings or self.settings
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the daemon is shutting down")
             if self._active is not None:
                 raise Busy(self._active.run)
-            run = open_run(self.store, self.settings, request)
-            job = ActiveJob(run=run, request=request)
+            run = open_run(self.store, settings, request)
+            job = ActiveJob(run=run, request=request, settings=settings)
             self._active = job
             self._thread = threading.Thread(target=self._work, args=(job,), name=f"run-{run.run_identifier}")
         self.listener.run_state(run, None, "queued")
@@ -312,7 +316,7 @@ class Runner:
         result: RunResult | None = None
         try:
             # The row stays `queued` until a training process exists to run it.
-            process = None if job.cancel_requested.is_set() else self.launcher.start(self.settings, job.request, run)
+            process = None if job.cancel_requested.is_set() else self.launcher.start(job.settings, job.request, run)
             with self._lock:
                 job.process = process
             if process is not None and job.cancel_requested.is_set():

@@ -7,7 +7,7 @@ source scripts/_setup.sh
 ensure_os_packages
 ensure_postgres
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:$PG_TEST_PORT/postgres}"
-ensure_venv "[test]"
+ensure_venv "[test,ray]"
 export HF_HUB_OFFLINE=1
 "$VENV/bin/ruff" check homeiq_trainer tests
 "$VENV/bin/ruff" format --check homeiq_trainer tests

@@ -61,10 +61,13 @@ class FakeLauncher:
     def __init__(self, script: list) -> None:
         self.script = script
         self.started: list[FakeProcess] = []
+        self.calls: list[tuple[Settings, JobRequest]] = []
+        """The settings and request of every run started, in order."""
 
     def start(self, settings: Settings, request: JobRequest, run: TrainingRun) -> FakeProcess:
         process = FakeProcess(self.script, run)
         self.started.append(process)
+        self.calls.append((settings, request))
         return process
 
 
