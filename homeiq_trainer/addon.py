@@ -44,11 +44,14 @@ _MAX_RESPONSE_BYTES = 64 * 1024
 _MAX_MESSAGE_CHARS = 200
 
 OPTION_MAP: Mapping[str, tuple[str, ...]] = {
+    "source": ("data", "source"),
+    "source_password": ("data", "source_password"),
     "source_db": ("data", "source_db"),
     "max_samples": ("data", "max_samples"),
     "output_dir": ("storage", "output_dir"),
     "history_db": ("storage", "history_db"),
     "keep_runs": ("storage", "keep_runs"),
+    "homeiq_runs": ("storage", "homeiq_runs"),
     "base_model": ("training", "base_model"),
     "allowed_base_models": ("training", "allowed_base_models"),
     "epochs": ("training", "epochs"),
@@ -101,6 +104,8 @@ def load_addon_options(path: Path | None = None) -> dict[str, Any] | None:
             continue  # left empty in the form: the default applies
         if name in _PATH_OPTIONS and not (isinstance(value, str) and PurePosixPath(value).is_absolute()):
             raise AddonError(f"add-on option {name!r} must be an absolute path, such as /share/homeiq/...")
+        if name == "source" and not _url_or_absolute(value):
+            raise AddonError("add-on option 'source' must be a URL (postgresql://...) or an absolute path")
         *sections, key = OPTION_MAP[name]
         target = nested
         for section in sections:
@@ -112,6 +117,10 @@ def load_addon_options(path: Path | None = None) -> dict[str, Any] | None:
     storage = nested.setdefault("storage", {})
     storage.setdefault("history_db", str(path.parent / HISTORY_DB_NAME))
     return nested
+
+
+def _url_or_absolute(value: object) -> bool:
+    return isinstance(value, str) and ("://" in value or PurePosixPath(value).is_absolute())
 
 
 def supervisor_mqtt_service(

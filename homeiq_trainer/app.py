@@ -36,7 +36,7 @@ from homeiq_trainer.discovery import build_discovery
 from homeiq_trainer.dispatcher import Dispatcher
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.idempotency import RequestMemory
-from homeiq_trainer.jobs import InstanceLock, recover
+from homeiq_trainer.jobs import InstanceLock, open_history, recover
 from homeiq_trainer.mqtt import MqttLink
 from homeiq_trainer.publisher import Publisher
 from homeiq_trainer.reporter import RunReporter
@@ -96,7 +96,7 @@ class TrainerApp:
             lock = InstanceLock(self.settings)
             lock.acquire()
             stack.callback(lock.release)
-            store = HistoryStore(self.settings.storage.history_db)
+            store = open_history(self.settings)
             stack.callback(store.close)
             interrupted = recover(store, self.settings)
             parts = self._build(store)

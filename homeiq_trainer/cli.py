@@ -122,14 +122,21 @@ class ConsoleObserver:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training run in the foreground."""
     from homeiq_trainer.control import SettingsPanel
-    from homeiq_trainer.history import HistoryStore
-    from homeiq_trainer.jobs import InstanceLock, JobRequest, crash_result, open_run, recover
+    from homeiq_trainer.jobs import (
+        InstanceLock,
+        JobRequest,
+        crash_result,
+        open_history,
+        open_run,
+        recover,
+    )
     from homeiq_trainer.overrides import OverridesStore, pinned_settings
     from homeiq_trainer.promotion import conclude
     from homeiq_trainer.training.run import execute_run
 
     overrides = _section_overrides(
         {
+            "source": ("data", "source"),
             "source_db": ("data", "source_db"),
             "output_dir": ("storage", "output_dir"),
             "history_db": ("storage", "history_db"),
@@ -155,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     lock = InstanceLock(settings)
     lock.acquire()
     try:
-        store = HistoryStore(settings.storage.history_db)
+        store = open_history(settings)
         # Values set from Home Assistant apply here too; this command's own options win, as a command's params do.
         panel = SettingsPanel(settings, OverridesStore(store.engine), pinned_settings(os.environ, overrides))
         settings = panel.effective
@@ -201,13 +208,16 @@ def _fmt(value: float | None) -> str:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """List the history, newest first."""
+    from homeiq_trainer.database import masked, sqlite_path
     from homeiq_trainer.history import HistoryStore, run_to_dict
 
     settings = _settings(args)
-    if not settings.storage.history_db.exists():
+    history = settings.storage.history_url()
+    path = sqlite_path(history)
+    if path is not None and not path.exists():
         rows: list[dict[str, Any]] = []
     else:
-        store = HistoryStore(settings.storage.history_db)
+        store = HistoryStore(history)
         rows = [run_to_dict(run) for run in store.recent(args.limit)]
         store.close()
     if args.json:
@@ -219,7 +229,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"training runs ({settings.storage.history_db})")
+    table = Table(title=f"training runs ({masked(history)})")
     for column in ("id", "run", "status", "samples", "loss", "started", "finished"):
         table.add_column(column, no_wrap=True)
     table.add_column("note", overflow="fold")
@@ -336,7 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
     train.add_argument("--base-model", help="hub id or local directory of a seq2seq model")
     train.add_argument("--resume-from", help="'latest' or a run identifier from the history")
-    train.add_argument("--source-db", type=Path, help="HomeIQ's database (read-only)")
+    train.add_argument(
+        "--source",
+        help="HomeIQ's database as a URL (postgresql://user@host:5432/homeiq) or SQLite path, read-only; "
+        "give a password in HOMEIQ_DATA__SOURCE_PASSWORD, not here (a command line is visible to all)",
+    )
+    train.add_argument("--source-db", type=Path, help="HomeIQ's SQLite database (read-only)")
     train.add_argument("--output-dir", type=Path)
     train.add_argument("--history-db", type=Path)
     train.add_argument("--triggered-by", default="cli", help="recorded in the history (default: cli)")

@@ -33,7 +33,7 @@ from homeiq_trainer.reporter import RunReporter
 from homeiq_trainer.runner import Busy, NotRunning, Runner, ShuttingDown
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
-from homeiq_trainer.training.data import DataError, count_new_examples
+from homeiq_trainer.training.data import DataError, SourceOptions, count_new_examples
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -305,11 +305,11 @@ def count_new_since_last_completed(settings: Settings, store: HistoryStore, requ
         since = datetime.fromisoformat(newest) if isinstance(newest, str) else last.started_at
     try:
         return count_new_examples(
-            settings.data.source_db,
+            settings.data.source_url(),
             since,
             limit=required,
-            busy_timeout_s=settings.data.busy_timeout_s,
             deadline_s=NEW_DATA_CHECK_DEADLINE_S,
+            options=SourceOptions.from_settings(settings.data),
         )
     except DataError as exc:
         raise CommandError("data_unavailable", str(exc)) from None

@@ -1,4 +1,4 @@
-"""Run history: HomeIQ's `training_runs` table, kept by SQLModel in our own database."""
+"""Run history: HomeIQ's `training_runs` table, kept by SQLModel in our own database (SQLite or PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Column, Index, Text, delete, event, inspect, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
+from homeiq_trainer.database import database_url, masked, postgres_connect_args, sqlite_path
+from homeiq_trainer.homeiq_runs import HomeIQRuns
 from homeiq_trainer.messages import Decision, RunRecord, RunStatus, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
 ERROR_TAIL_CHARS = 5000
+HISTORY_TIMEOUT_S = 10.0
 INTERRUPTED_MESSAGE = "interrupted: the process running it stopped before the run finished"
 
 
@@ -98,6 +101,8 @@ def run_record(run: TrainingRun) -> RunRecord:
         decision_reason=run.decision_reason,
         evaluation={k: v for k, v in (run.evaluation_json or {}).items() if k != "samples"} or None,
         samples=(run.evaluation_json or {}).get("samples") or [],
+        backend=(run.parameters_json or {}).get("backend", "local"),
+        cluster=(run.parameters_json or {}).get("cluster"),
     )
 
 
@@ -184,14 +189,25 @@ class _ServedAdapters:
 class HistoryStore(_ServedAdapters):
     """The run history, with one method per thing that happens to a run."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._engine: Engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
-        event.listen(self._engine, "connect", _sqlite_pragmas)
+    def __init__(self, target: Path | str | URL, homeiq_runs: HomeIQRuns | None = None) -> None:
+        url = database_url(target)
+        path = sqlite_path(url)
+        self.display = masked(url)
+        """Where the history is, as it may be shown."""
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._engine: Engine = create_engine(url, connect_args={"check_same_thread": False})
+            event.listen(self._engine, "connect", _sqlite_pragmas)
+        else:
+            self._engine = create_engine(
+                url,
+                pool_pre_ping=True,  # the server may have restarted between two runs
+                connect_args=postgres_connect_args(HISTORY_TIMEOUT_S, HISTORY_TIMEOUT_S, read_only=False),
+            )
         SQLModel.metadata.create_all(self._engine)
         _add_missing_columns(self._engine)
         self._lock = threading.Lock()
+        self._homeiq_runs = homeiq_runs
 
     @property
     def engine(self) -> Engine:
@@ -201,6 +217,8 @@ class HistoryStore(_ServedAdapters):
     def close(self) -> None:
         """Release the connection pool."""
         self._engine.dispose()
+        if self._homeiq_runs is not None:
+            self._homeiq_runs.close()
 
     def _update(self, run_id: int, also: SQLModel | None = None, **values: Any) -> TrainingRun:
         with self._lock, Session(self._engine, expire_on_commit=False) as session:
@@ -263,6 +281,7 @@ class HistoryStore(_ServedAdapters):
         decision_reason: str | None = None,
         evaluation: dict[str, Any] | None = None,
         serve: bool = False,
+        parameters: dict[str, Any] | None = None,
     ) -> TrainingRun:
         """Close the run with its outcome (and, with `serve`, make it the served one); `error` keeps 5000 chars."""
         values: dict[str, Any] = {
@@ -284,13 +303,14 @@ class HistoryStore(_ServedAdapters):
             values["output_dir"] = output_dir
         if base_model:
             values["base_model"] = base_model  # a resumed run trains on its parent's base model
-        row = self.get(run_id)
-        served = (
-            ServedAdapter(run_identifier=row.run_identifier, served_at=utcnow(), action="promote")
-            if serve and row
-            else None
-        )
-        return self._update(run_id, also=served, **values)
+        if parameters is not None:
+            values["parameters_json"] = parameters
+        row = self.get(run_id) if serve else None
+        served = ServedAdapter(run_identifier=row.run_identifier, served_at=utcnow(), action="promote") if row else None
+        run = self._update(run_id, also=served, **values)
+        if self._homeiq_runs is not None:
+            self._homeiq_runs.record(run)
+        return run
 
     def mark_interrupted(self) -> list[TrainingRun]:
         """Fail every run still queued or running: its process is gone."""

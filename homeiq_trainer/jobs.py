@@ -8,7 +8,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from homeiq_trainer.database import sqlite_path
 from homeiq_trainer.history import HistoryStore, TrainingRun
+from homeiq_trainer.homeiq_runs import HomeIQRuns
 from homeiq_trainer.messages import RunResult, RunStatus, TrainParams
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
@@ -37,10 +39,14 @@ class InstanceLock:
     """
 
     def __init__(self, settings: Settings) -> None:
-        history = settings.storage.history_db.resolve()
         output_dir = settings.storage.output_dir.resolve()
         # Beside the output dir, not in it: a read-only output dir must still fail its run, not the start.
-        self.paths = (history.with_name(history.name + ".lock"), output_dir.with_name(output_dir.name + ".lock"))
+        paths = [output_dir.with_name(output_dir.name + ".lock")]
+        history = sqlite_path(settings.storage.history_url())
+        if history is not None:  # a history on a server has no file to lock beside
+            history = history.resolve()
+            paths.insert(0, history.with_name(history.name + ".lock"))
+        self.paths = tuple(paths)
         self._fds: list[int] = []
 
     def acquire(self) -> None:
@@ -70,6 +76,12 @@ class InstanceLock:
         """Give the locks back."""
         while self._fds:
             os.close(self._fds.pop())
+
+
+def open_history(settings: Settings) -> HistoryStore:
+    """The history store of these settings, recording into HomeIQ's `training_runs` too when asked."""
+    homeiq_url = settings.homeiq_runs_url()
+    return HistoryStore(settings.storage.history_url(), HomeIQRuns(homeiq_url) if homeiq_url else None)
 
 
 def recover(store: HistoryStore, settings: Settings) -> list[TrainingRun]:
@@ -129,6 +141,7 @@ def record_result(
         decision_reason=result.decision_reason,
         evaluation={**result.evaluation, "samples": result.samples} if result.evaluation else None,
         serve=serve,
+        parameters={**(run.parameters_json or {}), "cluster": result.cluster} if result.cluster else None,
     )
     prune_history(store, settings)
     return finished

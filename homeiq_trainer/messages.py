@@ -159,6 +159,8 @@ class RunResult(_Wire):
     train_samples_per_second: float | None = None
     padding_efficiency: float | None = None
     device: str | None = None
+    cluster: dict[str, Any] | None = None
+    """Where a run trained when not here: the Ray cluster's address, workers, CPUs and GPUs."""
     error: str | None = None
     decision: Decision | None = None
     decision_reason: str | None = None
@@ -300,6 +302,10 @@ class RunRecord(RunSummary):
     """Both adapters on the held-out examples: `metric`, `candidate`, `served` (see training_run.json)."""
     samples: list[dict[str, str | None]] = Field(default_factory=list)
     """Probe queries with the answers of the adapter in use and of the candidate, clipped."""
+    backend: str | None = None
+    """Where it trained: `local`, or `ray`."""
+    cluster: dict[str, Any] | None = None
+    """With `ray`: the cluster's address, workers, CPUs and GPUs."""
 
 
 class RunsPayload(_Wire):

@@ -9,7 +9,7 @@ from typing import Any
 
 from homeiq_trainer.messages import RunStatus, utcnow
 from homeiq_trainer.settings import Settings
-from homeiq_trainer.training.data import DataError, count_new_examples
+from homeiq_trainer.training.data import DataError, SourceOptions, count_new_examples
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -21,11 +21,17 @@ SOURCE_CHECK_BUSY_TIMEOUT_S = 2.0
 def probe_source(settings: Settings) -> str | None:
     """Why the source database cannot be read, or None when it can (reads no row: nothing is newer than now)."""
     try:
+        data = settings.data
         count_new_examples(
-            settings.data.source_db,
+            data.source_url(),
             utcnow(),
             limit=1,
-            busy_timeout_s=min(settings.data.busy_timeout_s, SOURCE_CHECK_BUSY_TIMEOUT_S),
+            options=SourceOptions(
+                busy_timeout_s=min(data.busy_timeout_s, SOURCE_CHECK_BUSY_TIMEOUT_S),
+                connect_timeout_s=min(data.connect_timeout_s, SOURCE_CHECK_BUSY_TIMEOUT_S),
+                schema=data.source_schema or None,
+                exclude_sources=frozenset(data.exclude_sources),
+            ),
         )
     except DataError as exc:
         return str(exc)

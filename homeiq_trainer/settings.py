@@ -8,7 +8,17 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -16,10 +26,14 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import URL
 
+from homeiq_trainer.database import database_url, is_postgres, same_database
 from homeiq_trainer.parameters import parameter
 
 CONFIG_ENV = "HOMEIQ_CONFIG"
+REVEAL_SECRETS = "reveal_secrets"
+"""`model_dump(context={REVEAL_SECRETS: True})` writes secrets that a training process needs in clear."""
 DEFAULT_BASE_MODEL = "google/flan-t5-small"
 
 
@@ -30,28 +44,68 @@ class _Section(BaseModel):
 class DataSettings(_Section):
     """Where the training examples come from."""
 
+    source: SecretStr = SecretStr("")
+    """HomeIQ's database as a SQLAlchemy URL or SQLite path; wins over `source_db` when set. Opened read-only."""
     source_db: Path = Path("data/ai_automation.db")
     """HomeIQ's SQLite database holding `ask_ai_queries`; opened read-only."""
+    source_password: SecretStr = SecretStr("")
+    """Password for a `source` URL that carries none (the add-on's password field)."""
+    source_schema: str = Field("", pattern=r"^([A-Za-z_][A-Za-z0-9_]{0,62})?$")
+    """PostgreSQL schema of `ask_ai_queries`; empty: `automation`, then `public`."""
+    exclude_sources: tuple[str, ...] = ("keyword_match",)
+    """Suggestion sources never used as targets (`keyword_match` is HomeIQ's canned template text)."""
+    connect_timeout_s: float = Field(10.0, gt=0, le=600)
+    """How long to wait for a PostgreSQL server to answer, in seconds."""
     max_samples: int = parameter("max_samples").field(2000)
     eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
     """Share of examples held out to report eval_loss."""
     min_eval_examples: int = Field(20, ge=1, le=100_000)
     """Below this many examples no evaluation split is made."""
     busy_timeout_s: float = Field(10.0, gt=0, le=600)
-    """How long to wait for HomeIQ's writers before giving up with a clear error, in seconds."""
+    """How long to wait for HomeIQ's writers (PostgreSQL: for each statement) before a clear error, in seconds."""
+
+    @field_validator("source")
+    @classmethod
+    def _source_url(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            database_url(value.get_secret_value())  # fails early on a URL we cannot read
+        return value
+
+    def source_url(self) -> URL:
+        """The source as a SQLAlchemy URL (password included: show it only through `database.masked`)."""
+        if not self.source.get_secret_value():
+            return database_url(self.source_db)
+        return database_url(self.source.get_secret_value(), self.source_password.get_secret_value() or None)
 
 
 class StorageSettings(_Section):
     """Where homeiq-trainer keeps what it writes."""
 
+    history: SecretStr = SecretStr("")
+    """homeiq-trainer's own history as a SQLAlchemy URL or SQLite path; wins over `history_db`."""
     history_db: Path = Path("data/homeiq_trainer.db")
     """homeiq-trainer's own SQLite database with the `training_runs` table."""
+    homeiq_runs: bool = False
+    """Also record each finished run in HomeIQ's own `automation.training_runs` (its admin page)."""
+    homeiq_runs_url: SecretStr = SecretStr("")
+    """PostgreSQL URL for `homeiq_runs` (a role with INSERT there); empty: the source's database."""
     output_dir: Path = Path("data/ask_ai_soft_prompt")
     """Run directories and the `latest` symlink go here."""
     keep_runs: int = Field(5, ge=1, le=1000)
     """Newest run directories kept; the one `latest` points to is never deleted."""
     keep_history_rows: int = Field(1000, ge=10, le=1_000_000)
     """Newest history rows kept; older ones are pruned when a run ends (never the served run's)."""
+
+    @field_validator("history", "homeiq_runs_url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            database_url(value.get_secret_value())
+        return value
+
+    def history_url(self) -> URL:
+        """The history as a SQLAlchemy URL."""
+        return database_url(self.history.get_secret_value() or self.history_db)
 
 
 class LoraSettings(_Section):
@@ -95,6 +149,48 @@ class TrainingSettings(_Section):
     """Torch CPU threads; 0 means the cores this process may use."""
     group_by_length: bool = True
     """Batch examples of similar source and target length to avoid padding."""
+    backend: Literal["local", "ray"] = "local"
+    """`local`: train in the training process on this machine; `ray`: on the Ray cluster in `[ray]`."""
+
+
+class RaySettings(_Section):
+    """The Ray cluster that trains when `training.backend` is `ray` (needs `homeiq-trainer[ray]`)."""
+
+    address: str = "ray://localhost:10001"
+    """Ray Client address of the cluster's head node, `ray://<host>:<port>`."""
+    num_workers: int = Field(1, ge=1, le=256)
+    """Training workers (processes under PyTorch DDP), each with its own copy of the model."""
+    use_gpu: bool = False
+    """Give every worker one GPU (NCCL between workers) instead of CPUs only (gloo)."""
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Ray resources per worker, e.g. {"CPU": 4, "GPU": 1}; empty: Ray's default (1 CPU, and 1 GPU with use_gpu)."""
+    max_failures: int = Field(0, ge=0, le=100)
+    """How often a run is restarted from the beginning after a worker died, before it fails."""
+    connect_timeout_s: float = Field(15.0, gt=0, le=600)
+    """How long to wait for the cluster to accept and answer a connection, in seconds."""
+    auth_token: SecretStr | None = None
+    """The cluster's token (`ray get-auth-token` on the head); never logged or published."""
+
+    @field_validator("address")
+    @classmethod
+    def _ray_client_address(cls, value: str) -> str:
+        host, _, port = value.removeprefix("ray://").rpartition(":")
+        if not value.startswith("ray://") or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be a Ray Client address, ray://<host>:<port>")
+        return value
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(not name.strip() or amount <= 0 for name, amount in value.items()):
+            raise ValueError("needs resource names with amounts above 0")
+        return value
+
+    @field_serializer("auth_token", when_used="json")
+    def _masked_unless_asked(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
+        if value is None:
+            return None
+        return value.get_secret_value() if (info.context or {}).get(REVEAL_SECRETS) else str(value)
 
 
 class EvaluationSettings(_Section):
@@ -261,6 +357,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     training: TrainingSettings = TrainingSettings()
     lora: LoraSettings = LoraSettings()
+    ray: RaySettings = RaySettings()
     mqtt: MqttSettings = MqttSettings()
     daemon: DaemonSettings = DaemonSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
@@ -292,9 +389,24 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _never_write_homeiqs_database(self) -> Settings:
-        if self.storage.history_db.resolve() == self.data.source_db.resolve():
-            raise ValueError("storage.history_db must not be HomeIQ's database (data.source_db): it is never written")
+        if same_database(self.storage.history_url(), self.data.source_url()):
+            raise ValueError(
+                "storage.history must not be HomeIQ's database (data.source): HomeIQ's database is never written"
+            )
+        target = self.homeiq_runs_url()
+        if self.storage.homeiq_runs and (target is None or not is_postgres(target)):
+            raise ValueError("storage.homeiq_runs needs a PostgreSQL data.source or storage.homeiq_runs_url")
         return self
+
+    def homeiq_runs_url(self) -> URL | None:
+        """Where HomeIQ's own `training_runs` is written, when `storage.homeiq_runs` is on."""
+        if not self.storage.homeiq_runs:
+            return None
+        password = self.data.source_password.get_secret_value() or None
+        if self.storage.homeiq_runs_url.get_secret_value():
+            return database_url(self.storage.homeiq_runs_url.get_secret_value(), password)
+        source = self.data.source_url()
+        return source if is_postgres(source) else None
 
     def allowed_base_models(self) -> tuple[str, ...]:
         """Base models a command may ask for."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared by demo.sh and test.sh: a virtual environment with CPU torch first, then the package, and
-# the OS packages the tests and the demo need (mosquitto, openssl). Safe to run again: it only
-# installs what is missing.
+# the OS packages the tests and the demo need (mosquitto, openssl; PostgreSQL for the tests). Safe to
+# run again: it only installs what is missing.
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
@@ -23,6 +23,47 @@ ensure_os_packages() {
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
+}
+
+# The tests' PostgreSQL: 127.0.0.1, this port, user postgres without a password (trust), as on CI.
+PG_TEST_PORT="${PG_TEST_PORT:-5432}"
+
+_pg_answers() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$PG_TEST_PORT") 2>/dev/null
+}
+
+ensure_postgres() {
+    # A server that answers is used as it is: never restarted, reconfigured or stopped.
+    if _pg_answers; then
+        return 0
+    fi
+    local fresh=0 version="" name=""
+    if ! command -v pg_createcluster >/dev/null 2>&1; then
+        echo "installing PostgreSQL (the tests need one on 127.0.0.1:$PG_TEST_PORT)"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+        fresh=1
+    fi
+    # Debian's package may have created a cluster on the port (stopped, or just made by the install).
+    read -r version name _ < <(pg_lsclusters -h 2>/dev/null | awk -v port="$PG_TEST_PORT" '$3 == port' | head -n1) || true
+    if [ -z "$version" ]; then
+        version="$(ls /usr/lib/postgresql | sort -V | tail -n1)"
+        name=homeiq_test
+        echo "creating PostgreSQL cluster $version/$name on port $PG_TEST_PORT (trust on 127.0.0.1)"
+        as_root pg_createcluster "$version" "$name" --port "$PG_TEST_PORT" -- --auth-local=trust --auth-host=trust >/dev/null
+    elif [ "$fresh" = 1 ]; then
+        # The package's own cluster, made by the install above for these tests: trust 127.0.0.1 as CI does.
+        as_root sed -i '1i host all all 127.0.0.1/32 trust' "/etc/postgresql/$version/$name/pg_hba.conf"
+    fi
+    as_root pg_ctlcluster "$version" "$name" start
+    for _ in $(seq 1 60); do
+        if _pg_answers; then
+            return 0
+        fi
+        sleep 0.5
+    done
+    echo "PostgreSQL $version/$name did not start on port $PG_TEST_PORT" >&2
+    return 1
 }
 
 ensure_venv() {

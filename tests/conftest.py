@@ -23,6 +23,7 @@ for _key in [k for k in os.environ if k.startswith("HOMEIQ_")]:
 
 from homeiq_trainer.demo import build_tiny_model, create_source_db  # noqa: E402
 from homeiq_trainer.settings import Settings, load_settings  # noqa: E402
+from tests import postgres  # noqa: E402
 from tests.mqtt_client import Watcher  # noqa: E402
 
 
@@ -133,3 +134,14 @@ def watcher(broker: Broker) -> Iterator[Watcher]:
     w = Watcher(broker.port)
     yield w
     w.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A throwaway database on the tests' PostgreSQL, dropped at the end of the session."""
+    try:
+        postgres.connect().close()
+    except Exception as exc:  # any reason it cannot be reached fails, never skips
+        pytest.fail(f"PostgreSQL does not answer at {postgres.admin_url()} ({exc}); scripts/test.sh starts one")
+    with postgres.throwaway_database() as name:
+        yield name

@@ -209,7 +209,12 @@ def test_run_script_passes_shellcheck() -> None:
 
 # --- options -> settings -----------------------------------------------------------------------------
 
+SOURCE_PASSWORD = "homeiq-db-s3cret"
+
 EVERY_OPTION: dict[str, Any] = {
+    "source": "postgresql+asyncpg://homeiq_trainer@192.168.1.10:5432/homeiq",
+    "source_password": SOURCE_PASSWORD,
+    "homeiq_runs": True,
     "source_db": "/share/homeiq/db/ai_automation.db",
     "output_dir": "/share/homeiq/adapters",
     "history_db": "/share/homeiq/trainer_history.db",
@@ -247,6 +252,13 @@ def test_every_option_reaches_its_setting(tmp_path: Path, config: dict[str, Any]
     settings = load_settings(addon_options=options)
 
     assert settings.data.source_db == Path("/share/homeiq/db/ai_automation.db")
+    source = settings.data.source_url()
+    assert (
+        source.render_as_string(hide_password=True)
+        == "postgresql+psycopg://homeiq_trainer:***@192.168.1.10:5432/homeiq"
+    )
+    assert source.password == SOURCE_PASSWORD and SOURCE_PASSWORD not in repr(settings)
+    assert settings.storage.homeiq_runs is True and settings.homeiq_runs_url() == source
     assert settings.storage.output_dir == Path("/share/homeiq/adapters")
     assert settings.storage.history_db == Path("/share/homeiq/trainer_history.db")
     assert settings.training.base_model == "google/flan-t5-base"
@@ -327,6 +339,13 @@ def test_unreadable_options_file_is_a_clear_error(tmp_path: Path, text: str) -> 
 def test_relative_paths_are_refused(tmp_path: Path) -> None:
     with pytest.raises(AddonError, match="'source_db' must be an absolute path"):
         load_addon_options(_write_options(tmp_path, {"source_db": "homeiq/ai_automation.db"}))
+
+
+def test_source_must_be_a_url_or_an_absolute_path(tmp_path: Path) -> None:
+    with pytest.raises(AddonError, match="'source' must be a URL"):
+        load_addon_options(_write_options(tmp_path, {"source": "homeiq/ai_automation.db"}))
+    options = load_addon_options(_write_options(tmp_path, {"source": "/share/homeiq/ai_automation.db"}))
+    assert options is not None and options["data"] == {"source": "/share/homeiq/ai_automation.db"}
 
 
 def test_out_of_range_option_names_the_setting_without_the_password(tmp_path: Path) -> None:

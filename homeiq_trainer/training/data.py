@@ -1,25 +1,41 @@
-"""Ask AI history → (instruction, response) pairs, read-only and tolerant of every bad row."""
+"""Ask AI history → (instruction, response) pairs, read-only and tolerant of every bad row.
+
+One reader for both of HomeIQ's engines (SQLAlchemy Core): its SQLite file of 2025 and its PostgreSQL
+database of 2026, in either table shape (`source.py`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import quote
+from typing import TYPE_CHECKING
 
+from sqlalchemy import Connection, DateTime, bindparam, cast, func, or_, select
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
+
+from homeiq_trainer.database import database_url, is_postgres, masked
 from homeiq_trainer.messages import DataReport
+from homeiq_trainer.training.source import DataError, SourceTable, connect_source, locate_table, source_error
+
+if TYPE_CHECKING:
+    from homeiq_trainer.settings import DataSettings
+
+__all__ = ["DataError", "Example", "SourceOptions", "count_new_examples", "example_from_row", "load_examples"]
 
 _LOGGER = logging.getLogger(__name__)
 
 # Pages grow so a source with few bad rows is read in one or two short statements, and one with
-# many bad rows does not pay a sort per 500 rows. Each page is its own statement, so the shared
-# lock a rollback-journal reader holds is released between pages and HomeIQ's writers get in.
+# many bad rows does not pay a sort per 500 rows. Each page is its own statement (and, on
+# PostgreSQL, its own read-only transaction), so locks are released between pages and HomeIQ's
+# writers and migrations get in.
 FIRST_PAGE_ROWS = 512
 MAX_PAGE_ROWS = 32768
 # Counting keeps no rows, so small pages: a page is most of what a count holds (the daemon stays within
@@ -32,10 +48,9 @@ SKIP_EMPTY_LIST = "empty_list"
 SKIP_NO_DESCRIPTION = "no_description"
 SKIP_EMPTY_QUERY = "empty_query"
 SKIP_DUPLICATE = "duplicate"
-
-
-class DataError(Exception):
-    """The source cannot give a usable dataset; the message says why."""
+SKIP_EXCLUDED_SOURCE = "excluded_source"
+SKIP_NOT_COMPLETE = "not_complete"
+COMPLETE_STATUS = "complete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,22 +62,25 @@ class Example:
     created_at: str | None
 
 
-def connect_read_only(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
-    """Open HomeIQ's database so that we can never create, change or lock it for writing."""
-    if not path.is_file():
-        raise DataError(f"source database not found: {path}")
-    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, check_same_thread=False)
-    except sqlite3.DatabaseError as exc:
-        raise DataError(f"cannot read source database {path}: {exc}") from None
-    try:
-        conn.execute("PRAGMA query_only = 1")
-        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        raise DataError(f"cannot read source database {path}: {exc}") from None
-    return conn
+@dataclass(frozen=True, slots=True)
+class SourceOptions:
+    """How to read the source, beyond where it is; new knobs go here, not into every signature."""
+
+    busy_timeout_s: float = 10.0
+    """SQLite: wait for HomeIQ's writers this long; PostgreSQL: limit of each statement and lock wait."""
+    connect_timeout_s: float = 10.0
+    """PostgreSQL: how long the server may take to answer."""
+    schema: str | None = None
+    """PostgreSQL schema of `ask_ai_queries`; None searches `automation`, then `public`."""
+    exclude_sources: frozenset[str] = field(default_factory=lambda: frozenset({"keyword_match"}))
+    """Suggestion sources never used as targets."""
+
+    @classmethod
+    def from_settings(cls, data: DataSettings) -> SourceOptions:
+        """The options the `data` settings give."""
+        return cls(
+            data.busy_timeout_s, data.connect_timeout_s, data.source_schema or None, frozenset(data.exclude_sources)
+        )
 
 
 def _confidence(suggestion: dict) -> float:
@@ -80,26 +98,36 @@ def _confidence(suggestion: dict) -> float:
     return 0.0
 
 
-def example_from_row(query: object, suggestions_json: object) -> tuple[str, str] | str:
-    """The (instruction, response) pair of one row, or the reason it is skipped."""
+def example_from_row(
+    query: object, suggestions: object, exclude_sources: Iterable[str] = (), *, decoded: bool = False
+) -> tuple[str, str] | str:
+    """The (instruction, response) pair of one row, or the reason it is skipped.
+
+    `suggestions` is JSON text, or with `decoded` what a JSON column gave already (PostgreSQL's JSONB).
+    """
     instruction = query.strip() if isinstance(query, str) else ""
     if not instruction:
         return SKIP_EMPTY_QUERY
-    if isinstance(suggestions_json, bytes):
-        suggestions_json = suggestions_json.decode("utf-8", "replace")
-    if not isinstance(suggestions_json, str):
-        return SKIP_INVALID_JSON
-    try:
-        suggestions = json.loads(suggestions_json)
-    except (ValueError, RecursionError):
-        return SKIP_INVALID_JSON
+    if not decoded:
+        if isinstance(suggestions, bytes):
+            suggestions = suggestions.decode("utf-8", "replace")
+        if not isinstance(suggestions, str):
+            return SKIP_INVALID_JSON
+        try:
+            suggestions = json.loads(suggestions)
+        except (ValueError, RecursionError):
+            return SKIP_INVALID_JSON
     if not isinstance(suggestions, list):
         return SKIP_NOT_A_LIST
     candidates = [s for s in suggestions if isinstance(s, dict)]
     if not candidates:
         return SKIP_EMPTY_LIST
+    excluded = frozenset(exclude_sources)
+    allowed = [s for s in candidates if s.get("source") not in excluded] if excluded else candidates
+    if not allowed:
+        return SKIP_EXCLUDED_SOURCE
     # max() keeps the first of equal confidences, as HomeIQ's script did.
-    best = max(candidates, key=_confidence)
+    best = max(allowed, key=_confidence)
     description = best.get("description")
     response = description.strip() if isinstance(description, str) else ""
     if not response:
@@ -107,37 +135,49 @@ def example_from_row(query: object, suggestions_json: object) -> tuple[str, str]
     return instruction, response
 
 
+def _since_clause(src: SourceTable, since: datetime | None, postgres: bool) -> list:
+    if since is None:
+        return []
+    since = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
+    if postgres:
+        # As timestamps with their zones; a legacy TIMESTAMP column is UTC (the session's zone).
+        return [cast(src.created, DateTime(timezone=True)) > bindparam("since", since, DateTime(timezone=True))]
+    # SQLite keeps text (naive UTC as SQLAlchemy writes it, maybe with a zone); julianday() reads both.
+    stamp = since.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    return [func.julianday(src.created) > func.julianday(stamp)]
+
+
 def _pages(
-    conn: sqlite3.Connection, since: str | None, wanted: int | None, max_page_rows: int = MAX_PAGE_ROWS
-) -> Iterator[list[tuple]]:
-    where = "suggestions IS NOT NULL"
-    params: list[object] = []
-    if since is not None:
-        where += " AND created_at > ?"
-        params.append(since)
+    conn: Connection, src: SourceTable, since: datetime | None, wanted: int | None, max_page_rows: int | None = None
+) -> Iterator[Sequence]:
+    max_page_rows = max_page_rows or MAX_PAGE_ROWS
+    where = list(src.filters) + _since_clause(src, since, is_postgres(conn.engine.url))
+    order = (src.created.desc().nulls_last(), src.key.desc())
     cursor_key: tuple[object, object] | None = None
-    # Every page costs a scan of the whole table's keys, so the first asks for what is wanted plus
+    # Every page costs a sort of the whole table's keys, so the first asks for what is wanted plus
     # room for a typical share of bad rows: the usual run is then one statement.
     page_rows = FIRST_PAGE_ROWS if wanted is None else min(max_page_rows, max(FIRST_PAGE_ROWS, wanted * 3 // 2))
     while True:
-        clause = where
-        args = list(params)
+        clause = list(where)
         if cursor_key is not None and cursor_key[0] is None:
-            # Rows without a created_at sort last (NULL is smallest); page through them by id.
-            clause += " AND created_at IS NULL AND query_id < ?"
-            args += [cursor_key[1]]
+            # Rows without a created_at sort last; page through them by key.
+            clause += [src.created.is_(None), src.key < cursor_key[1]]
         elif cursor_key is not None:
-            # Keyset paging: (created_at, query_id) strictly after the last row we saw.
-            clause += " AND (created_at < ? OR (created_at = ? AND query_id < ?) OR created_at IS NULL)"
-            args += [cursor_key[0], cursor_key[0], cursor_key[1]]
-        # The page is chosen by sorting keys only, then its rows are fetched by primary key: sorting
-        # whole rows (suggestions JSON and all) cost ~0.5 s per page on a 200,000-row table.
-        sql = (
-            "SELECT query_id, original_query, suggestions, created_at FROM ask_ai_queries WHERE query_id IN ("
-            f"SELECT query_id FROM ask_ai_queries WHERE {clause} ORDER BY created_at DESC, query_id DESC LIMIT ?"
-            ") ORDER BY created_at DESC, query_id DESC"
-        )
-        rows = conn.execute(sql, [*args, page_rows]).fetchall()
+            # Keyset paging: (created_at, key) strictly after the last row we saw.
+            last_created, last_key = cursor_key
+            clause.append(
+                or_(
+                    src.created < last_created,
+                    (src.created == last_created) & (src.key < last_key),
+                    src.created.is_(None),
+                )
+            )
+        # The page is chosen by sorting keys only, then its rows are fetched by key: sorting whole
+        # rows (suggestions and all) cost ~0.5 s per page on a 200,000-row SQLite table.
+        keys = select(src.key).where(*clause).order_by(*order).limit(page_rows)
+        statement = select(*src.columns).where(src.key.in_(keys)).order_by(*order)
+        rows = conn.execute(statement).all()
+        conn.rollback()  # end the page's transaction: nothing is held between pages
         if not rows:
             return
         yield rows
@@ -147,50 +187,58 @@ def _pages(
         page_rows = min(page_rows * 4, max_page_rows)
 
 
-def _data_error(exc: sqlite3.DatabaseError, path: Path, busy_timeout_s: float) -> DataError:
-    message = str(exc)
-    if not isinstance(exc, sqlite3.OperationalError):
-        return DataError(f"cannot read {path}: {message}")
-    if "no such table" in message:
-        return DataError(f"{path} has no ask_ai_queries table: is it HomeIQ's database?")
-    if "no such column" in message:
-        return DataError(f"{path}: ask_ai_queries lacks an expected column ({message})")
-    if "locked" in message or "busy" in message:
-        return DataError(f"source database stayed locked for more than {busy_timeout_s:g} s; try again later")
-    return DataError(f"cannot read {path}: {message}")
+def _stamp(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
-def _read(
-    path: Path, max_samples: int | None, busy_timeout_s: float, since: str | None
-) -> tuple[list[Example], DataReport]:
-    conn = connect_read_only(path, busy_timeout_s)
-    started = time.monotonic()
+def _collect(
+    conn: Connection, src: SourceTable, options: SourceOptions, max_samples: int | None, since: datetime | None
+) -> tuple[list[Example], Counter[str], int]:
     examples: list[Example] = []
     seen: set[tuple[str, str]] = set()
     skipped: Counter[str] = Counter()
     rows_read = 0
-    try:
-        for page in _pages(conn, since, max_samples):
-            for _query_id, query, suggestions, created_at in page:
-                rows_read += 1
-                parsed = example_from_row(query, suggestions)
-                if isinstance(parsed, str):
-                    skipped[parsed] += 1
-                    continue
-                if parsed in seen:
-                    skipped[SKIP_DUPLICATE] += 1
-                    continue
-                seen.add(parsed)
-                examples.append(Example(parsed[0], parsed[1], None if created_at is None else str(created_at)))
-                if max_samples is not None and len(examples) >= max_samples:
-                    break
-            else:
+    for page in _pages(conn, src, since, max_samples):
+        for row in page:
+            rows_read += 1
+            if src.status is not None and row[4] != COMPLETE_STATUS:
+                skipped[SKIP_NOT_COMPLETE] += 1
                 continue
-            break
-    except sqlite3.DatabaseError as exc:
-        raise _data_error(exc, path, busy_timeout_s) from None
-    finally:
-        conn.close()
+            parsed = example_from_row(row[1], row[2], options.exclude_sources, decoded=src.decoded)
+            if isinstance(parsed, str):
+                skipped[parsed] += 1
+                continue
+            if parsed in seen:
+                skipped[SKIP_DUPLICATE] += 1
+                continue
+            seen.add(parsed)
+            examples.append(Example(parsed[0], parsed[1], _stamp(row[3])))
+            if max_samples is not None and len(examples) >= max_samples:
+                return examples, skipped, rows_read
+    return examples, skipped, rows_read
+
+
+@contextmanager
+def _open_table(url: URL, options: SourceOptions) -> Iterator[tuple[Connection, SourceTable]]:
+    """The read-only connection and HomeIQ's table on it; every database error as one `DataError` line."""
+    table_name: str | None = None
+    try:
+        with connect_source(url, options.busy_timeout_s, options.connect_timeout_s) as conn:
+            src = locate_table(conn, url, options.schema)
+            table_name = src.name
+            yield conn, src
+    except SQLAlchemyError as exc:
+        raise source_error(exc, url, table_name, options.busy_timeout_s, options.connect_timeout_s) from None
+
+
+def _read(
+    url: URL, options: SourceOptions, max_samples: int | None, since: datetime | None
+) -> tuple[list[Example], DataReport]:
+    started = time.monotonic()
+    with _open_table(url, options) as (conn, src):
+        examples, skipped, rows_read = _collect(conn, src, options, max_samples, since)
     report = DataReport(
         rows_read=rows_read,
         examples=len(examples),
@@ -208,45 +256,76 @@ def _read(
     return examples, report
 
 
-def load_examples(path: Path, max_samples: int, busy_timeout_s: float = 10.0) -> tuple[list[Example], DataReport]:
-    """Up to `max_samples` usable, distinct examples, newest first; fails if there are none."""
-    examples, report = _read(path, max_samples, busy_timeout_s, since=None)
+def _options(busy_timeout_s: float | None, options: SourceOptions | None) -> SourceOptions:
+    options = options or SourceOptions()
+    if busy_timeout_s is None:
+        return options
+    return SourceOptions(busy_timeout_s, options.connect_timeout_s, options.schema, options.exclude_sources)
+
+
+def load_examples(
+    source: str | Path | URL,
+    max_samples: int,
+    busy_timeout_s: float | None = None,
+    *,
+    options: SourceOptions | None = None,
+) -> tuple[list[Example], DataReport]:
+    """Up to `max_samples` usable, distinct examples, newest first; fails if there are none.
+
+    `source` is a SQLite path or a SQLAlchemy URL; `busy_timeout_s`, when given, wins over `options`'.
+    """
+    url = database_url(source)
+    examples, report = _read(url, _options(busy_timeout_s, options), max_samples, since=None)
     if not examples:
         raise DataError(
-            f"no usable examples in {path}: {report.rows_read} rows with suggestions, "
+            f"no usable examples in {masked(url)}: {report.rows_read} rows with suggestions, "
             f"skipped {report.skipped or 'none'}"
         )
     return examples, report
 
 
+def _count(
+    conn: Connection,
+    src: SourceTable,
+    options: SourceOptions,
+    limit: int,
+    since: datetime | None,
+    deadline_s: float | None,
+) -> int:
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    seen: set[int] = set()  # digests only: a count over a large history costs little memory
+    for page in _pages(conn, src, since, limit, max_page_rows=COUNT_PAGE_ROWS):
+        for row in page:
+            if src.status is not None and row[4] != COMPLETE_STATUS:
+                continue
+            parsed = example_from_row(row[1], row[2], options.exclude_sources, decoded=src.decoded)
+            if not isinstance(parsed, str):
+                seen.add(hash(parsed))
+                if len(seen) >= limit:
+                    return len(seen)
+        if deadline is not None and time.monotonic() > deadline:
+            raise DataError(f"counting new examples took longer than {deadline_s:g} s; try again later")
+    return len(seen)
+
+
 def count_new_examples(
-    path: Path, since: datetime | None, limit: int, busy_timeout_s: float = 10.0, deadline_s: float | None = None
+    source: str | Path | URL,
+    since: datetime | None,
+    limit: int,
+    busy_timeout_s: float | None = None,
+    deadline_s: float | None = None,
+    *,
+    options: SourceOptions | None = None,
 ) -> int:
     """How many usable, distinct examples were created after `since` (counting stops at `limit`).
 
-    Counts without building examples (only a digest of each pair is kept) and in small pages, so a
-    count over a large history costs little memory; raises `DataError` past `deadline_s`.
+    A naive `since` is UTC; the comparison is made in SQL between timestamps, zones included. Counts
+    in small pages without building examples; raises `DataError` past `deadline_s`.
     """
-    # SQLAlchemy writes "YYYY-MM-DD HH:MM:SS.ffffff"; the same shape compares correctly as text.
-    stamp = None if since is None else since.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
-    deadline = None if deadline_s is None else time.monotonic() + deadline_s
-    seen: set[int] = set()
-    conn = connect_read_only(path, busy_timeout_s)
-    try:
-        for page in _pages(conn, stamp, limit, max_page_rows=COUNT_PAGE_ROWS):
-            for _query_id, query, suggestions, _created_at in page:
-                parsed = example_from_row(query, suggestions)
-                if not isinstance(parsed, str):
-                    seen.add(hash(parsed))
-                    if len(seen) >= limit:
-                        return len(seen)
-            if deadline is not None and time.monotonic() > deadline:
-                raise DataError(f"counting new examples took longer than {deadline_s:g} s; try again later")
-    except sqlite3.DatabaseError as exc:
-        raise _data_error(exc, path, busy_timeout_s) from None
-    finally:
-        conn.close()
-    return len(seen)
+    url = database_url(source)
+    options = _options(busy_timeout_s, options)
+    with _open_table(url, options) as (conn, src):
+        return _count(conn, src, options, limit, since, deadline_s)
 
 
 def _parse_timestamp(value: str | None) -> datetime | None:

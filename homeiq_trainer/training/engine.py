@@ -12,7 +12,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +34,14 @@ HISTORY_POINTS = 50
 # Length grouping sorts within windows of this many batches: enough to find similar lengths,
 # few enough that batch order stays random.
 GROUP_WINDOW_BATCHES = 64
+
+
+SumAcrossWorkers = Callable[[list[float]], list[float]]
+"""Element-wise sum of a list of figures over all workers of a distributed run (the same list when alone)."""
+
+
+def _alone(values: list[float]) -> list[float]:
+    return values
 
 
 class TrainingObserver(Protocol):
@@ -106,6 +114,8 @@ class _LossMeter:
     real_tokens: int = 0
     padded_tokens: int = 0
     examples_seen: int = 0
+    # Under Ray every worker meters its own batches; sums (never means) are added up over workers.
+    reduce: SumAcrossWorkers = _alone
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, loss_sum: float, tokens: int) -> None:
@@ -117,17 +127,22 @@ class _LossMeter:
 
     def take_window(self) -> float | None:
         with self.lock:
-            if not self.window_tokens:
-                return None
-            mean = self.window_sum / self.window_tokens
+            total, tokens = self.reduce([self.window_sum, float(self.window_tokens)])
             self.window_sum, self.window_tokens = 0.0, 0
-            return mean
+            return total / tokens if tokens else None
 
     def close_epoch(self) -> None:
         with self.lock:
-            if self.epoch_tokens:
-                self.last_epoch_mean = self.epoch_sum / self.epoch_tokens
+            total, tokens = self.reduce([self.epoch_sum, float(self.epoch_tokens)])
+            if tokens:
+                self.last_epoch_mean = total / tokens
             self.epoch_sum, self.epoch_tokens = 0.0, 0
+
+    def totals(self) -> tuple[int, int, int]:
+        """(real tokens, padded tokens, examples) over all workers."""
+        counts = [float(self.real_tokens), float(self.padded_tokens), float(self.examples_seen)]
+        real, padded, seen = self.reduce(counts)
+        return int(real), int(padded), int(seen)
 
 
 def pick_device(requested: str) -> tuple[str, bool]:
@@ -254,10 +269,13 @@ def train_adapter(
     observer: TrainingObserver | None = None,
     stop: threading.Event | None = None,
     resume_adapter: Path | None = None,
+    sum_across_workers: SumAcrossWorkers | None = None,
 ) -> TrainOutcome:
     """Fine-tune a LoRA adapter on `examples` and save it (with the tokenizer) to `save_dir`.
 
-    Returns early with `cancelled=True`, saving nothing, when `stop` is set.
+    Returns early with `cancelled=True`, saving nothing, when `stop` is set. Inside a distributed
+    run (the Ray backend) every worker calls this with the same examples and a `sum_across_workers`;
+    the figures it returns are then those of all workers together.
     """
     import torch
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -290,7 +308,13 @@ def train_adapter(
     train_set, eval_set = split_examples(examples, hp.eval_fraction, hp.min_eval_examples)
     train_features = _tokenize(tokenizer, train_set, hp)
     eval_features = _tokenize(tokenizer, eval_set, hp) if eval_set else []
-    meter = _LossMeter()
+    reduce = sum_across_workers or _alone
+    meter = _LossMeter(reduce=reduce)
+
+    def stopping() -> bool:
+        # Collective, so every worker stops at the same step and none waits for the others forever.
+        return reduce([1.0 if stopper.is_set() else 0.0])[0] > 0
+
     # The base model (not the PEFT wrapper) knows how to shift labels into decoder inputs.
     padder = DataCollatorForSeq2Seq(tokenizer, model=base, padding=True, label_pad_token_id=LABEL_PAD)
 
@@ -309,7 +333,9 @@ def train_adapter(
         denominator = num_items_in_batch if num_items_in_batch is not None else tokens
         return loss_sum / torch.clamp(torch.as_tensor(denominator, device=loss_sum.device), min=1)
 
-    steps_per_epoch = math.ceil(math.ceil(len(train_features) / hp.batch_size) / hp.gradient_accumulation_steps)
+    workers = round(reduce([1.0])[0])  # each worker takes every n-th batch
+    batches_per_worker = math.ceil(math.ceil(len(train_features) / hp.batch_size) / workers)
+    steps_per_epoch = math.ceil(batches_per_worker / hp.gradient_accumulation_steps)
     total_steps = steps_per_epoch * hp.epochs
     history_every = max(1, total_steps // HISTORY_POINTS)
     history: list[dict[str, float]] = []
@@ -332,7 +358,7 @@ def train_adapter(
                     eta_s=round(elapsed / step * (state.max_steps - step), 1) if step else None,
                 )
             )
-            if stopper.is_set():
+            if stopping():
                 control.should_training_stop = True
 
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -375,7 +401,7 @@ def train_adapter(
     )
     # With its tqdm bar off the Trainer prints raw metric dicts to stdout; our observer reports instead.
     trainer.remove_callback(PrinterCallback)
-    if stopper.is_set():
+    if stopping():
         return _cancelled(len(train_features), len(eval_features), history, device)
 
     watcher.phase(Phase.TRAINING, f"{len(train_features)} examples, {total_steps} steps")
@@ -383,7 +409,7 @@ def train_adapter(
     trainer.train()
     runtime = time.monotonic() - train_started
     meter.close_epoch()
-    if stopper.is_set():
+    if stopping():
         return _cancelled(len(train_features), len(eval_features), history, device)
 
     eval_loss = None
@@ -399,7 +425,7 @@ def train_adapter(
         # Its I/O errors (a full disk) are not OSErrors; make them one, so they fail the run in one line.
         raise OSError(str(exc)) from exc
     tokenizer.save_pretrained(str(save_dir))
-    processed = meter.examples_seen
+    real_tokens, padded_tokens, processed = meter.totals()
     return TrainOutcome(
         cancelled=False,
         train_examples=len(train_features),
@@ -409,7 +435,7 @@ def train_adapter(
         loss_history=history,
         train_runtime_s=round(runtime, 3),
         train_samples_per_second=round(processed / runtime, 3) if runtime > 0 else 0.0,
-        padding_efficiency=round(meter.real_tokens / meter.padded_tokens, 4) if meter.padded_tokens else None,
+        padding_efficiency=round(real_tokens / padded_tokens, 4) if padded_tokens else None,
         device=device,
         steps=trainer.state.global_step,
     )

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from homeiq_trainer import __version__
+from homeiq_trainer.database import masked
 from homeiq_trainer.messages import Decision, Phase, RunResult, RunStatus, TrainParams, json_safe, utcnow
 from homeiq_trainer.parameters import section_overrides
 from homeiq_trainer.promotion import decide
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.artifacts import ArtifactError
-from homeiq_trainer.training.data import DataError, load_examples
-from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver
+from homeiq_trainer.training.data import DataError, SourceOptions, load_examples
+from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver, TrainOutcome
 from homeiq_trainer.training.evaluate import split_examples
 
 if TYPE_CHECKING:
@@ -77,7 +78,29 @@ def parameters_record(settings: Settings, params: TrainParams) -> dict[str, Any]
     record["lora_target_modules"] = list(hp.lora_target_modules)
     record["max_samples"] = effective_settings(settings, params).data.max_samples
     record["resume_from"] = params.resume_from
+    record["backend"] = settings.training.backend
     return record
+
+
+def _train(
+    settings: Settings,
+    examples: list[Example],
+    hp: Hyperparameters,
+    save_dir: Path,
+    observer: TrainingObserver,
+    stop: threading.Event,
+    resume_dir: Path | None,
+) -> tuple[TrainOutcome, dict[str, Any] | None]:
+    """The configured backend trains: this process, or the Ray cluster (then also says which cluster)."""
+    if settings.training.backend == "ray":
+        from homeiq_trainer.training.ray_backend import train_on_ray
+
+        cluster = settings.ray
+        return train_on_ray(examples, hp, save_dir, cluster, observer=observer, stop=stop, resume_adapter=resume_dir)
+    from homeiq_trainer.training.engine import train_adapter
+
+    outcome = train_adapter(examples, hp, save_dir, observer=observer, stop=stop, resume_adapter=resume_dir)
+    return outcome, None
 
 
 def _resume_target(settings: Settings, params: TrainParams) -> tuple[Path | None, str | None]:
@@ -103,7 +126,8 @@ def execute_run(
     Known failures (bad data, unusable resume target, files that cannot be written, a model that
     cannot be loaded) come back as a `failed` result with a one-line reason; anything else rises.
     """
-    from homeiq_trainer.training.engine import train_adapter
+    # Cheap: the module imports Ray only when a run trains on it.
+    from homeiq_trainer.training.ray_backend import ClusterError
 
     observer = observer or NullObserver()
     stop = stop or threading.Event()
@@ -132,20 +156,22 @@ def execute_run(
                 "lora_target_modules": sorted(config.get("target_modules") or []),
             }
 
-        observer.phase(Phase.LOADING_DATA, f"reading {settings.data.source_db}")
+        source = settings.data.source_url()
+        observer.phase(Phase.LOADING_DATA, f"reading {masked(source)}")
         examples, report = load_examples(
-            settings.data.source_db,
+            source,
             effective_settings(settings, params).data.max_samples,
-            settings.data.busy_timeout_s,
+            options=SourceOptions.from_settings(settings.data),
         )
         result.data = report
         if stop.is_set():
             return result.model_copy(update={"status": RunStatus.CANCELLED})
 
         output_dir.mkdir(parents=True, exist_ok=True)
-        outcome = train_adapter(examples, hp, staging, observer=observer, stop=stop, resume_adapter=resume_dir)
+        outcome, cluster = _train(settings, examples, hp, staging, observer, stop, resume_dir)
         result = result.model_copy(
             update={
+                "cluster": cluster,
                 "train_examples": outcome.train_examples,
                 "eval_examples": outcome.eval_examples,
                 "loss_history": json_safe(outcome.loss_history),
@@ -189,6 +215,8 @@ def execute_run(
             "train_samples_per_second": outcome.train_samples_per_second,
             "padding_efficiency": outcome.padding_efficiency,
             "device": outcome.device,
+            "backend": settings.training.backend,
+            "cluster": cluster,
             "steps": outcome.steps,
             "data": report.model_dump(mode="json"),
             "hyperparameters": {
@@ -221,7 +249,7 @@ def execute_run(
                 "samples": evaluation.samples if evaluation else [],
             }
         )
-    except (DataError, ArtifactError, RunRefused) as exc:
+    except (DataError, ArtifactError, RunRefused, ClusterError) as exc:
         return result.model_copy(update={"status": RunStatus.FAILED, "error": str(exc)})
     except OSError as exc:
         # Disk full, permissions, or a base model that is neither a local directory nor reachable.

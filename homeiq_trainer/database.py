@@ -1,0 +1,161 @@
+"""Database addresses: SQLAlchemy URLs for SQLite and PostgreSQL, shown with the password masked."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+APPLICATION_NAME = "homeiq-trainer"
+"""How our connections appear in PostgreSQL's `pg_stat_activity`."""
+POSTGRES_DRIVER = "postgresql+psycopg"
+POSTGRES_DEFAULT_PORT = 5432
+# HomeIQ's services write `postgresql+asyncpg://`; every PostgreSQL spelling goes through psycopg 3.
+_POSTGRES_NAMES = frozenset({"postgres", "postgresql"})
+
+
+class DatabaseUrlError(ValueError):
+    """A source or history address that is not a SQLite path or a SQLite/PostgreSQL URL."""
+
+
+def database_url(value: str | Path | URL, password: str | None = None) -> URL:
+    """A SQLAlchemy URL from a URL or a plain SQLite file path; `password` fills in a URL without one."""
+    if isinstance(value, URL):
+        url = value
+    elif isinstance(value, Path) or "://" not in value:
+        return URL.create("sqlite", database=str(value))
+    else:
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise DatabaseUrlError("not a database URL (expected sqlite:///path or postgresql://host/db)") from None
+    backend = url.get_backend_name()
+    if backend in _POSTGRES_NAMES:
+        url = url.set(drivername=POSTGRES_DRIVER)
+        if not url.database:
+            raise DatabaseUrlError("a PostgreSQL URL needs a database name (postgresql://user@host:5432/homeiq)")
+        if password and url.password is None:
+            url = url.set(password=password)
+    elif backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise DatabaseUrlError("a SQLite URL needs a file (sqlite:///path/to/file.db)")
+        url = url.set(drivername="sqlite")
+    else:
+        raise DatabaseUrlError(f"unsupported database {backend!r}: use sqlite or postgresql")
+    return url
+
+
+def is_postgres(url: URL) -> bool:
+    """Whether the URL names a PostgreSQL server."""
+    return url.get_backend_name() == "postgresql"
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The file of a SQLite URL; None for a server."""
+    return Path(url.database or "") if url.get_backend_name() == "sqlite" else None
+
+
+def masked(url: URL) -> str:
+    """The URL as it may be shown: the password replaced by ***."""
+    path = sqlite_path(url)
+    if path is not None:
+        return str(path)
+    return url.render_as_string(hide_password=True)
+
+
+def server(url: URL) -> str:
+    """`host:port` of a PostgreSQL URL (libpq's defaults filled in)."""
+    return f"{url.host or 'localhost'}:{url.port or POSTGRES_DEFAULT_PORT}"
+
+
+def where(url: URL) -> str:
+    """Words naming the database for messages: its file, or database and server; never a password."""
+    path = sqlite_path(url)
+    if path is not None:
+        return str(path)
+    return f"database {url.database} on {server(url)}"
+
+
+def same_database(a: URL, b: URL) -> bool:
+    """Whether two URLs reach the same database (same file, or same server and database name)."""
+    path_a, path_b = sqlite_path(a), sqlite_path(b)
+    if path_a is not None or path_b is not None:
+        return path_a is not None and path_b is not None and path_a.resolve() == path_b.resolve()
+    return (server(a), a.database) == (server(b), b.database)
+
+
+def secret_words(url: URL) -> list[str]:
+    """The URL's password, for scrubbing driver messages that might quote it."""
+    return [url.password] if isinstance(url.password, str) and url.password else []
+
+
+def scrub(text: str, url: URL) -> str:
+    """`text` with the URL's password masked, should a driver ever echo it."""
+    for word in secret_words(url):
+        text = text.replace(word, "***")
+    return text
+
+
+def postgres_connect_args(statement_timeout_s: float, connect_timeout_s: float, read_only: bool) -> dict[str, object]:
+    """libpq parameters that keep our sessions short and visible to HomeIQ's operators."""
+    timeout_ms = max(1, int(statement_timeout_s * 1000))
+    options = [f"statement_timeout={timeout_ms}", f"lock_timeout={timeout_ms}", "TimeZone=UTC"]
+    # A session left idle inside a transaction (a stuck process) must not pin old row versions.
+    options.append(f"idle_in_transaction_session_timeout={timeout_ms * 6}")
+    if read_only:
+        options.append("default_transaction_read_only=on")
+    return {
+        "connect_timeout": max(2, math.ceil(connect_timeout_s)),  # libpq treats 1 as 2 anyway
+        "application_name": APPLICATION_NAME,
+        "options": " ".join(f"-c {option}" for option in options),
+    }
+
+
+# PostgreSQL error classes (SQLSTATE) and what to tell the user; the first match wins.
+_PG_SQLSTATE_REASONS = {
+    "28P01": "password authentication failed",
+    "28000": "the server refused this user (pg_hba.conf)",
+    "3D000": "the database does not exist",
+    "42P01": "{table} does not exist",
+    "42703": "{table} lacks a column it had when the read began",
+    "42501": "no {privilege} permission on {table} (GRANT {privilege} ON {table} TO the role in the URL)",
+    "57014": "a statement ran longer than {timeout:g} s (statement_timeout); try again later",
+    "55P03": "waited longer than {timeout:g} s for a lock (lock_timeout); try again later",
+    "57P01": "the server closed the connection mid-operation",
+    "57P02": "the server closed the connection mid-operation",
+    "57P03": "the server is starting up or shutting down",
+}
+_PG_MESSAGE_REASONS = (
+    ("password authentication failed", "password authentication failed"),
+    ("no password supplied", "the server wants a password (data.source_password)"),
+    ("could not translate host name", "unknown host"),
+    ("failed to resolve host", "unknown host"),
+    ("name or service not known", "unknown host"),
+    ("connection refused", "connection refused (is PostgreSQL listening there?)"),
+    ("timeout expired", "no answer within {connect_timeout:g} s (connect_timeout)"),
+    ('database "', "the database does not exist"),
+    ("server closed the connection", "the server closed the connection mid-operation"),
+    ("terminating connection", "the server closed the connection mid-operation"),
+    ("consuming input failed", "the server closed the connection mid-operation"),
+    ("connection is closed", "the server closed the connection mid-operation"),
+    ("connection is lost", "the server closed the connection mid-operation"),
+)
+
+
+def postgres_reason(
+    orig: BaseException | None, table_name: str, timeout_s: float, connect_timeout_s: float, privilege: str = "SELECT"
+) -> str:
+    """Why a PostgreSQL operation failed, in a few words (the driver's own line when unforeseen)."""
+    sqlstate = getattr(orig, "sqlstate", None)
+    text = str(orig or "").strip()
+    lowered = text.lower()
+    template = _PG_SQLSTATE_REASONS.get(sqlstate or "")
+    if template is None:
+        template = next((reason for needle, reason in _PG_MESSAGE_REASONS if needle in lowered), None)
+    if template is None:
+        # An unforeseen error: its first line, without libpq's severity prefix.
+        template = (text.splitlines() or [type(orig).__name__])[0].split("FATAL:")[-1].split("ERROR:")[-1].strip()
+        return template[:300]
+    return template.format(table=table_name, timeout=timeout_s, connect_timeout=connect_timeout_s, privilege=privilege)

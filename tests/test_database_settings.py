@@ -1,0 +1,143 @@
+"""data.source / storage.history as URLs: normalised, masked everywhere, never HomeIQ's database for writing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from homeiq_trainer.database import database_url, masked, same_database, where
+from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.settings import ConfigError, load_settings
+from tests import postgres
+
+PASSWORD = "url-s3cret-pw"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("data/ai_automation.db", "sqlite:///data/ai_automation.db"),
+        ("sqlite:////share/homeiq/ai_automation.db", "sqlite:////share/homeiq/ai_automation.db"),
+        ("postgresql+asyncpg://homeiq:pw@postgres:5432/homeiq", "postgresql+psycopg://homeiq:***@postgres:5432/homeiq"),
+        ("postgres://homeiq@postgres/homeiq", "postgresql+psycopg://homeiq@postgres/homeiq"),
+        ("postgresql+psycopg2://homeiq@postgres/homeiq", "postgresql+psycopg://homeiq@postgres/homeiq"),
+    ],
+)
+def test_urls_are_normalised(given: str, expected: str) -> None:
+    assert database_url(given).render_as_string(hide_password=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("mysql://u:pw@h/db", "unsupported database 'mysql'"),
+        ("postgresql://u:pw@h", "needs a database name"),
+        ("sqlite://", "needs a file"),
+    ],
+)
+def test_unusable_source_names_the_key_never_the_password(given: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"data": {"source": given.replace("pw", PASSWORD)}})
+    assert "data.source (HOMEIQ_DATA__SOURCE)" in str(caught.value) and message in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+def test_password_option_fills_a_url_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOMEIQ_DATA__SOURCE", "postgresql+asyncpg://homeiq@postgres:5432/homeiq")
+    monkeypatch.setenv("HOMEIQ_DATA__SOURCE_PASSWORD", PASSWORD)
+    settings = load_settings()
+    url = settings.data.source_url()
+    assert url.password == PASSWORD and url.drivername == "postgresql+psycopg"
+    assert masked(url) == "postgresql+psycopg://homeiq:***@postgres:5432/homeiq"
+    assert where(url) == "database homeiq on postgres:5432"
+    assert PASSWORD not in repr(settings) and PASSWORD not in settings.model_dump_json()
+    # A URL's own password wins.
+    monkeypatch.setenv("HOMEIQ_DATA__SOURCE", "postgresql://homeiq:own@postgres/homeiq")
+    assert load_settings().data.source_url().password == "own"
+
+
+def test_source_db_still_works_and_source_wins(tmp_path: Path) -> None:
+    settings = load_settings(None, {"data": {"source_db": str(tmp_path / "a.db")}})
+    assert masked(settings.data.source_url()) == str(tmp_path / "a.db")
+    settings = load_settings(None, {"data": {"source_db": str(tmp_path / "a.db"), "source": str(tmp_path / "b.db")}})
+    assert masked(settings.data.source_url()) == str(tmp_path / "b.db")
+
+
+@pytest.mark.parametrize(
+    ("source", "history"),
+    [
+        ("postgresql://homeiq@db.lan/homeiq", "postgresql://trainer:pw@db.lan:5432/homeiq"),
+        ("{tmp}/homeiq.db", "sqlite:///{tmp}/./homeiq.db"),
+    ],
+)
+def test_history_never_in_homeiqs_database(tmp_path: Path, source: str, history: str) -> None:
+    with pytest.raises(ConfigError, match="storage.history must not be HomeIQ's database"):
+        load_settings(
+            None,
+            {"data": {"source": source.format(tmp=tmp_path)}, "storage": {"history": history.format(tmp=tmp_path)}},
+        )
+
+
+def test_history_on_another_database_of_the_server_is_fine() -> None:
+    a, b = database_url("postgresql://h/homeiq"), database_url("postgresql://h:5432/trainer")
+    assert not same_database(a, b)
+    settings = load_settings(
+        None, {"data": {"source": "postgresql://h/homeiq"}, "storage": {"history": "postgresql://h/trainer"}}
+    )
+    assert settings.storage.history_url().database == "trainer"
+
+
+def test_homeiq_runs_needs_postgres(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="homeiq_runs needs a PostgreSQL"):
+        load_settings(None, {"data": {"source_db": str(tmp_path / "a.db")}, "storage": {"homeiq_runs": True}})
+    settings = load_settings(
+        None,
+        {
+            "data": {"source": "postgresql://ro@h/homeiq", "source_password": PASSWORD},
+            "storage": {"homeiq_runs": True, "homeiq_runs_url": "postgresql://writer@h/homeiq"},
+        },
+    )
+    runs_url = settings.homeiq_runs_url()
+    assert runs_url is not None and runs_url.username == "writer" and runs_url.password == PASSWORD
+    assert load_settings(None, {"data": {"source": "postgresql://ro@h/homeiq"}}).homeiq_runs_url() is None
+
+
+def test_history_on_postgres(pg_database: str) -> None:
+    url = postgres.sqlalchemy_url(pg_database, PASSWORD)
+    store = HistoryStore(url)
+    try:
+        assert PASSWORD not in store.display
+        run = store.create("run_20260301_120000", "google/flan-t5-small", "/out/run", "test", {"epochs": 1})
+        assert store.by_identifier("run_20260301_120000") == run
+        assert [r.run_identifier for r in store.recent(5)] == ["run_20260301_120000"]
+    finally:
+        store.close()
+        with postgres.connect(pg_database) as conn:
+            conn.execute("DROP TABLE IF EXISTS training_runs")
+
+
+def test_cli_failure_on_unreachable_server_is_one_line_without_password(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "HOMEIQ_DATA__SOURCE": "postgresql://homeiq@127.0.0.1:1/homeiq",
+        "HOMEIQ_DATA__SOURCE_PASSWORD": PASSWORD,
+        "HOMEIQ_STORAGE__HISTORY_DB": str(tmp_path / "history.db"),
+        "HOMEIQ_STORAGE__OUTPUT_DIR": str(tmp_path / "out"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "homeiq_trainer", "train", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "cannot read ask_ai_queries from database homeiq on 127.0.0.1:1: connection refused" in last
+    assert PASSWORD not in done.stderr + done.stdout
+    assert PASSWORD.encode() not in (tmp_path / "history.db").read_bytes()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

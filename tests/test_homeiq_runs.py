@@ -1,0 +1,112 @@
+"""storage.homeiq_runs: our runs in HomeIQ's own automation.training_runs, with the README's roles."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from homeiq_trainer.jobs import JobRequest, open_history, open_run, record_result
+from homeiq_trainer.messages import RunResult, RunStatus, TrainParams
+from homeiq_trainer.settings import Settings
+from homeiq_trainer.training.run import execute_run
+from tests import postgres
+from tests.postgres import suggestion
+
+from .conftest import SettingsFactory
+
+PASSWORD = "runs-s3cret-pw"
+ROLE = "homeiq_trainer_t"
+# The README's read-only role, plus the INSERT that storage.homeiq_runs needs (README, same words).
+README_ROLE_SQL = f"""
+CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
+ALTER ROLE {ROLE} SET default_transaction_read_only = on;
+GRANT USAGE ON SCHEMA automation TO {ROLE};
+GRANT SELECT ON automation.ask_ai_queries TO {ROLE};
+GRANT INSERT ON automation.training_runs TO {ROLE};
+GRANT USAGE ON SEQUENCE automation.training_runs_id_seq TO {ROLE};
+"""
+
+
+@pytest.fixture
+def homeiq_db(pg_database: str) -> Iterator[str]:
+    """HomeIQ's current Ask AI table with 60 good rows, its training_runs table, and the README's role."""
+    postgres.reset_schema(pg_database, postgres.CURRENT_DDL + postgres.TRAINING_RUNS_DDL)
+    rows = [
+        (f"Turn on light {i} at {i % 24}:00", [suggestion(f"Light {i} on at {i % 24}:00")], "complete")
+        for i in range(60)
+    ]
+    postgres.insert_current(pg_database, rows)
+    with postgres.connect(pg_database) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {ROLE}")
+        conn.execute(README_ROLE_SQL)
+    yield pg_database
+    with postgres.connect(pg_database) as conn:
+        conn.execute(f"DROP OWNED BY {ROLE}")
+        conn.execute(f"DROP ROLE {ROLE}")
+
+
+def role_url(dbname: str) -> str:
+    return postgres.sqlalchemy_url(dbname).set(username=ROLE, password=PASSWORD).render_as_string(hide_password=False)
+
+
+def train(settings: Settings) -> RunResult:
+    store = open_history(settings)
+    try:
+        row = open_run(store, settings, JobRequest(params=TrainParams(), triggered_by="home_assistant"))
+        store.mark_running(row.id)  # type: ignore[arg-type]
+        result = execute_run(settings, TrainParams(), row.run_identifier)
+        record_result(store, settings, row, result)
+    finally:
+        store.close()
+    return result
+
+
+def homeiq_runs(dbname: str) -> list[dict[str, Any]]:
+    with postgres.connect(dbname) as conn, conn.cursor() as cur:
+        cur.execute(postgres.HOMEIQ_RUNS_QUERY)
+        names = [d.name for d in cur.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def test_homeiq_lists_our_run(homeiq_db: str, make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    before = postgres.checksum(homeiq_db)
+    settings = make_settings(data={"source": role_url(homeiq_db)}, storage={"homeiq_runs": True})
+    result = train(settings)
+    assert result.status is RunStatus.COMPLETED, result.error
+    runs = homeiq_runs(homeiq_db)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["run_identifier"] == result.run_identifier and run["status"] == "completed"
+    assert run["dataset_size"] == result.data.examples == 60
+    assert run["final_loss"] == pytest.approx(result.final_loss)
+    assert run["triggered_by"] == "home_assistant"
+    assert run["finished_at"] >= run["started_at"]
+    assert postgres.checksum(homeiq_db) == before  # the Ask AI history itself is untouched
+    assert PASSWORD not in caplog.text
+
+
+def test_off_leaves_homeiq_runs_untouched(homeiq_db: str, make_settings: SettingsFactory) -> None:
+    before = postgres.checksum(homeiq_db, "automation.training_runs")
+    settings = make_settings(data={"source": role_url(homeiq_db)})
+    assert train(settings).status is RunStatus.COMPLETED
+    assert postgres.checksum(homeiq_db, "automation.training_runs") == before == (0, postgres.EMPTY_DIGEST)
+
+
+def test_refused_write_is_logged_once_and_the_run_completes(
+    homeiq_db: str, make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    with postgres.connect(homeiq_db) as conn:
+        conn.execute(f"REVOKE INSERT ON automation.training_runs FROM {ROLE}")
+    settings = make_settings(data={"source": role_url(homeiq_db)}, storage={"homeiq_runs": True})
+    caplog.set_level(logging.WARNING)
+    result = train(settings)
+    assert result.status is RunStatus.COMPLETED
+    warnings = [r.getMessage() for r in caplog.records if "not recorded in HomeIQ" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "no INSERT permission on automation.training_runs" in warnings[0]
+    assert PASSWORD not in warnings[0]
+    assert homeiq_runs(homeiq_db) == []
