@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Text, event
+from sqlalchemy import JSON, Column, Index, Text, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -49,6 +49,7 @@ class TrainingRun(SQLModel, table=True):
     request_id: str | None = None
     parameters_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     data_report_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    peak_rss_mb: float | None = None
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -85,6 +86,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Add columns newer releases declare to a history file an older release created (all nullable)."""
+    table = TrainingRun.__table__  # type: ignore[attr-defined]
+    present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    with engine.begin() as connection:
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                _LOGGER.info("History: added column %s to %s", column.name, table.name)
+
+
 class HistoryStore:
     """The run history, with one method per thing that happens to a run."""
 
@@ -94,6 +107,7 @@ class HistoryStore:
         self._engine: Engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
         event.listen(self._engine, "connect", _sqlite_pragmas)
         SQLModel.metadata.create_all(self._engine)
+        _add_missing_columns(self._engine)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -155,6 +169,7 @@ class HistoryStore:
         base_model: str | None = None,
         data_report: dict[str, Any] | None = None,
         error: str | None = None,
+        peak_rss_mb: float | None = None,
     ) -> TrainingRun:
         """Close the run with its outcome; `error` keeps its last 5000 characters."""
         values: dict[str, Any] = {
@@ -167,6 +182,7 @@ class HistoryStore:
             "metadata_path": metadata_path,
             "data_report_json": data_report,
             "error_message": error[-ERROR_TAIL_CHARS:] if error else None,
+            "peak_rss_mb": peak_rss_mb,
         }
         if output_dir is not None:
             values["output_dir"] = output_dir

@@ -108,4 +108,5 @@ def record_result(store: HistoryStore, run: TrainingRun, result: RunResult) -> T
         base_model=result.base_model,
         data_report=result.data.model_dump(mode="json") if result.data.rows_read else None,
         error=result.error,
+        peak_rss_mb=result.peak_rss_mb,
     )

@@ -130,6 +130,7 @@ class RunResult(_Wire):
     padding_efficiency: float | None = None
     device: str | None = None
     error: str | None = None
+    peak_rss_mb: float | None = None
 
     def reason(self) -> str:
         """The last line of the error (a traceback's is the exception), for one-line displays."""

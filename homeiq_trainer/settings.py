@@ -82,8 +82,17 @@ class TrainingSettings(_Section):
     """Passes over the training split."""
     learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
     """Peak AdamW learning rate."""
-    batch_size: int = Field(8, ge=1, le=512)
-    """Examples per optimizer micro-batch."""
+    batch_size: int = Field(64, ge=1, le=512)
+    """Most examples in one micro-batch (a cap; `batch_tokens` decides how many fit)."""
+    batch_tokens: int = Field(1024, ge=64, le=1_048_576)
+    """Padded tokens (source + target, rows × longest) per micro-batch.
+
+    Length-grouped examples fill each batch up to this budget, so short examples make big batches and
+    long ones small batches of bounded memory; an example longer than the budget trains alone. The
+    loss is the mean over a step's target tokens, so a step averages ~batch_tokens / 3 tokens whatever
+    the example count: when you raise batch_tokens k-fold, raise `learning_rate` by about √k (Adam's
+    square-root rule) or expect slower progress per epoch; lowering it works the other way round.
+    """
     gradient_accumulation_steps: int = Field(1, ge=1, le=128)
     """Micro-batches per optimizer step."""
     source_max_tokens: int = Field(256, ge=8, le=4096)
@@ -98,6 +107,12 @@ class TrainingSettings(_Section):
     """Torch CPU threads; 0 means the cores this process may use."""
     group_by_length: bool = True
     """Batch examples of similar source and target length to avoid padding."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 on CUDA where supported, and on CPUs with avx512_bf16 or AMX (bf16 autocast); else fp32."""
+    early_stopping_patience: int = Field(2, ge=0, le=1000)
+    """Stop after this many held-out evaluations without a new best; 0 never stops early. The best adapter is kept."""
+    eval_every_steps: int = Field(0, ge=0, le=1_000_000)
+    """Held-out loss every this many optimizer steps; 0 means at the end of every epoch."""
 
 
 class MqttSettings(_Section):
