@@ -306,3 +306,29 @@ def test_token_budget_batches_fill_the_budget_with_little_padding() -> None:
     assert padding_efficiency(lengths, list(shuffled)) < 0.7
     # A single example over the budget trains alone instead of failing.
     assert list(TokenBudgetBatchSampler([(300, 300), (5, 5)], 64, 8, seed=0)) in ([[0], [1]], [[1], [0]])
+
+
+def test_history_from_an_older_release_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    # training_runs as the previous release created it: no peak_rss_mb.
+    conn.execute(
+        "CREATE TABLE training_runs (id INTEGER PRIMARY KEY, training_type VARCHAR(20), status VARCHAR(20), "
+        "started_at DATETIME, finished_at DATETIME, dataset_size INTEGER, base_model VARCHAR, output_dir VARCHAR, "
+        "run_identifier VARCHAR, final_loss FLOAT, error_message TEXT, metadata_path VARCHAR, triggered_by VARCHAR, "
+        "iteration_history_json JSON, eval_loss FLOAT, request_id VARCHAR, parameters_json JSON, data_report_json JSON)"
+    )
+    conn.execute(
+        "INSERT INTO training_runs (status, started_at, run_identifier, triggered_by, training_type) "
+        "VALUES ('completed', '2025-01-01 00:00:00', 'run_old', 'admin', 'soft_prompt')"
+    )
+    conn.commit()
+    conn.close()
+    store = HistoryStore(path)
+    old = store.by_identifier("run_old")
+    assert old is not None and old.peak_rss_mb is None
+    done = store.finish(old.id or 0, RunStatus.COMPLETED, peak_rss_mb=512.5)
+    assert done.peak_rss_mb == 512.5
+    store.close()

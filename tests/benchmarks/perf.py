@@ -43,6 +43,8 @@ from tests.benchmarks.run import ROWS, Row, machine
 
 RESULTS_MD = Path(__file__).with_name("PERF_RESULTS.md")
 PARTS = ("padding", "mfu", "quality", "rss")
+EXTRA_PARTS = ("profile",)  # only with --only
+PROFILE_ROWS = 15
 REFERENCE_EPOCHS = 3
 REFERENCE_TIMED_EXAMPLES = 8  # padded reference steps timed, then multiplied out (every step has the same shape)
 RSS_EXAMPLES = 2000
@@ -366,6 +368,22 @@ def bench_quality(bench: Bench) -> None:
     )
 
 
+def bench_profile(bench: Bench) -> None:
+    """Where one fp32 epoch and one bf16 epoch spend their CPU time: torch profiler, top operators."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for precision in ("fp32", "bf16"):
+        log(f"profiling one {precision} epoch")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_ours(bench, f"profile-{precision}", epochs=1, precision=precision)
+        table = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS, max_name_column_width=40
+        )
+        print(table)
+        NOTES.append(f"Profile, one {precision} epoch ({torch.get_num_threads()} threads):\n\n```\n{table}\n```")
+
+
 def rss_db(path: Path) -> Path:
     """A source database with RSS_EXAMPLES usable rows, the newest RSS_LONG_TARGETS with 256-token targets."""
     if path.exists():
@@ -452,7 +470,9 @@ def render(parts: Sequence[str], wall_s: float, load_before: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
+    parser.add_argument(
+        "--only", choices=PARTS + EXTRA_PARTS, action="append", help="run only these parts (repeatable)"
+    )
     parser.add_argument("--work-dir", type=Path, help="keep inputs and outputs here (default: a temp dir)")
     args = parser.parse_args()
     parts = args.only or list(PARTS)
@@ -467,7 +487,7 @@ def main() -> int:
         hp = hp_for(Bench(work, model_dir, examples, [], []))
         train, held_out = split_examples(examples, hp.eval_fraction, hp.min_eval_examples, hp.seed)
         bench = Bench(work, model_dir, examples, train, held_out)
-        for part in PARTS:
+        for part in PARTS + EXTRA_PARTS:
             if part in parts:
                 globals()[f"bench_{part}"](bench)
     text = render(parts, time.monotonic() - started, load_before)
