@@ -45,6 +45,7 @@ RESULTS_MD = Path(__file__).with_name("PERF_RESULTS.md")
 PARTS = ("padding", "mfu", "quality", "rss")
 EXTRA_PARTS = ("profile",)  # only with --only
 PROFILE_ROWS = 15
+THREADS = [0]  # torch threads for every run (0: the cores this process may use); set by --threads
 REFERENCE_EPOCHS = 3
 REFERENCE_TIMED_EXAMPLES = 8  # padded reference steps timed, then multiplied out (every step has the same shape)
 RSS_EXAMPLES = 2000
@@ -123,7 +124,7 @@ class Bench:
 
 
 def hp_for(bench: Bench, **overrides: Any) -> Any:
-    settings = load_settings(None, {"training": {"base_model": str(bench.model_dir)}})
+    settings = load_settings(None, {"training": {"base_model": str(bench.model_dir), "threads": THREADS[0]}})
     return dataclasses.replace(hyperparameters(settings, TrainParams()), **overrides)
 
 
@@ -177,15 +178,15 @@ def long_tailed_lengths(n: int, seed: int = 3) -> list[tuple[int, int]]:
     return [(s, 256) if i % 100 == 0 else (s, t) for i, (s, t) in enumerate(lengths)]
 
 
-_DEFAULTS_RUN: dict[str, Any] = {}
+_RUNS: dict[str, dict[str, Any]] = {}
 
 
-def defaults_run(bench: Bench) -> dict[str, Any]:
-    """homeiq-trainer at its defaults (3 epochs, precision auto, early stopping), run once per benchmark."""
-    if not _DEFAULTS_RUN:
-        log(f"homeiq-trainer at its defaults on {len(bench.examples)} examples")
-        _DEFAULTS_RUN.update(train_ours(bench, "ours-defaults"))
-    return _DEFAULTS_RUN
+def run_once(bench: Bench, name: str, **overrides: Any) -> dict[str, Any]:
+    """`train_ours`, once per name and benchmark (parts share runs)."""
+    if name not in _RUNS:
+        log(f"homeiq-trainer: {name} ({overrides or 'defaults'}) on {len(bench.examples)} examples")
+        _RUNS[name] = train_ours(bench, name, **overrides)
+    return _RUNS[name]
 
 
 # --- parts ---------------------------------------------------------------------------------------
@@ -228,9 +229,8 @@ def bench_mfu(bench: Bench) -> None:
     peaks: dict[str, list[tuple[float, float]]] = {"float32": [], "bfloat16": []}
     for dtype, values in peaks.items():
         values.append(matmul_peak_gflops(dtype))
-    log(f"fp32 run, {REFERENCE_EPOCHS} epochs")
-    fp32 = train_ours(bench, "ours-fp32", precision="fp32")
-    bf16 = defaults_run(bench)
+    fp32 = run_once(bench, "fp32-1-epoch", epochs=1, precision="fp32")
+    bf16 = run_once(bench, "defaults-1-epoch", epochs=1)
     for dtype, values in peaks.items():
         values.append(matmul_peak_gflops(dtype))
     # (wall, CPU) peaks, each the mean of the measurements before and after the runs
@@ -240,7 +240,7 @@ def bench_mfu(bench: Bench) -> None:
     fig: dict[str, dict[str, float]] = {}
     for name, run in (("fp32", fp32), ("bf16", bf16)):
         outcome = run["outcome"]
-        flops = useful * outcome.steps / (fp32["outcome"].steps / REFERENCE_EPOCHS)
+        flops = useful * outcome.steps / fp32["outcome"].steps  # both ran one epoch
         wall_s = outcome.train_runtime_s - sum(e["eval_s"] for e in outcome.eval_history)
         cpu_s = outcome.train_cpu_s - sum(e["eval_cpu_s"] for e in outcome.eval_history)
         fig[name] = {
@@ -270,7 +270,7 @@ def bench_mfu(bench: Bench) -> None:
     )
     speedup, parity = f32["cpu_s"] / f16["cpu_s"], abs(f16["loss"] - f32["loss"]) / f32["loss"]
     row(
-        "bf16 speed-up over fp32, same CPU (CPU seconds of training); held-out loss parity",
+        "bf16 speed-up over fp32, same CPU, one epoch (CPU seconds of training); held-out loss parity",
         f"{speedup:.2f}× ({f16['cpu_s']:.0f} vs {f32['cpu_s']:.0f} CPU s; wall {f32['wall_s'] / f16['wall_s']:.2f}×); "
         f"held-out loss {f16['loss']:.4f} vs {f32['loss']:.4f} ({100 * parity:.2f}%)",
         "≥ 1.6×, within 2%",
@@ -329,7 +329,7 @@ def reference_quality(bench: Bench) -> tuple[float, dict[str, float]]:
 
 def bench_quality(bench: Bench) -> None:
     ref_loss, ref = reference_quality(bench)
-    ours = defaults_run(bench)["outcome"]
+    ours = run_once(bench, "defaults")["outcome"]
     reached = next((e for e in ours.eval_history if e["eval_loss"] <= ref_loss), None)
     trail = ", ".join(
         f"step {e['step']:.0f} (epoch {e['epoch']:.1f}): {e['eval_loss']:.4f} at {e['elapsed_s']:.1f} s "
@@ -354,8 +354,7 @@ def bench_quality(bench: Bench) -> None:
     stock_reference.train_stock(pairs, bench.model_dir, bench.work / "stock")
     stock_wall, stock_cpu = time.monotonic() - started, time.process_time() - cpu_started
     stock_loss = score(bench, bench.work / "stock" / "adapter")
-    log("homeiq-trainer at defaults, 1 epoch")
-    one = train_ours(bench, "ours-1-epoch", epochs=1)
+    one = run_once(bench, "defaults-1-epoch", epochs=1)
     one_loss = score(bench, one["dir"])
     ratio = stock_cpu / one["cpu_s"]
     row(
@@ -415,6 +414,7 @@ def bench_rss(bench: Bench) -> None:
         "HOMEIQ_STORAGE__HISTORY_DB": str(bench.work / "rss-history.db"),
         "HOMEIQ_TRAINING__BASE_MODEL": str(bench.model_dir),
         "HOMEIQ_LOG_LEVEL": "WARNING",
+        "HOMEIQ_TRAINING__THREADS": str(THREADS[0]),
     }
     log(
         f"`homeiq-trainer train` at defaults, {RSS_EXAMPLES} examples "
@@ -462,6 +462,7 @@ def render(parts: Sequence[str], wall_s: float, load_before: str) -> str:
         "# Training performance (issue 12)\n\n"
         f"Machine: {machine()}. Load average before the run: {load_before}.\n"
         f"Command: `.venv/bin/python -m tests.benchmarks.perf` (parts: {', '.join(parts)}; "
+        f"torch threads: {THREADS[0] or 'all cores'}; "
         f"{wall_s / 60:.1f} minutes).\n"
         f"Model: flan-t5-small's dimensions, randomly initialised; {BENCH_EXAMPLES} HomeIQ-shaped examples "
         "(180 train, 20 held out) unless a row says otherwise.\n\n" + "\n".join(lines) + f"\n\n## Notes\n\n{notes}\n"
@@ -474,7 +475,18 @@ def main() -> int:
         "--only", choices=PARTS + EXTRA_PARTS, action="append", help="run only these parts (repeatable)"
     )
     parser.add_argument("--work-dir", type=Path, help="keep inputs and outputs here (default: a temp dir)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for every run (default 0: all cores; 1 on a machine other processes keep busy, "
+        "where waiting threads spin and swamp the figures)",
+    )
     args = parser.parse_args()
+    import torch
+
+    THREADS[0] = args.threads
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     parts = args.only or list(PARTS)
     load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     started = time.monotonic()
