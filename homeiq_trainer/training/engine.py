@@ -346,6 +346,9 @@ def train_adapter(
     precision = pick_precision(device, hp.precision)
     if device == "cpu":
         torch.set_num_threads(cpu_threads(hp.threads))
+        # Subnormal floats (an untrained model's tiny gradients, far-off probabilities) take a slow
+        # path on x86; as zeros they change no figure worth keeping. This process only trains.
+        torch.set_flush_denormal(True)
 
     watcher.phase(Phase.LOADING_MODEL, f"loading {hp.base_model} on {device} ({precision})")
     # On CUDA the weights themselves are bf16; on a CPU they stay fp32 and matrix multiplies autocast.

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+# exp(-80) ≈ 1.8e-35 is still a normal fp32 number (subnormals start below ~1.2e-38).
+LOG_PROB_FLOOR = -80.0
 # Labelled tokens per chunk: 1,024 × 32,128 fp32 logits is 128 MiB, and the same again for their softmax.
 CHUNK_TOKENS = 1024
 
@@ -46,7 +48,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
                 if grad is not None:
                     # d(loss)/d(logits) = softmax - one-hot; d(loss)/d(hidden) = that @ weight.
-                    probs = logits.sub_(log_norm[:, None]).exp_()
+                    # Clamped so exp never returns a subnormal: on x86 those take a slow path ~30× longer,
+                    # and a confident model's far-off tokens would otherwise make this the costliest line.
+                    probs = logits.sub_(log_norm[:, None]).clamp_(min=LOG_PROB_FLOOR).exp_()
                     probs[torch.arange(end - start, device=probs.device), target] -= 1.0
                     grad[start:end] = (probs.to(compute_dtype) @ w).to(hidden.dtype)
         if grad is not None:

@@ -7,6 +7,7 @@ training process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import random
 import threading
@@ -114,7 +115,7 @@ class TrainingSession:
             feature_lengths(train_features), hp.batch_tokens, hp.batch_size, hp.seed, hp.group_by_length
         )
         self.total_steps = math.ceil(len(sampler) / hp.gradient_accumulation_steps) * hp.epochs
-        callbacks: list[TrainerCallback] = [_Progress(self)]
+        callbacks: list[TrainerCallback] = [_Progress(self), _ReturnFreedMemory()]
         if eval_features:
             self.best = BestAdapter(self, eval_features, padder)
             callbacks.append(self.best)
@@ -191,6 +192,24 @@ class _Progress(TrainerCallback):
 
     def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.session.meter.close_epoch()
+
+
+class _ReturnFreedMemory(TrainerCallback):
+    """Hands freed heap pages back to the system after each step (glibc's `malloc_trim`).
+
+    Batches of ever-changing shapes leave glibc's heap fragmented: freed activation memory stays
+    resident and the process's peak grows with every new shape. Trimming costs about a millisecond.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self.trim: Any = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            self.trim = None
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.trim is not None:
+            self.trim(0)
 
 
 class BestAdapter(TrainerCallback):
