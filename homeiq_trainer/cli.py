@@ -16,6 +16,7 @@ from typing import Any
 from homeiq_trainer import __version__
 from homeiq_trainer.jobs import InstanceBusy
 from homeiq_trainer.messages import Phase, ProgressEvent, RunStatus, TrainParams
+from homeiq_trainer.parameters import PARAMETERS
 from homeiq_trainer.settings import ConfigError, Settings, load_settings
 
 _LOGGER = logging.getLogger("homeiq_trainer")
@@ -120,8 +121,10 @@ class ConsoleObserver:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training run in the foreground."""
+    from homeiq_trainer.control import SettingsPanel
     from homeiq_trainer.history import HistoryStore
     from homeiq_trainer.jobs import InstanceLock, JobRequest, crash_result, open_run, record_result, recover
+    from homeiq_trainer.overrides import OverridesStore, pinned_settings
     from homeiq_trainer.training.run import execute_run
 
     overrides = _section_overrides(
@@ -135,13 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args, overrides)
     _setup_logging(settings.log_level)
     params = TrainParams(
-        epochs=args.epochs,
-        max_samples=args.max_samples,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
+        **{declared.name: getattr(args, declared.name) for declared in PARAMETERS},
         resume_from=args.resume_from,
         base_model=args.base_model,
     )
@@ -158,6 +155,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     lock.acquire()
     try:
         store = HistoryStore(settings.storage.history_db)
+        # Values set from Home Assistant apply here too; this command's own options win, as a command's params do.
+        panel = SettingsPanel(settings, OverridesStore(store.engine), pinned_settings(os.environ, overrides))
+        settings = panel.effective
         recover(store, settings)
         run = open_run(store, settings, JobRequest(params=params, triggered_by=args.triggered_by))
         store.mark_running(run.id)  # type: ignore[arg-type]
@@ -170,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = crash_result(run, exc)
         finally:
             observer.close()
-        run = record_result(store, run, result)
+        run = record_result(store, settings, run, result)
         store.close()
     finally:
         lock.release()
@@ -284,13 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     train = with_config(sub.add_parser("train", help="run one training run in the foreground"))
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--max-samples", type=int)
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lora-r", type=int)
-    train.add_argument("--lora-alpha", type=int)
-    train.add_argument("--lora-dropout", type=float)
+    for declared in PARAMETERS:
+        train.add_argument(
+            f"--{declared.name.replace('_', '-')}",
+            type=declared.kind,
+            help=f"{declared.help} ({declared.bounds_text()}; default: {declared.section}.{declared.key})",
+        )
     train.add_argument("--base-model", help="hub id or local directory of a seq2seq model")
     train.add_argument("--resume-from", help="'latest' or a run identifier from the history")
     train.add_argument("--source-db", type=Path, help="HomeIQ's database (read-only)")

@@ -11,13 +11,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from homeiq_trainer import __version__
-from homeiq_trainer.messages import RunStatus
+from homeiq_trainer.control import Control, active_controls, number_limits, select_options
+from homeiq_trainer.messages import State
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.topics import AVAILABLE, NOT_AVAILABLE, Topics
 
 SUPPORT_URL = "https://github.com/homeiq/homeiq-trainer"
-IDLE = "idle"
-STATE_OPTIONS = [IDLE, *(status.value for status in RunStatus)]
+STATE_OPTIONS = [state.value for state in State]
+# A configuration entity reads its value from `<base>/settings`, and what pins it as an attribute.
+_SETTING_VALUE = "{{ value_json.%s }}"
+_SETTING_PINNED_BY = "{{ {'pinned_by': value_json.pinned.%s} | tojson }}"
 # Home Assistant refuses states longer than 255 characters.
 MAX_STATE_CHARS = 250
 
@@ -52,30 +55,23 @@ class Availability(_Strict):
     payload_not_available: str = NOT_AVAILABLE
 
 
-Platform = Literal["button", "sensor", "binary_sensor"]
+Platform = Literal["button", "sensor", "binary_sensor", "number", "select"]
+_STATE_KEYS = {"state_topic", "value_template", "json_attributes_topic", "json_attributes_template"}
 _PLATFORM_KEYS: dict[str, set[str]] = {
     "button": {"command_topic", "payload_press"},
     "sensor": {
-        "state_topic",
-        "value_template",
+        *_STATE_KEYS,
         "device_class",
         "state_class",
         "unit_of_measurement",
         "options",
         "suggested_display_precision",
-        "json_attributes_topic",
-        "json_attributes_template",
     },
-    "binary_sensor": {
-        "state_topic",
-        "value_template",
-        "device_class",
-        "payload_on",
-        "payload_off",
-        "json_attributes_topic",
-        "json_attributes_template",
-    },
+    "binary_sensor": {*_STATE_KEYS, "device_class", "payload_on", "payload_off"},
+    "number": {*_STATE_KEYS, "command_topic", "min", "max", "step", "mode", "unit_of_measurement"},
+    "select": {*_STATE_KEYS, "command_topic", "options"},
 }
+_COMMAND_PLATFORMS = {"button", "number", "select"}
 _COMMON_KEYS = {
     "platform",
     "unique_id",
@@ -95,8 +91,8 @@ class Component(_Strict):
     platform: Platform
     unique_id: str = Field(min_length=1)
     name: str
-    default_entity_id: str = Field(pattern=r"^[a-z_]+\.[a-z0-9_]+$")
-    object_id: str = Field(pattern=r"^[a-z0-9_]+$")
+    default_entity_id: str | None = Field(None, pattern=r"^[a-z_]+\.[a-z0-9_]+$")
+    object_id: str | None = Field(None, pattern=r"^[a-z0-9_]+$")
     icon: str | None = None
     entity_category: Literal["diagnostic", "config"] | None = None
     enabled_by_default: bool | None = None
@@ -110,6 +106,10 @@ class Component(_Strict):
     unit_of_measurement: str | None = None
     options: list[str] | None = None
     suggested_display_precision: int | None = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = Field(None, ge=0.001)
+    mode: Literal["auto", "box", "slider"] | None = None
     payload_on: str | None = None
     payload_off: str | None = None
     json_attributes_topic: str | None = None
@@ -121,17 +121,19 @@ class Component(_Strict):
         unknown = given - _COMMON_KEYS - _PLATFORM_KEYS[self.platform]
         if unknown:
             raise ValueError(f"{self.platform} does not take {sorted(unknown)}")
-        if self.platform == "button" and not self.command_topic:
-            raise ValueError("a button needs a command_topic")
+        if self.platform in _COMMAND_PLATFORMS and not self.command_topic:
+            raise ValueError(f"a {self.platform} needs a command_topic")
         if self.platform != "button" and not self.state_topic:
             raise ValueError(f"a {self.platform} needs a state_topic")
-        if self.device_class == "enum" and not self.options:
-            raise ValueError("an enum sensor needs options")
+        if (self.device_class == "enum" or self.platform == "select") and not self.options:
+            raise ValueError("an enum sensor or a select needs options")
         if self.state_class is not None and self.device_class in ("enum", "timestamp"):
             raise ValueError(f"a {self.device_class} sensor cannot have a state_class")
-        if not self.default_entity_id.startswith(f"{self.platform}.") or not self.default_entity_id.endswith(
-            f".{self.object_id}"
-        ):
+        if self.platform == "number" and (self.min is None or self.max is None or self.min >= self.max):
+            raise ValueError("a number needs min below max")
+        if (self.default_entity_id is None) != (self.object_id is None):
+            raise ValueError("default_entity_id and object_id go together (both, or neither)")
+        if self.default_entity_id is not None and self.default_entity_id != f"{self.platform}.{self.object_id}":
             raise ValueError("default_entity_id must be <platform>.<object_id>")
         return self
 
@@ -164,16 +166,12 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
     slug = instance.lower().replace("-", "_")
 
     def component(key: str, platform: Platform, name: str, **options: Any) -> tuple[str, Component]:
-        object_id = f"{slug}_{key}"
-        return key, Component(
-            platform=platform,
-            unique_id=f"{instance}_{key}",
-            name=name,
-            default_entity_id=f"{platform}.{object_id}",
-            object_id=object_id,
-            **options,
-        )
+        if settings.mqtt.default_entity_ids:
+            # Both keys until Home Assistant before 2025.10 (object_id only) is gone.
+            options.update(default_entity_id=f"{platform}.{slug}_{key}", object_id=f"{slug}_{key}")
+        return key, Component(platform=platform, unique_id=f"{instance}_{key}", name=name, **options)
 
+    controls = [control_entity(control, settings, topics) for control in active_controls()]
     none_if_missing = "{{ value_json.%s if value_json.%s is not none else 'None' }}"
     components = dict(
         [
@@ -293,6 +291,28 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
                 entity_category="diagnostic",
                 icon="mdi:brain",
             ),
+            component(
+                "reannounce",
+                "button",
+                "Re-announce",
+                command_topic=topics.reannounce,
+                payload_press="PRESS",
+                entity_category="diagnostic",
+                icon="mdi:bullhorn",
+            ),
+            component(
+                "problem",
+                "binary_sensor",
+                "Problem",
+                state_topic=topics.problem,
+                value_template="{{ 'ON' if value_json.problem else 'OFF' }}",
+                json_attributes_topic=topics.problem,
+                device_class="problem",
+                payload_on="ON",
+                payload_off="OFF",
+                entity_category="diagnostic",
+            ),
+            *(component(key, platform, name, **options) for key, platform, name, options in controls),
         ]
     )
     return DeviceDiscovery(
@@ -308,3 +328,22 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
         qos=1,
         components=components,
     )
+
+
+def control_entity(control: Control, settings: Settings, topics: Topics) -> tuple[str, Platform, str, dict[str, Any]]:
+    """The configuration entity of one control."""
+    options: dict[str, Any] = {
+        "command_topic": topics.setting_command(control.name),
+        "state_topic": topics.settings,
+        "value_template": _SETTING_VALUE % control.name,
+        "json_attributes_topic": topics.settings,
+        "json_attributes_template": _SETTING_PINNED_BY % control.name,
+        "entity_category": "config",
+        "icon": control.icon,
+    }
+    if control.platform == "number":
+        # Box mode: a slider cannot reach 0.0003 or 200,000, and a box takes scientific notation.
+        options.update(number_limits(control), mode="box", unit_of_measurement=control.unit)
+    else:
+        options["options"] = select_options(control, settings)
+    return control.name, control.platform, control.label, options

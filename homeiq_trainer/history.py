@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Text, event, inspect, text
+from sqlalchemy import JSON, Column, Index, Text, delete, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from homeiq_trainer.messages import RunStatus, utcnow
+from homeiq_trainer.messages import RunRecord, RunStatus, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -59,23 +59,27 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+def run_record(run: TrainingRun) -> RunRecord:
+    """The row as published and printed (timestamps with a zone)."""
+    return RunRecord(
+        id=run.id,
+        run_id=run.run_identifier,
+        status=RunStatus(run.status),
+        triggered_by=run.triggered_by,
+        started_at=_aware(run.started_at),
+        finished_at=_aware(run.finished_at),
+        dataset_size=run.dataset_size,
+        base_model=run.base_model,
+        output_dir=run.output_dir,
+        final_loss=run.final_loss,
+        eval_loss=run.eval_loss,
+        error=run.error_message,
+    )
+
+
 def run_to_dict(run: TrainingRun) -> dict[str, Any]:
-    """The record as published and printed (timestamps ISO 8601 with a zone)."""
-    started, finished = _aware(run.started_at), _aware(run.finished_at)
-    return {
-        "id": run.id,
-        "run_id": run.run_identifier,
-        "status": run.status,
-        "triggered_by": run.triggered_by,
-        "started_at": started.isoformat() if started else None,
-        "finished_at": finished.isoformat() if finished else None,
-        "dataset_size": run.dataset_size,
-        "base_model": run.base_model,
-        "output_dir": run.output_dir,
-        "final_loss": run.final_loss,
-        "eval_loss": run.eval_loss,
-        "error": run.error_message,
-    }
+    """`run_record` as JSON-ready values."""
+    return run_record(run).model_dump(mode="json")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -109,6 +113,11 @@ class HistoryStore:
         SQLModel.metadata.create_all(self._engine)
         _add_missing_columns(self._engine)
         self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The history database, for our other tables beside `training_runs`."""
+        return self._engine
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -244,6 +253,26 @@ class HistoryStore:
                 .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
             )
             return session.exec(query.limit(1)).first()
+
+    def prune(self, keep: int, protect: str | None = None) -> int:
+        """Delete finished rows beyond the newest `keep`, never `protect`'s (the served run); how many went."""
+        with self._lock, Session(self._engine) as session:
+            newest = (
+                select(TrainingRun.id)
+                .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
+                .limit(keep)
+            )
+            doomed = delete(TrainingRun).where(
+                TrainingRun.id.not_in(newest.scalar_subquery()),  # type: ignore[union-attr]
+                TrainingRun.finished_at.is_not(None),  # type: ignore[union-attr]
+            )
+            if protect is not None:
+                doomed = doomed.where(TrainingRun.run_identifier != protect)  # type: ignore[arg-type]
+            removed = session.exec(doomed).rowcount
+            session.commit()
+        if removed:
+            _LOGGER.info("Pruned %d history rows beyond the newest %d", removed, keep)
+        return int(removed or 0)
 
     def identifiers(self) -> set[str]:
         """Every run identifier in the history."""

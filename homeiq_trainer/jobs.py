@@ -29,36 +29,47 @@ class InstanceBusy(Exception):
 
 
 class InstanceLock:
-    """One homeiq-trainer at a time per history: a daemon for its lifetime, `train` for its run.
+    """One homeiq-trainer at a time per history and per output dir: a daemon for its lifetime, `train` for its run.
 
-    Without it a `train` started beside the daemon would mark the daemon's open run interrupted and
-    delete its staging directory. The kernel drops the lock when the process dies, however it dies.
+    Without it a `train` started beside the daemon would mark the daemon's open run interrupted (same
+    history) or delete its live staging directory (same output dir, any history). The kernel drops
+    the locks when the process dies, however it dies.
     """
 
     def __init__(self, settings: Settings) -> None:
-        history = settings.storage.history_db
-        self.path = history.with_name(history.name + ".lock")
-        self._fd: int | None = None
+        history = settings.storage.history_db.resolve()
+        output_dir = settings.storage.output_dir.resolve()
+        # Beside the output dir, not in it: a read-only output dir must still fail its run, not the start.
+        self.paths = (history.with_name(history.name + ".lock"), output_dir.with_name(output_dir.name + ".lock"))
+        self._fds: list[int] = []
 
     def acquire(self) -> None:
-        """Take the lock or raise `InstanceBusy`."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take both locks or raise `InstanceBusy` (holding neither)."""
+        try:
+            for path in self.paths:
+                self._fds.append(self._take(path))
+        except BaseException:
+            self.release()
+            raise
+
+    @staticmethod
+    def _take(path: Path) -> int:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise InstanceBusy(
-                f"another homeiq-trainer (the daemon, or a `train` in progress) is using {self.path.with_suffix('')}; "
+                f"another homeiq-trainer (the daemon, or a `train` in progress) is using {path.with_suffix('')}; "
                 "start runs through it (MQTT `start`), or stop it first"
             ) from None
-        self._fd = fd
+        return fd
 
     def release(self) -> None:
-        """Give the lock back."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Give the locks back."""
+        while self._fds:
+            os.close(self._fds.pop())
 
 
 def recover(store: HistoryStore, settings: Settings) -> list[TrainingRun]:
@@ -92,11 +103,11 @@ def crash_result(run: TrainingRun, error: BaseException | str) -> RunResult:
     )
 
 
-def record_result(store: HistoryStore, run: TrainingRun, result: RunResult) -> TrainingRun:
+def record_result(store: HistoryStore, settings: Settings, run: TrainingRun, result: RunResult) -> TrainingRun:
     """Close the history row from the run's result (the row and `training_run.json` agree)."""
     assert run.id is not None
     metadata_path = str(Path(result.run_dir) / artifacts.METADATA_FILE) if result.run_dir else None
-    return store.finish(
+    finished = store.finish(
         run.id,
         result.status,
         dataset_size=result.data.examples or None,
@@ -110,3 +121,11 @@ def record_result(store: HistoryStore, run: TrainingRun, result: RunResult) -> T
         error=result.error,
         peak_rss_mb=result.peak_rss_mb,
     )
+    prune_history(store, settings)
+    return finished
+
+
+def prune_history(store: HistoryStore, settings: Settings) -> int:
+    """Keep the newest `storage.keep_history_rows` rows, and always the served run's."""
+    served = artifacts.latest_run(settings.storage.output_dir)
+    return store.prune(settings.storage.keep_history_rows, protect=served)

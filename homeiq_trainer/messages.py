@@ -6,14 +6,21 @@ here, so the JSON shapes live in one place.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from homeiq_trainer.parameters import parameter
+
 RUN_ID_PATTERN = r"^run_\d{8}_\d{6}(_\d{1,3})?$"
 RESUME_FROM_PATTERN = rf"^(latest|{RUN_ID_PATTERN[1:-1]})$"
+# One rule for request ids everywhere (commands, answers to refused commands, the idempotency memory):
+# printable ASCII only, so every answer serialises whatever a sender put in the id.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:@/+-]{1,128}$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
 def utcnow() -> datetime:
@@ -56,13 +63,14 @@ class TrainParams(_Wire):
     # Strict: a command saying "epochs": "3" is a mistake worth naming, not something to guess at.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    epochs: int | None = Field(None, ge=1, le=100)
-    max_samples: int | None = Field(None, ge=1, le=1_000_000)
-    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
-    batch_size: int | None = Field(None, ge=1, le=512)
-    lora_r: int | None = Field(None, ge=1, le=256)
-    lora_alpha: int | None = Field(None, ge=1, le=1024)
-    lora_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    # Bounds and help from the one declaration (parameters.py); a test checks every one is here.
+    epochs: int | None = parameter("epochs").field(None)
+    max_samples: int | None = parameter("max_samples").field(None)
+    learning_rate: float | None = parameter("learning_rate").field(None)
+    batch_size: int | None = parameter("batch_size").field(None)
+    lora_r: int | None = parameter("lora_r").field(None)
+    lora_alpha: int | None = parameter("lora_alpha").field(None)
+    lora_dropout: float | None = parameter("lora_dropout").field(None)
     resume_from: str | None = Field(None, pattern=RESUME_FROM_PATTERN, max_length=32)
     base_model: str | None = Field(None, min_length=1, max_length=512)
 
@@ -152,6 +160,11 @@ class EventEnvelope(_Wire):
 PLAIN_COMMANDS = ("start", "cancel", "status", "runs")
 
 
+def is_request_id(value: object) -> bool:
+    """Whether `value` is a well-formed request id."""
+    return isinstance(value, str) and _REQUEST_ID.fullmatch(value) is not None
+
+
 class StartParams(TrainParams):
     """What a `start` command may set: the per-run overrides plus a new-data threshold."""
 
@@ -167,7 +180,7 @@ class Command(_Wire):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     action: Literal["start", "cancel", "status", "runs"]
-    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+-]+$")
+    request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN)
     triggered_by: str = Field("mqtt", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@ -]+$")
     params: StartParams | None = None
 
@@ -193,12 +206,23 @@ class Response(_Wire):
     error: ErrorInfo | None = None
 
 
+class State(StrEnum):
+    """`<base>/state`'s `state`: `idle` before the first run, else the latest run's status."""
+
+    IDLE = "idle"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 class StatePayload(_Wire):
     """Retained on `<base>/state`."""
 
-    state: str
+    state: State
     run_id: str | None = None
-    phase: str | None = None
+    phase: Phase | None = None
     message: str = ""
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -214,3 +238,59 @@ class ProgressPayload(_Wire):
     loss: float | None = None
     samples_per_s: float | None = None
     eta_s: float | None = None
+
+
+class RunSummary(_Wire):
+    """One run in the retained `runs` list (compact: the list stays around 2 KB)."""
+
+    run_id: str | None = None
+    status: RunStatus | None = None
+    triggered_by: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    dataset_size: int | None = None
+    final_loss: float | None = None
+
+
+class RunRecord(RunSummary):
+    """One run as `last_run`, the `runs` answer and `homeiq-trainer runs --json` show it.
+
+    Every key is present even before the first run (all null), so Home Assistant's templates find them.
+    """
+
+    id: int | None = None
+    base_model: str | None = None
+    output_dir: str | None = None
+    eval_loss: float | None = None
+    error: str | None = None
+
+
+class RunsPayload(_Wire):
+    """Retained on `<base>/runs`: the newest runs, compact."""
+
+    runs: list[RunSummary]
+
+
+class RunsAnswer(_Wire):
+    """The `runs` command's data: the newest runs in full."""
+
+    runs: list[RunRecord]
+
+
+class ModelInfo(_Wire):
+    """Retained on `<base>/model`: what `latest` points to (`run_id` null when nothing does)."""
+
+    run_id: str | None = None
+    path: str | None = None
+    base_model: str | None = None
+    trained_at: str | None = None
+    samples_used: int | None = None
+    final_loss: float | None = None
+    eval_loss: float | None = None
+
+
+class StatusAnswer(_Wire):
+    """The `status` command's data: the state and progress last published."""
+
+    state: StatePayload
+    progress: ProgressPayload

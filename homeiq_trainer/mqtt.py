@@ -60,6 +60,8 @@ class MqttLink:
         if will:
             client.will_set(availability_topic, NOT_AVAILABLE, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
+        # Bounded: while the broker is away, answers and progress must not pile up without limit.
+        client.max_queued_messages_set(settings.max_queued_messages)
         if settings.username:
             password = settings.password.get_secret_value() if settings.password else None
             client.username_pw_set(settings.username, password)

@@ -1,6 +1,8 @@
 """The single worker: accepts or rejects a job, owns its whole lifecycle, turns events into state.
 
-Knows nothing about MQTT: whatever it has to say goes to a `RunnerListener`.
+Knows nothing about MQTT: whatever it has to say goes to a `RunnerListener` (the daemon's is the
+`RunReporter`, reporter.py). A `Launcher` starts the training process (a child process here; another
+backend plugs in as another launcher); the row stays `queued` until that process exists.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +80,27 @@ class Launcher(Protocol):
     def start(self, settings: Settings, request: JobRequest, run: TrainingRun) -> TrainingProcess: ...
 
 
+WORKER_COMMAND = (sys.executable, "-m", "homeiq_trainer", "_worker")
+# What the training process may inherit: what Python, torch, Hugging Face and the locale need. Anything
+# else (the Supervisor's tokens, our MQTT password in any spelling) stays with the daemon; the child
+# gets its settings on stdin.
+CHILD_ENV_NAMES = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV",
+     "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+     "TOKENIZERS_PARALLELISM", "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES"}
+)  # fmt: skip
+CHILD_ENV_PREFIXES = ("LC_", "PYTHON", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "CUDA_", "NVIDIA_",
+                      "OMP_", "MKL_", "OPENBLAS_", "KMP_")  # fmt: skip
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The allow-listed part of `environ` that a training process gets."""
+    return {
+        key: value for key, value in environ.items() if key in CHILD_ENV_NAMES or key.startswith(CHILD_ENV_PREFIXES)
+    }
+
+
 class Stalled(Exception):
     """The training process said nothing for too long."""
 
@@ -85,15 +108,12 @@ class Stalled(Exception):
 class SubprocessTraining:
     """`homeiq-trainer _worker` as a child process, events on a private pipe."""
 
-    def __init__(self, settings: Settings, request: JobRequest, run: TrainingRun) -> None:
+    def __init__(
+        self, settings: Settings, request: JobRequest, run: TrainingRun, command: Sequence[str] = WORKER_COMMAND
+    ) -> None:
         from homeiq_trainer.worker import PARENT_PID_ENV, job_payload
 
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            # The child never needs them (pydantic-settings reads names in any case, so match that).
-            if key.upper() not in ("HOMEIQ_MQTT__PASSWORD", "SUPERVISOR_TOKEN")
-        }
+        env = child_environment(os.environ)
         env[PARENT_PID_ENV] = str(os.getpid())
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -102,7 +122,7 @@ class SubprocessTraining:
         read_fd, write_fd = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "homeiq_trainer", "_worker", "--event-fd", str(write_fd)],
+                [*command, "--event-fd", str(write_fd)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -203,10 +223,13 @@ class SubprocessTraining:
 
 
 class SubprocessLauncher:
-    """Starts each run in its own child process."""
+    """Starts each run in its own child process (`command`: the worker's entry point, tests wrap it)."""
+
+    def __init__(self, command: Sequence[str] = WORKER_COMMAND) -> None:
+        self.command = tuple(command)
 
     def start(self, settings: Settings, request: JobRequest, run: TrainingRun) -> TrainingProcess:
-        return SubprocessTraining(settings, request, run)
+        return SubprocessTraining(settings, request, run, self.command)
 
 
 @dataclass
@@ -215,6 +238,8 @@ class ActiveJob:
 
     run: TrainingRun
     request: JobRequest
+    settings: Settings
+    """The settings this run trains with (the configured ones with Home Assistant's values applied)."""
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     process: TrainingProcess | None = None
     phase: Phase | None = None
@@ -244,15 +269,16 @@ class Runner:
         """The queued or running job, if any."""
         return self._active
 
-    def submit(self, request: JobRequest) -> TrainingRun:
-        """Queue a run and start it; raises `Busy` when one is active, `ShuttingDown` when stopping."""
+    def submit(self, request: JobRequest, settings: Settings | None = None) -> TrainingRun:
+        """Queue a run (with `settings`, else the runner's) and start it; raises `Busy` or `ShuttingDown`."""
+        settings = settings or self.settings
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the daemon is shutting down")
             if self._active is not None:
                 raise Busy(self._active.run)
-            run = open_run(self.store, self.settings, request)
-            job = ActiveJob(run=run, request=request)
+            run = open_run(self.store, settings, request)
+            job = ActiveJob(run=run, request=request, settings=settings)
             self._active = job
             self._thread = threading.Thread(target=self._work, args=(job,), name=f"run-{run.run_identifier}")
         self.listener.run_state(run, None, "queued")
@@ -288,16 +314,17 @@ class Runner:
         run = job.run
         result: RunResult | None = None
         try:
-            from homeiq_trainer.worker import pause_for_tests
-
-            pause_for_tests(RunStatus.QUEUED.value)
-            run = self.store.mark_running(run.id)  # type: ignore[arg-type]
-            job.run = run
-            job.phase = Phase.STARTING
-            self.listener.run_state(run, Phase.STARTING, "starting the training process")
+            # The row stays `queued` until a training process exists to run it.
+            process = None if job.cancel_requested.is_set() else self.launcher.start(job.settings, job.request, run)
             with self._lock:
-                if not job.cancel_requested.is_set():
-                    job.process = self.launcher.start(self.settings, job.request, run)
+                job.process = process
+            if process is not None and job.cancel_requested.is_set():
+                process.terminate()  # cancelled while it was being started
+            if process is not None:
+                run = self.store.mark_running(run.id)  # type: ignore[arg-type]
+                job.run = run
+                job.phase = Phase.STARTING
+                self.listener.run_state(run, Phase.STARTING, "starting the training process")
             if job.process is None:
                 result = RunResult(
                     run_identifier=run.run_identifier, status=RunStatus.CANCELLED, base_model=run.base_model or ""
@@ -316,7 +343,7 @@ class Runner:
                 # Killed because we asked it to stop: that is a cancellation, not a failure.
                 result = result.model_copy(update={"status": RunStatus.CANCELLED, "error": None})
             try:
-                finished = record_result(self.store, run, result)
+                finished = record_result(self.store, self.settings, run, result)
             except Exception:
                 _LOGGER.exception("Could not record the end of run %s", run.run_identifier)
                 finished = run

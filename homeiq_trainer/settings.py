@@ -17,6 +17,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from homeiq_trainer.parameters import parameter
+
 CONFIG_ENV = "HOMEIQ_CONFIG"
 DEFAULT_BASE_MODEL = "google/flan-t5-small"
 
@@ -30,8 +32,7 @@ class DataSettings(_Section):
 
     source_db: Path = Path("data/ai_automation.db")
     """HomeIQ's SQLite database holding `ask_ai_queries`; opened read-only."""
-    max_samples: int = Field(2000, ge=1, le=1_000_000)
-    """Most usable examples per run (filled after skipping bad rows)."""
+    max_samples: int = parameter("max_samples").field(2000)
     eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
     """Share of examples held out to report eval_loss."""
     min_eval_examples: int = Field(20, ge=1, le=100_000)
@@ -49,17 +50,16 @@ class StorageSettings(_Section):
     """Run directories and the `latest` symlink go here."""
     keep_runs: int = Field(5, ge=1, le=1000)
     """Newest run directories kept; the one `latest` points to is never deleted."""
+    keep_history_rows: int = Field(1000, ge=10, le=1_000_000)
+    """Newest history rows kept; older ones are pruned when a run ends (never the served run's)."""
 
 
 class LoraSettings(_Section):
     """LoRA adapter shape (HomeIQ's defaults)."""
 
-    r: int = Field(16, ge=1, le=256)
-    """Rank of the update matrices."""
-    alpha: int = Field(16, ge=1, le=1024)
-    """Scaling numerator (alpha / r)."""
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    """Dropout on the LoRA path."""
+    r: int = parameter("lora_r").field(16)
+    alpha: int = parameter("lora_alpha").field(16)
+    dropout: float = parameter("lora_dropout").field(0.05)
     target_modules: tuple[str, ...] = ("q", "v")
     """Module names that get adapters (T5: q, k, v, o, wi, wo)."""
 
@@ -78,12 +78,9 @@ class TrainingSettings(_Section):
     """Hugging Face hub id or local directory of a seq2seq model."""
     allowed_base_models: tuple[str, ...] = ()
     """Extra base models a command may ask for; `base_model` is always allowed."""
-    epochs: int = Field(3, ge=1, le=100)
-    """Passes over the training split."""
-    learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
-    """Peak AdamW learning rate."""
-    batch_size: int = Field(64, ge=1, le=512)
-    """Most examples in one micro-batch (a cap; `batch_tokens` decides how many fit)."""
+    epochs: int = parameter("epochs").field(3)
+    learning_rate: float = parameter("learning_rate").field(3e-4)
+    batch_size: int = parameter("batch_size").field(64)
     batch_tokens: int = Field(1024, ge=64, le=1_048_576)
     """Padded tokens (source + target, rows × longest) per micro-batch.
 
@@ -102,7 +99,7 @@ class TrainingSettings(_Section):
     seed: int = Field(42, ge=0, le=2**32 - 1)
     """Seed for the split, the sampler and the weights of the adapter."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`auto`: CUDA with bf16 where available, else CPU fp32."""
+    """`auto`: CUDA where available, else the CPU (see `precision`)."""
     threads: int = Field(0, ge=0, le=1024)
     """Torch CPU threads; 0 means the cores this process may use."""
     group_by_length: bool = True
@@ -143,11 +140,15 @@ class MqttSettings(_Section):
     discovery_prefix: str = "homeassistant"
     """Home Assistant's MQTT discovery prefix."""
     discovery: bool = True
-    """Announce entities to Home Assistant."""
+    """Announce entities to Home Assistant; off clears the retained discovery message."""
+    default_entity_ids: bool = True
+    """Suggest entity ids (`default_entity_id`, `object_id`); off lets Home Assistant's own entity-id format apply."""
     ha_status_topic: str = "homeassistant/status"
     """Home Assistant's birth/will topic; `online` there makes us re-announce."""
     keepalive_s: int = Field(30, ge=5, le=3600)
     """MQTT keepalive, in seconds."""
+    max_queued_messages: int = Field(1000, ge=10, le=100_000)
+    """Outgoing messages paho holds while the broker is away; retained state is re-sent on reconnect anyway."""
 
     @field_validator("base_topic", "discovery_prefix", "ha_status_topic")
     @classmethod
@@ -156,6 +157,14 @@ class MqttSettings(_Section):
         if not value or any(ch in value for ch in "#+\0"):
             raise ValueError("must be a non-empty topic without wildcards")
         return value
+
+    @model_validator(mode="after")
+    def _tls_options_need_tls(self) -> MqttSettings:
+        # Certificates without `tls` would silently connect in plaintext.
+        stray = [name for name in ("ca_certs", "certfile", "keyfile", "tls_insecure") if getattr(self, name)]
+        if stray and not self.tls:
+            raise ValueError(f"{', '.join(stray)} set but tls is false: set mqtt.tls = true, or remove them")
+        return self
 
 
 class DaemonSettings(_Section):
@@ -175,6 +184,14 @@ class DaemonSettings(_Section):
     """How many runs the retained `runs` topic lists."""
     announce_delay_max_s: float = Field(3.0, ge=0, le=60)
     """Upper bound of the random delay before re-announcing after Home Assistant's birth, in seconds."""
+    min_new_samples: int = Field(0, ge=0, le=1_000_000)
+    """New usable examples a `start` not sent by the Start button needs when it names none; 0: no threshold."""
+    command_queue_size: int = Field(1000, ge=1, le=100_000)
+    """Commands waiting for the command thread; beyond this they are answered `overloaded`."""
+    commands_per_s: float = Field(50.0, gt=0, le=100_000)
+    """Command rate limit: tokens refilled per second; without one a command is answered `rate_limited`."""
+    command_burst: int = Field(500, ge=1, le=100_000)
+    """Command rate limit: commands accepted at once before the rate applies."""
 
 
 class Settings(BaseSettings):

@@ -23,6 +23,10 @@ class Topics:
     last_run: str
     runs: str
     model: str
+    settings: str
+    setting_commands: str
+    reannounce: str
+    problem: str
     discovery: str
     ha_status: str
 
@@ -39,6 +43,10 @@ class Topics:
             last_run=f"{base}/last_run",
             runs=f"{base}/runs",
             model=f"{base}/model",
+            settings=f"{base}/settings",
+            setting_commands=f"{base}/settings/+/set",
+            reannounce=f"{base}/reannounce",
+            problem=f"{base}/problem",
             discovery=f"{settings.mqtt.discovery_prefix}/device/{settings.daemon.instance_id}/config",
             ha_status=settings.mqtt.ha_status_topic,
         )
@@ -52,5 +60,19 @@ class Topics:
             self.last_run,
             self.runs,
             self.model,
+            self.settings,
+            self.problem,
             self.availability,
         )
+
+    def setting_command(self, name: str) -> str:
+        """Where Home Assistant sends a new value for one setting."""
+        return f"{self.settings}/{name}/set"
+
+    def setting_name(self, topic: str) -> str | None:
+        """The setting a command topic is for, or None when the topic is no setting's command topic."""
+        prefix, suffix = f"{self.settings}/", "/set"
+        if not (topic.startswith(prefix) and topic.endswith(suffix)):
+            return None
+        name = topic[len(prefix) : -len(suffix)]
+        return name if name and "/" not in name else None

@@ -23,9 +23,6 @@ from homeiq_trainer.messages import EventEnvelope, Phase, PhaseEvent, ProgressEv
 _LOGGER = logging.getLogger(__name__)
 
 PARENT_PID_ENV = "HOMEIQ_TRAINER_PARENT_PID"
-TEST_PAUSE_ENV = "HOMEIQ_TEST_PAUSE_AT_PHASE"
-"""Test-only (tests/reliability): `<phase>:<seconds>` holds a run that long once it enters `<phase>`
-(`queued` in the daemon, any `Phase` in the child), so a crash there can be tested. Unset in production."""
 # The child reports at most this often; the daemon throttles again for MQTT.
 EVENT_MIN_INTERVAL_S = 0.2
 _PR_SET_PDEATHSIG = 1
@@ -57,7 +54,6 @@ class PipeObserver:
 
     def phase(self, phase: Phase, message: str = "") -> None:
         self.send(PhaseEvent(phase=phase, message=message))
-        pause_for_tests(phase.value)
 
     def progress(self, event: ProgressEvent) -> None:
         now = time.monotonic()
@@ -122,13 +118,6 @@ def main(event_fd: int) -> int:
     observer.send(result)
     events.close()
     return 0
-
-
-def pause_for_tests(phase: str) -> None:
-    """Sleep if `HOMEIQ_TEST_PAUSE_AT_PHASE` names this phase (tests only)."""
-    wanted, _, seconds = os.environ.get(TEST_PAUSE_ENV, "").partition(":")
-    if wanted == phase:
-        time.sleep(float(seconds or 0))
 
 
 def job_payload(settings_dump: dict[str, Any], params: TrainParams, run_identifier: str) -> str:

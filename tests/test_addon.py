@@ -12,10 +12,9 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import tomllib
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,8 @@ from homeiq_trainer.addon import (
     supervisor_mqtt_service,
 )
 from homeiq_trainer.settings import ConfigError, Settings, load_settings
+
+from .supervisor import FakeSupervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDON = ROOT / "addon"
@@ -334,42 +335,6 @@ def test_out_of_range_option_names_the_setting_without_the_password(tmp_path: Pa
 
 
 # --- the Supervisor's MQTT service -------------------------------------------------------------------
-
-
-class FakeSupervisor:
-    """A local HTTP server answering like the Supervisor's services API."""
-
-    def __init__(self, respond: Callable[[BaseHTTPRequestHandler], tuple[int, bytes]]) -> None:
-        self.requests: list[tuple[str, str | None]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                fake.requests.append((self.path, self.headers.get("Authorization")))
-                status, body = respond(self)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, args=(0.05,), name="fake-supervisor", daemon=True
-        )
-
-    def __enter__(self) -> FakeSupervisor:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 def _mqtt_service(handler: BaseHTTPRequestHandler) -> tuple[int, bytes]:

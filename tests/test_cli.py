@@ -83,11 +83,39 @@ def test_train_refuses_while_the_daemon_owns_the_history(make_settings: Settings
     from homeiq_trainer.app import TrainerApp
 
     settings = make_settings()
-    daemon = TrainerApp(settings)  # holds the instance lock for its lifetime
+    daemon = TrainerApp(settings)
+    daemon.start(connect=False)  # holds the instance lock until stopped
     try:
         refused = cli("train", env=env_of(settings))
         assert refused.returncode == 2 and "another homeiq-trainer" in refused.stderr
         assert daemon.store.recent(5) == []  # nothing opened, nothing marked interrupted
     finally:
-        daemon.close()
+        daemon.stop()
     assert cli("train", "--max-samples", "30", env=env_of(settings)).returncode == 0
+
+
+def test_train_uses_values_set_from_home_assistant_below_its_options_and_the_environment(
+    make_settings: SettingsFactory,
+) -> None:
+    from homeiq_trainer.history import HistoryStore
+    from homeiq_trainer.overrides import OverridesStore
+
+    settings = make_settings()
+    history = HistoryStore(settings.storage.history_db)
+    stored = {"training.epochs": 2, "data.max_samples": 40, "training.learning_rate": 0.0001}
+    for key, value in stored.items():
+        OverridesStore(history.engine).set(key, value)
+    history.close()
+    done = cli("train", "--max-samples", "30", env=env_of(settings))
+    assert done.returncode == 0, done.stderr
+    history = HistoryStore(settings.storage.history_db)
+    params = history.recent(1)[0].parameters_json or {}
+    history.close()
+    # Home Assistant's epochs; the option's max_samples; the environment's (pinned) learning rate.
+    assert (params["epochs"], params["max_samples"], params["learning_rate"]) == (2, 30, 0.01)
+
+
+def test_serve_refuses_tls_options_without_tls(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    done = cli("serve", env=env_of(settings) | {"HOMEIQ_MQTT__CA_CERTS": "/etc/ssl/ca.pem"}, timeout=60)
+    assert done.returncode == 2 and "ca_certs set but tls is false" in done.stderr

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from homeiq_trainer.app import CommandError, parse_command
+from homeiq_trainer.commands import CommandError, parse_command
 
 LIMIT = 16384
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -113,14 +114,14 @@ def test_busy_duplicate_and_cancel(app: TrainerApp, watcher: Watcher) -> None:
 
 
 def test_retained_command_is_ignored(make_settings: SettingsFactory, broker: Broker, watcher: Watcher) -> None:
-    watcher.publish(CMD, "start", retain=True)
-    time.sleep(0.2)
+    watcher.publish(CMD, "start", retain=True)  # acknowledged: the broker holds it
     a = TrainerApp(daemon_settings(make_settings, broker))
     a.start()
     try:
         watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=10)
-        time.sleep(1.0)
-        assert watcher.messages(RESP) == []
+        # Commands are answered in order: once a later one is answered, the retained one was skipped.
+        marker = watcher.request(CMD, RESP, {"action": "status", "request_id": "marker"})
+        assert [json.loads(p)["request_id"] for p in watcher.messages(RESP)] == [marker["request_id"]]
         assert a.runner.active is None
         assert watcher.json(STATE)["state"] == "idle"
     finally:
@@ -324,8 +325,59 @@ def test_discovery_remove_clears_every_retained_topic(make_settings: SettingsFac
     assert done.returncode == 0, done.stderr
     late = Watcher(broker.port)
     try:
-        time.sleep(1.0)  # anything retained arrives right after subscribing
-        left = {topic for topic, payload in late.latest.items() if payload}
+        # Retained messages arrive right after subscribing, before anything published later.
+        late.publish("test/marker", "after")
+        late.wait_for("test/marker", timeout=10)
+        left = {topic for topic, payload in late.latest.items() if payload and topic != "test/marker"}
         assert left == set(), left
     finally:
         late.close()
+
+
+def test_rate_limit_answers_rate_limited(make_settings: SettingsFactory, broker: Broker, watcher: Watcher) -> None:
+    a = TrainerApp(daemon_settings(make_settings, broker, daemon={"command_burst": 3, "commands_per_s": 0.01}))
+    a.start()
+    try:
+        assert a.link.wait_connected(10)
+        for i in range(6):
+            watcher.publish(CMD, json.dumps({"action": "status", "request_id": f"s-{i}"}))
+        deadline = time.monotonic() + 10
+        while len(watcher.messages(RESP)) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answers = {r["request_id"]: r for r in map(json.loads, watcher.messages(RESP))}
+        assert [answers[f"s-{i}"]["status"] for i in range(3)] == ["ok"] * 3
+        assert [answers[f"s-{i}"]["error"]["code"] for i in range(3, 6)] == ["rate_limited"] * 3
+    finally:
+        a.stop()
+
+
+def test_full_queue_answers_overloaded_and_routes_run_on_the_command_thread(
+    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+) -> None:
+    a = TrainerApp(daemon_settings(make_settings, broker, daemon={"command_queue_size": 1}))
+    release = threading.Event()
+    seen: list[tuple[str, bytes, str]] = []
+
+    def slow_setting(topic: str, payload: bytes) -> None:
+        seen.append((topic, payload, threading.current_thread().name))
+        release.wait(20)
+
+    a.route(f"{BASE}/settings/+/set", slow_setting)
+    a.start()
+    try:
+        assert a.link.wait_connected(10)
+        watcher.publish(f"{BASE}/settings/epochs/set", "5")
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [(f"{BASE}/settings/epochs/set", b"5", "commands")]
+        watcher.publish(CMD, json.dumps({"action": "status", "request_id": "waits"}))  # fills the queue
+        watcher.publish(CMD, json.dumps({"action": "status", "request_id": "refused"}))
+        refused = watcher.wait_for(RESP, lambda r: r["request_id"] == "refused", timeout=10)
+        assert refused["error"]["code"] == "overloaded"
+        release.set()
+        waited = watcher.wait_for(RESP, lambda r: r["request_id"] == "waits", timeout=10)
+        assert waited["status"] == "ok"
+    finally:
+        release.set()
+        a.stop()

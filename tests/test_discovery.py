@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from homeiq_trainer.discovery import STATE_OPTIONS, Component, DeviceDiscovery, build_discovery
+from homeiq_trainer.discovery import Component, DeviceDiscovery, build_discovery
 from homeiq_trainer.settings import load_settings
 from homeiq_trainer.topics import Topics
 
@@ -40,7 +40,7 @@ def test_payload_has_every_entity_the_issue_names() -> None:
         ("sensor", "Current model"),
     ]:
         assert expected in by_platform, expected
-    assert components["status"]["options"] == STATE_OPTIONS
+    assert components["status"]["options"] == ["idle", "queued", "running", "completed", "failed", "cancelled"]
     assert components["progress"]["unit_of_measurement"] == "%"
     assert components["last_run"]["device_class"] == "timestamp"
     assert components["final_loss"]["state_class"] == "measurement"

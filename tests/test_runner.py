@@ -2,74 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from homeiq_trainer.history import HistoryStore, TrainingRun
 from homeiq_trainer.jobs import JobRequest
-from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus, TrainParams
-from homeiq_trainer.runner import Busy, NotRunning, Runner, ShuttingDown
+from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus, TrainParams, utcnow
+from homeiq_trainer.runner import Busy, NotRunning, Runner, ShuttingDown, SubprocessTraining
 from homeiq_trainer.settings import Settings, load_settings
+from homeiq_trainer.worker import PARENT_PID_ENV
 
-
-class FakeProcess:
-    """Scripted events; `hang` waits for a terminate."""
-
-    def __init__(self, script: list, run: TrainingRun) -> None:
-        self.script = script
-        self.run = run
-        self.terminated = threading.Event()
-        self.killed = False
-        self.code: int | None = None
-
-    def events(self, stall_timeout_s: float) -> Iterator:
-        for item in self.script:
-            if item == "hang":
-                while not self.terminated.is_set() and not self.killed:
-                    yield None
-                    time.sleep(0.01)
-                continue
-            if item == "silent":
-                from homeiq_trainer.runner import Stalled
-
-                raise Stalled(f"the training process said nothing for {stall_timeout_s:g} s")
-            if item == "die":
-                self.code = -9
-                return
-            if item == "result":
-                status = RunStatus.CANCELLED if self.terminated.is_set() else RunStatus.COMPLETED
-                yield RunResult(run_identifier=self.run.run_identifier, status=status, base_model="m", final_loss=1.5)
-                continue
-            yield item
-        self.code = 0
-
-    def terminate(self) -> None:
-        self.terminated.set()
-
-    def kill(self) -> None:
-        self.killed = True
-        self.code = -9
-
-    def wait(self, timeout_s: float) -> int | None:
-        return self.code if self.code is not None else 0
-
-    def failure_text(self) -> str:
-        return "boom\nthe training process was killed by SIGKILL"
-
-
-class FakeLauncher:
-    def __init__(self, script: list) -> None:
-        self.script = script
-        self.started: list[FakeProcess] = []
-
-    def start(self, settings: Settings, request: JobRequest, run: TrainingRun) -> FakeProcess:
-        process = FakeProcess(self.script, run)
-        self.started.append(process)
-        return process
+from .fakes import FakeLauncher
 
 
 class Listener:
@@ -196,3 +145,29 @@ def test_slow_steps_still_publish_progress_every_few_seconds(
     runner.cancel()
     assert listener.done.wait(10)
     assert listener.progress[:3] == [1, 1, 1]  # the same step repeated while the next one is slow
+
+
+def test_training_process_gets_only_an_allow_listed_environment(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets = {
+        "SUPERVISOR_TOKEN": "supervisor-secret",
+        "HASSIO_TOKEN": "hassio-secret",
+        "HOMEIQ_MQTT__PASSWORD": "mqtt-secret",
+        "HOMEIQ_MQTT": '{"password": "json-secret"}',
+        "homeiq_mqtt__password": "lower-case-secret",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    dump = tmp_path / "env.json"
+    # A child that writes down what it inherited (the real worker's command line, another program).
+    command = (sys.executable, "-c", f"import json, os; open({str(dump)!r}, 'w').write(json.dumps(dict(os.environ)))")
+    run = TrainingRun(run_identifier="run_20250101_000000", started_at=utcnow())
+    child = SubprocessTraining(settings, JobRequest(params=TrainParams()), run, command)
+    assert child.wait(30) == 0
+    env = json.loads(dump.read_text())
+    assert not set(secrets) & set(env)
+    assert not [value for value in secrets.values() if value in json.dumps(env)]
+    # What Python and Hugging Face need still arrives.
+    assert env["PATH"] == os.environ["PATH"] and env["HF_HUB_OFFLINE"] == "1"
+    assert env[PARENT_PID_ENV] == str(os.getpid())

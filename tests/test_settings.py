@@ -106,4 +106,14 @@ def test_shipped_config_lists_every_key_with_its_default() -> None:
             assert key in shipped[section], f"config/homeiq_trainer.toml lacks [{section}] {key}"
             expected = defaults[section][key]
             assert shipped[section][key] == (list(expected) if isinstance(expected, tuple) else expected), key
-    assert load_settings(SHIPPED) == load_settings(SHIPPED)
+    assert load_settings(SHIPPED) == Settings()  # and nothing in it differs from the built-in defaults
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("ca_certs", "/ca.pem"), ("certfile", "/c.pem"), ("keyfile", "/k.pem"), ("tls_insecure", True)]
+)
+def test_tls_options_without_tls_stop_the_start(key: str, value: object) -> None:
+    # Otherwise the daemon would connect in plaintext while its owner believes it uses TLS.
+    with pytest.raises(ConfigError, match=f"mqtt: .*{key} set but tls is false"):
+        load_settings(None, {"mqtt": {key: value}})
+    assert load_settings(None, {"mqtt": {key: value, "tls": True}}).mqtt.tls

@@ -42,7 +42,7 @@ def run_job(settings, params: TrainParams | None = None, observer=None, stop=Non
     row = open_run(store, settings, JobRequest(params=params or TrainParams(), triggered_by="test"))
     store.mark_running(row.id)
     result = execute_run(settings, params or TrainParams(), row.run_identifier, observer, stop)
-    row = record_result(store, row, result)
+    row = record_result(store, settings, row, result)
     return store, row, result
 
 

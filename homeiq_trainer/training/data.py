@@ -22,6 +22,9 @@ _LOGGER = logging.getLogger(__name__)
 # lock a rollback-journal reader holds is released between pages and HomeIQ's writers get in.
 FIRST_PAGE_ROWS = 512
 MAX_PAGE_ROWS = 32768
+# Counting keeps no rows, so small pages: a page is most of what a count holds (the daemon stays within
+# +20 MB over 200,000 rows); each page costs a pass over the table's keys, so smaller is slower.
+COUNT_PAGE_ROWS = 2048
 
 SKIP_INVALID_JSON = "invalid_json"
 SKIP_NOT_A_LIST = "not_a_list"
@@ -104,7 +107,9 @@ def example_from_row(query: object, suggestions_json: object) -> tuple[str, str]
     return instruction, response
 
 
-def _pages(conn: sqlite3.Connection, since: str | None, wanted: int | None) -> Iterator[list[tuple]]:
+def _pages(
+    conn: sqlite3.Connection, since: str | None, wanted: int | None, max_page_rows: int = MAX_PAGE_ROWS
+) -> Iterator[list[tuple]]:
     where = "suggestions IS NOT NULL"
     params: list[object] = []
     if since is not None:
@@ -113,7 +118,7 @@ def _pages(conn: sqlite3.Connection, since: str | None, wanted: int | None) -> I
     cursor_key: tuple[object, object] | None = None
     # Every page costs a scan of the whole table's keys, so the first asks for what is wanted plus
     # room for a typical share of bad rows: the usual run is then one statement.
-    page_rows = FIRST_PAGE_ROWS if wanted is None else min(MAX_PAGE_ROWS, max(FIRST_PAGE_ROWS, wanted * 3 // 2))
+    page_rows = FIRST_PAGE_ROWS if wanted is None else min(max_page_rows, max(FIRST_PAGE_ROWS, wanted * 3 // 2))
     while True:
         clause = where
         args = list(params)
@@ -139,7 +144,20 @@ def _pages(conn: sqlite3.Connection, since: str | None, wanted: int | None) -> I
         if len(rows) < page_rows:
             return
         cursor_key = (rows[-1][3], rows[-1][0])
-        page_rows = min(page_rows * 4, MAX_PAGE_ROWS)
+        page_rows = min(page_rows * 4, max_page_rows)
+
+
+def _data_error(exc: sqlite3.DatabaseError, path: Path, busy_timeout_s: float) -> DataError:
+    message = str(exc)
+    if not isinstance(exc, sqlite3.OperationalError):
+        return DataError(f"cannot read {path}: {message}")
+    if "no such table" in message:
+        return DataError(f"{path} has no ask_ai_queries table: is it HomeIQ's database?")
+    if "no such column" in message:
+        return DataError(f"{path}: ask_ai_queries lacks an expected column ({message})")
+    if "locked" in message or "busy" in message:
+        return DataError(f"source database stayed locked for more than {busy_timeout_s:g} s; try again later")
+    return DataError(f"cannot read {path}: {message}")
 
 
 def _read(
@@ -169,19 +187,8 @@ def _read(
             else:
                 continue
             break
-    except sqlite3.OperationalError as exc:
-        message = str(exc)
-        if "no such table" in message:
-            raise DataError(f"{path} has no ask_ai_queries table: is it HomeIQ's database?") from None
-        if "no such column" in message:
-            raise DataError(f"{path}: ask_ai_queries lacks an expected column ({message})") from None
-        if "locked" in message or "busy" in message:
-            raise DataError(
-                f"source database stayed locked for more than {busy_timeout_s:g} s; try again later"
-            ) from None
-        raise DataError(f"cannot read {path}: {message}") from None
     except sqlite3.DatabaseError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+        raise _data_error(exc, path, busy_timeout_s) from None
     finally:
         conn.close()
     report = DataReport(
@@ -212,12 +219,34 @@ def load_examples(path: Path, max_samples: int, busy_timeout_s: float = 10.0) ->
     return examples, report
 
 
-def count_new_examples(path: Path, since: datetime | None, limit: int, busy_timeout_s: float = 10.0) -> int:
-    """How many usable, distinct examples were created after `since` (counting stops at `limit`)."""
+def count_new_examples(
+    path: Path, since: datetime | None, limit: int, busy_timeout_s: float = 10.0, deadline_s: float | None = None
+) -> int:
+    """How many usable, distinct examples were created after `since` (counting stops at `limit`).
+
+    Counts without building examples (only a digest of each pair is kept) and in small pages, so a
+    count over a large history costs little memory; raises `DataError` past `deadline_s`.
+    """
     # SQLAlchemy writes "YYYY-MM-DD HH:MM:SS.ffffff"; the same shape compares correctly as text.
     stamp = None if since is None else since.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
-    examples, _ = _read(path, limit, busy_timeout_s, since=stamp)
-    return len(examples)
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    seen: set[int] = set()
+    conn = connect_read_only(path, busy_timeout_s)
+    try:
+        for page in _pages(conn, stamp, limit, max_page_rows=COUNT_PAGE_ROWS):
+            for _query_id, query, suggestions, _created_at in page:
+                parsed = example_from_row(query, suggestions)
+                if not isinstance(parsed, str):
+                    seen.add(hash(parsed))
+                    if len(seen) >= limit:
+                        return len(seen)
+            if deadline is not None and time.monotonic() > deadline:
+                raise DataError(f"counting new examples took longer than {deadline_s:g} s; try again later")
+    except sqlite3.DatabaseError as exc:
+        raise _data_error(exc, path, busy_timeout_s) from None
+    finally:
+        conn.close()
+    return len(seen)
 
 
 def _parse_timestamp(value: str | None) -> datetime | None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from homeiq_trainer import __version__
 from homeiq_trainer.messages import Phase, RunResult, RunStatus, TrainParams, utcnow
+from homeiq_trainer.parameters import section_overrides
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.artifacts import ArtifactError
@@ -24,20 +25,32 @@ class RunRefused(Exception):
     """The run's inputs are unusable (bad resume target, base model mismatch); nothing was trained."""
 
 
+def effective_settings(settings: Settings, params: TrainParams) -> Settings:
+    """The configured settings with a run's overrides applied (only the ones it sets)."""
+    overrides = params.model_dump(exclude_none=True, exclude={"resume_from", "base_model"})
+    sections = section_overrides(overrides)
+    if params.base_model is not None:
+        sections.setdefault("training", {})["base_model"] = params.base_model
+    # The overrides were validated against the same bounds (parameters.py) when `params` was made.
+    update = {name: getattr(settings, name).model_copy(update=values) for name, values in sections.items()}
+    return settings.model_copy(update=update)
+
+
 def hyperparameters(settings: Settings, params: TrainParams) -> Hyperparameters:
     """Configured training settings with the per-run overrides applied."""
-    t, lora, data = settings.training, settings.lora, settings.data
+    effective = effective_settings(settings, params)
+    t, lora, data = effective.training, effective.lora, effective.data
     return Hyperparameters(
-        base_model=params.base_model or t.base_model,
-        epochs=params.epochs or t.epochs,
-        learning_rate=params.learning_rate or t.learning_rate,
-        batch_size=params.batch_size or t.batch_size,
+        base_model=t.base_model,
+        epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         source_max_tokens=t.source_max_tokens,
         target_max_tokens=t.target_max_tokens,
-        lora_r=params.lora_r or lora.r,
-        lora_alpha=params.lora_alpha or lora.alpha,
-        lora_dropout=lora.dropout if params.lora_dropout is None else params.lora_dropout,
+        lora_r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         lora_target_modules=lora.target_modules,
         seed=t.seed,
         device=t.device,
@@ -57,7 +70,7 @@ def parameters_record(settings: Settings, params: TrainParams) -> dict[str, Any]
     hp = hyperparameters(settings, params)
     record = {key: getattr(hp, key) for key in hp.__dataclass_fields__}
     record["lora_target_modules"] = list(hp.lora_target_modules)
-    record["max_samples"] = params.max_samples or settings.data.max_samples
+    record["max_samples"] = effective_settings(settings, params).data.max_samples
     record["resume_from"] = params.resume_from
     return record
 
@@ -117,7 +130,7 @@ def execute_run(
         observer.phase(Phase.LOADING_DATA, f"reading {settings.data.source_db}")
         examples, report = load_examples(
             settings.data.source_db,
-            params.max_samples or settings.data.max_samples,
+            effective_settings(settings, params).data.max_samples,
             settings.data.busy_timeout_s,
         )
         result.data = report

@@ -62,12 +62,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class Daemon:
     """`homeiq-trainer serve` as a subprocess, its output in a file (a pipe nobody reads would fill up)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, pause: tuple[str, float] | None = None) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         base = {k: v for k, v in os.environ.items() if not k.startswith("HOMEIQ_")}
+        # A pause holds runs at one phase (tests/reliability/paused_daemon.py), injected via the launcher.
+        command = ["-m", "homeiq_trainer", "serve"]
+        if pause is not None:
+            command = ["-m", "tests.reliability.paused_daemon", pause[0], str(pause[1])]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "homeiq_trainer", "serve"],
+            [sys.executable, *command],
             env={**base, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,

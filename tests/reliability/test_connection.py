@@ -18,7 +18,7 @@ from homeiq_trainer.mqtt import MqttLink
 from homeiq_trainer.settings import MqttSettings
 
 from ..conftest import Broker, SettingsFactory, free_port
-from .conftest import AVAILABILITY, CMD, RESP, STATE, Client, daemon_settings, wait_until
+from .conftest import AVAILABILITY, CMD, RESP, STATE, Client, daemon_settings
 
 HERE = Path(__file__).parent
 NOT_CONNECTED_WAIT_S = 2.5
@@ -213,19 +213,29 @@ def test_acl_example_lets_home_assistant_command_and_only_the_daemon_publish_sta
         assert ha.wait_for(AVAILABILITY, lambda v: v == "online", timeout=10) == "online"
         assert ha.wait_for(STATE, timeout=10)["state"] == "idle"
         assert ha.request(CMD, RESP, {"action": "status"})["status"] == "ok"
+        ha.publish("homeiq/trainer/settings/epochs/set", "2")  # a configuration entity
+        assert ha.wait_for("homeiq/trainer/settings", lambda s: s["epochs"] == 2, timeout=10)["epochs"] == 2
         # Second half: nobody but the daemon can write the daemon's topics, not even Home Assistant.
         forged = json.dumps({"state": "completed", "run_id": "run_20990101_000000", "message": "forged"})
         for client in (ha, intruder):
-            for topic in (STATE, AVAILABILITY, "homeiq/trainer/model", "homeassistant/device/homeiq_trainer/config"):
+            for topic in (
+                STATE,
+                AVAILABILITY,
+                "homeiq/trainer/model",
+                "homeiq/trainer/settings",
+                "homeassistant/device/homeiq_trainer/config",
+            ):
                 client.publish(topic, forged, retain=True)
         # ...and a user other than Home Assistant cannot command it (the daemon never answers this id).
         intruder.publish(CMD, json.dumps({"action": "status", "request_id": "from-intruder"}))
-        marker = ha.request(CMD, RESP, {"action": "status"})  # commands are handled in order
+        intruder.publish("homeiq/trainer/settings/epochs/set", "50")
+        # Commands are handled in order, and the broker delivers to `ha` in order: once this answer
+        # is here, anything forged that got through would be here too.
+        marker = ha.request(CMD, RESP, {"action": "status"})
         assert marker["status"] == "ok"
-        time.sleep(0.3)
         assert all(b"forged" not in payload for _, _, payload in ha.log)
         assert all(json.loads(p).get("request_id") != "from-intruder" for p in ha.messages(RESP))
-        assert ha.json(STATE)["state"] == "idle"
+        assert ha.json(STATE)["state"] == "idle" and ha.json("homeiq/trainer/settings")["epochs"] == 2
         assert intruder.messages(STATE) == [] and intruder.messages(RESP) == []  # it may not even read them
         checker = Client(port, username="homeassistant", password="ha-pw")  # what a newcomer sees retained
         try:
@@ -239,5 +249,4 @@ def test_acl_example_lets_home_assistant_command_and_only_the_daemon_publish_sta
                 client.close()
         app.stop()
         broker.stop()
-    assert wait_until(lambda: True, 0)
     assert re.search(r"Denied PUBLISH", (tmp_path / "acl.log").read_text())

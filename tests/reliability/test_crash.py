@@ -1,7 +1,7 @@
 """The daemon SIGKILLed in each phase of a run, then restarted: nothing is left open or half-promoted.
 
 `queued` lasts microseconds and `saving` milliseconds with the tiny model, so those two are held open
-with the test-only `HOMEIQ_TEST_PAUSE_AT_PHASE` (read in runner.py and worker.py; unset in production).
+by a pausing launcher (`paused_daemon.py`) that production code knows nothing about.
 `loading_data` is held the honest way: the test locks HomeIQ's database as a writer would, and
 `training` needs no help. Half-written files a crash mid-write would leave are planted as well.
 """
@@ -23,11 +23,9 @@ from ..conftest import Broker, SettingsFactory
 from ..mqtt_client import Watcher
 from .conftest import AVAILABILITY, CMD, MODEL, RESP, STATE, Daemon, daemon_settings, is_done, record, settings_env
 
-PAUSE = "HOMEIQ_TEST_PAUSE_AT_PHASE"
 
-
-def _start_daemon(settings: Settings, watcher: Watcher, log: Path, **extra: str) -> Daemon:
-    daemon = Daemon(settings_env(settings) | extra, log)
+def _start_daemon(settings: Settings, watcher: Watcher, log: Path, pause: tuple[str, float] | None = None) -> Daemon:
+    daemon = Daemon(settings_env(settings), log, pause)
     watcher.wait_for(AVAILABILITY, lambda v: v == "online", timeout=30)
     return daemon
 
@@ -92,7 +90,7 @@ def test_sigkill_in_every_phase_then_restart(
     _kill(daemon, watcher)
 
     # queued (held by the test hook), after the restart has cleaned up the previous kill
-    daemon = _start_daemon(settings, watcher, log, **{PAUSE: "queued:60"})
+    daemon = _start_daemon(settings, watcher, log, pause=("queued", 60))
     restarts += 1
     _assert_recovered(settings, run, baseline, watcher)
     run = _start_run(watcher)
@@ -116,7 +114,7 @@ def test_sigkill_in_every_phase_then_restart(
         writer.close()
 
     # saving (held by the test hook right after the child reported it)
-    daemon = _start_daemon(settings, watcher, log, **{PAUSE: "saving:60"})
+    daemon = _start_daemon(settings, watcher, log, pause=("saving", 60))
     restarts += 1
     _assert_recovered(settings, run, baseline, watcher)
     run = _start_run(watcher)

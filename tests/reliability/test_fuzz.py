@@ -17,26 +17,19 @@ from hypothesis import strategies as st
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import run_to_dict
 from homeiq_trainer.messages import PLAIN_COMMANDS
-from homeiq_trainer.runner import TrainingProcess
-from homeiq_trainer.settings import Settings
+from homeiq_trainer.parameters import PARAMETERS
 
 from ..conftest import Broker, SettingsFactory
+from ..fakes import RefusingLauncher
 from .conftest import CMD, RESP, Client, daemon_settings, record
 
 FIGURES: dict[str, int] = {}
-REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,128}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.:@/+-]{1,128}")  # matched whole (fullmatch): no trailing newline
 FUZZ = settings(
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
-
-
-class RefusingLauncher:
-    """Fails the test if any payload ever gets as far as starting a training process."""
-
-    def start(self, settings: Settings, request: Any, run: Any) -> TrainingProcess:
-        raise AssertionError(f"a fuzzed command started run {run.run_identifier}")
 
 
 # --- strategies -----------------------------------------------------------------------------------
@@ -105,14 +98,10 @@ not_a_string = st.one_of(
     st.floats(allow_nan=False),
 )
 
-INT_FIELDS = {
-    "epochs": (1, 100),
-    "max_samples": (1, 1_000_000),
-    "batch_size": (1, 512),
-    "lora_r": (1, 256),
-    "lora_alpha": (1, 1024),
-    "min_new_samples": (1, 1_000_000),
-}
+# The bounds come from the one declaration of the parameters (parameters.py), plus the start-only one.
+INT_FIELDS = {p.name: (int(p.ge or 0), int(p.le or 0)) for p in PARAMETERS if p.kind is int}
+INT_FIELDS["min_new_samples"] = (1, 1_000_000)
+FLOAT_FIELDS = {p.name: p for p in PARAMETERS if p.kind is float}
 
 
 def out_of_range(field: str) -> st.SearchStrategy[Any]:
@@ -123,25 +112,22 @@ def out_of_range(field: str) -> st.SearchStrategy[Any]:
             st.integers(max_value=low - 1),
             st.integers(min_value=high + 1),
         )
-    if field == "learning_rate":
-        return st.sampled_from([0.0, -0.0, -1e-9, 1.0000001, 2.0, 1e308, -1e308, 5e-324 * -1])
-    return st.sampled_from([1.0, 1.5, -0.1, -1e-12, 1e308])  # lora_dropout
+    declared = FLOAT_FIELDS[field]
+    low = declared.ge or 0.0
+    beyond = (
+        [declared.lt, declared.lt + 0.5] if declared.lt is not None else [declared.le * 1.0000001, 2.0 * declared.le]
+    )  # type: ignore[operator]
+    return st.sampled_from([*beyond, low - 1e-9, -0.1, 1e308, -1e308])
 
 
 def valid_params() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries(
-        {},
-        optional={
-            "epochs": st.integers(1, 100),
-            "max_samples": st.integers(1, 1_000_000),
-            "batch_size": st.integers(1, 512),
-            "learning_rate": st.floats(1e-6, 1.0),
-            "lora_r": st.integers(1, 256),
-            "lora_alpha": st.integers(1, 1024),
-            "lora_dropout": st.floats(0.0, 0.99),
-            "min_new_samples": st.integers(1, 1_000_000),
-        },
-    )
+    optional: dict[str, st.SearchStrategy[Any]] = {
+        name: st.integers(low, high) for name, (low, high) in INT_FIELDS.items()
+    }
+    for name, declared in FLOAT_FIELDS.items():
+        high = declared.le if declared.le is not None else declared.lt
+        optional[name] = st.floats(declared.ge, high, exclude_max=declared.le is None)
+    return st.fixed_dictionaries({}, optional=optional)
 
 
 def request_ids() -> st.SearchStrategy[str | None]:
@@ -189,7 +175,7 @@ def json_commands(draw: st.DrawFn, allowed_base_models: tuple[str, ...]) -> dict
         key = draw(st.text(max_size=30).filter(lambda k: k not in ("action", "request_id", "triggered_by", "params")))
         body[key] = draw(json_value)
     elif defect == "extra_param":
-        known = set(INT_FIELDS) | {"learning_rate", "lora_dropout", "resume_from", "base_model"}
+        known = set(INT_FIELDS) | set(FLOAT_FIELDS) | {"resume_from", "base_model"}
         key = draw(
             st.one_of(
                 st.sampled_from(
@@ -209,10 +195,10 @@ def json_commands(draw: st.DrawFn, allowed_base_models: tuple[str, ...]) -> dict
         )
         params[key] = draw(st.one_of(st.just(True), hostile_text, json_value))  # type: ignore[index]
     elif defect == "range":
-        name = draw(st.sampled_from([*INT_FIELDS, "learning_rate", "lora_dropout"]))
+        name = draw(st.sampled_from([*INT_FIELDS, *FLOAT_FIELDS]))
         params[name] = draw(out_of_range(name))  # type: ignore[index]
     elif defect == "type":
-        name = draw(st.sampled_from([*INT_FIELDS, "learning_rate", "lora_dropout", "resume_from", "base_model"]))
+        name = draw(st.sampled_from([*INT_FIELDS, *FLOAT_FIELDS, "resume_from", "base_model"]))
         params[name] = draw(
             wrong_typed.filter(lambda v: not isinstance(v, str) or name not in ("resume_from", "base_model"))
         )  # type: ignore[index]  # noqa: E501
@@ -248,7 +234,7 @@ def json_commands(draw: st.DrawFn, allowed_base_models: tuple[str, ...]) -> dict
         body["request_id"] = draw(
             st.one_of(
                 st.sampled_from(["", "x" * 129, "../../etc/passwd\n", "a b", "<script>"]),
-                hostile_text.filter(lambda s: not REQUEST_ID.match(s)),
+                hostile_text.filter(lambda s: not REQUEST_ID.fullmatch(s)),
                 st.integers(),
                 st.lists(st.integers(), max_size=2),
             )
@@ -327,7 +313,7 @@ def expected_request_id(payload: bytes, max_bytes: int) -> str | None:
     except (ValueError, RecursionError):
         return None
     value = raw.get("request_id") if isinstance(raw, dict) else None
-    return value if isinstance(value, str) and REQUEST_ID.match(value) else None
+    return value if isinstance(value, str) and REQUEST_ID.fullmatch(value) else None
 
 
 def check_refused(app: TrainerApp, payload: bytes, response_text: str) -> dict[str, Any]:
@@ -353,10 +339,11 @@ def fuzz_app(request: pytest.FixtureRequest, make_settings: SettingsFactory) -> 
     """The daemon's command path in-process (it connects only on start(), which is never called)."""
     settings = make_settings(daemon={"max_payload_bytes": request.param}, mqtt={"port": 1})
     app = TrainerApp(settings, launcher=RefusingLauncher())
+    app.start(connect=False)
     before = snapshot(app)
     yield app
     assert snapshot(app) == before
-    app.close()
+    app.stop()
 
 
 def _fuzz(app: TrainerApp, strategy: st.SearchStrategy[bytes], examples: int, name: str) -> None:
@@ -369,8 +356,11 @@ def _fuzz(app: TrainerApp, strategy: st.SearchStrategy[bytes], examples: int, na
         seen[0] += 1
 
     check()
-    FIGURES[name] = FIGURES.get(name, 0) + seen[0]
     assert seen[0] >= examples
+    FIGURES[name] = FIGURES.get(name, 0) + seen[0]
+    in_process = sum(v for k, v in FIGURES.items() if k in ("json", "bytes", "deep"))
+    if in_process:
+        record("payloads fuzzed in-process", in_process)
 
 
 def _mixed(app: TrainerApp) -> st.SearchStrategy[bytes]:
@@ -386,11 +376,12 @@ def _mixed(app: TrainerApp) -> st.SearchStrategy[bytes]:
 
 def test_fuzz_quick(make_settings: SettingsFactory) -> None:
     """The default suite's share: 1,000 mixed payloads (the full 10,000 run with `-m slow`)."""
-    app = TrainerApp(make_settings(mqtt={"port": 1}), launcher=RefusingLauncher())
+    app = TrainerApp(make_settings(), launcher=RefusingLauncher())
+    app.start(connect=False)
     before = snapshot(app)
     _fuzz(app, _mixed(app), 1000, "quick")
     assert snapshot(app) == before
-    app.close()
+    app.stop()
 
 
 @pytest.mark.slow
@@ -408,23 +399,16 @@ def test_fuzz_deep_and_huge_json(fuzz_app: TrainerApp) -> None:
     _fuzz(fuzz_app, deep_or_huge(fuzz_app.settings.daemon.max_payload_bytes), 500, "deep")
 
 
-@pytest.mark.slow
-def test_fuzz_total_is_at_least_10000() -> None:
-    # Runs after the three above (pytest keeps file order); each asserted its own share too.
-    total = sum(v for k, v in FIGURES.items() if k in ("json", "bytes", "deep"))
-    record("payloads fuzzed in-process", total)
-    assert total >= 10_000, FIGURES
-
-
 def test_oversized_payload_costs_nothing_to_refuse(make_settings: SettingsFactory) -> None:
-    app = TrainerApp(make_settings(mqtt={"port": 1}), launcher=RefusingLauncher())
+    app = TrainerApp(make_settings(), launcher=RefusingLauncher())
+    app.start(connect=False)
     payload = b'{"request_id": "big-1", "action": "start", "pad": [' + b"1," * 20_000_000 + b"1]}"
     started = time.monotonic()
     response = json.loads(app.handle_command(payload))
     elapsed = time.monotonic() - started
     assert response["error"]["code"] == "payload_too_large" and response["request_id"] == "big-1"
     assert elapsed < 0.2, f"refusing a 40 MB payload took {elapsed:.2f} s: it was parsed"
-    app.close()
+    app.stop()
 
 
 def test_fuzz_through_the_broker(make_settings: SettingsFactory, broker: Broker, tmp_path: Path) -> None:
@@ -443,8 +427,8 @@ def test_fuzz_through_the_broker(make_settings: SettingsFactory, broker: Broker,
     big = b'{"request_id": "broker-big", "action": "start", "pad": "' + b"x" * (16 * 1024 * 1024) + b'"}'
     payloads += [big, b"[" * 60000, b"\xff" * 70000]
     app = TrainerApp(cfg, launcher=RefusingLauncher())
-    before = snapshot(app)
     app.start()
+    before = snapshot(app)
     client = Client(broker.port, (RESP,))
     try:
         assert app.link.wait_connected(10)
@@ -453,8 +437,10 @@ def test_fuzz_through_the_broker(make_settings: SettingsFactory, broker: Broker,
         deadline = time.monotonic() + 180  # generous: a loaded CI machine, and a 16 MB payload in the mix
         while client.count(RESP) < len(payloads) and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)  # nothing more may arrive
+        # Answers come in order: once a later command is answered, nothing more from the fuzz may arrive.
+        marker = client.request(CMD, RESP, {"action": "status", "request_id": "fuzz-marker"}, timeout=30)
         responses = [json.loads(p) for p in client.messages(RESP)]
+        responses = [r for r in responses if r.get("request_id") != marker["request_id"]]
         ids = {r["request_id"] for r in responses}
         missing = [p[:80] for p in payloads if expected_request_id(p, 65536) not in ids]
         assert len(responses) == len(payloads), (missing, len(client.messages(RESP)))
@@ -470,11 +456,12 @@ def test_fuzz_through_the_broker(make_settings: SettingsFactory, broker: Broker,
                 got[response["request_id"]] = got.get(response["request_id"], 0) + 1
         assert {k: v for k, v in got.items() if k in expected} == expected
         assert app.runner.active is None
-        assert client.request(CMD, RESP, {"action": "status"})["status"] == "ok"  # still serving
+        assert marker["status"] == "ok"  # still serving
     finally:
         client.close()
         app.stop()
     record("payloads fuzzed through the broker", len(payloads))
     app2 = TrainerApp(cfg, launcher=RefusingLauncher())
+    app2.start(connect=False)
     assert snapshot(app2) == before
-    app2.close()
+    app2.stop()

@@ -19,7 +19,7 @@ import pytest
 from homeiq_trainer.settings import Settings
 
 from ..conftest import Broker, SettingsFactory, free_port
-from ..test_addon import FakeSupervisor
+from ..supervisor import FakeSupervisor
 from .conftest import AVAILABILITY, CMD, RESP, STATE, Client, Daemon, is_done, record, settings_env
 
 PASSWORD = "pw-" + secrets.token_hex(12)

@@ -1,0 +1,155 @@
+"""What the runner reports becomes retained state: `state`, `progress`, `last_run`, `runs`, `model`.
+
+The reporter is the runner's listener. It keeps the typed values it last published (so `status` is
+answered without reading anything back) and the `runs` answer, refreshed when a run ends (so `runs`
+never queries the history on the command path).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from homeiq_trainer.history import HistoryStore, TrainingRun, run_record
+from homeiq_trainer.messages import (
+    ModelInfo,
+    Phase,
+    ProgressEvent,
+    ProgressPayload,
+    RunRecord,
+    RunResult,
+    RunsAnswer,
+    RunsPayload,
+    RunStatus,
+    State,
+    StatePayload,
+    StatusAnswer,
+)
+from homeiq_trainer.publisher import Publisher
+from homeiq_trainer.settings import Settings
+from homeiq_trainer.topics import Topics
+from homeiq_trainer.training import artifacts
+
+_LOGGER = logging.getLogger(__name__)
+
+STATE_MESSAGE_MAX_CHARS = 500
+QOS_PROGRESS = 0
+
+
+class RunReporter:
+    """Turns runner events into retained topics through the publisher."""
+
+    def __init__(self, settings: Settings, topics: Topics, publisher: Publisher, store: HistoryStore) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.publisher = publisher
+        self.store = store
+        self._lock = threading.Lock()
+        self._state = StatePayload(state=State.IDLE, message="no run yet")
+        self._progress = ProgressPayload()
+        self._runs: list[RunRecord] = []
+        self._last_progress_at = 0.0
+
+    # --- answers for commands --------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The `status` answer: the state and progress last published."""
+        with self._lock:
+            answer = StatusAnswer(state=self._state, progress=self._progress)
+        return answer.model_dump(mode="json")
+
+    def runs(self) -> dict[str, Any]:
+        """The `runs` answer, as refreshed when the last run ended."""
+        with self._lock:
+            answer = RunsAnswer(runs=self._runs)
+        return answer.model_dump(mode="json")
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    def publish_initial(self, interrupted: list[TrainingRun]) -> None:
+        """The state at start: the latest run's outcome (or idle), empty progress, history and model."""
+        latest = self.store.recent(1)
+        if latest:
+            run = latest[0]
+            message = (
+                f"run {run.run_identifier} was interrupted when the daemon stopped"
+                if any(r.id == run.id for r in interrupted)
+                else f"last run {run.status}"
+            )
+            self._publish_state(State(run.status), run.run_identifier, None, message)
+        else:
+            self._publish_state(State.IDLE, None, None, "no run yet")
+        self._publish_progress(ProgressPayload())
+        self.publish_history()
+        self.publish_model()
+
+    def _publish_state(self, state: State, run_id: str | None, phase: Phase | None, message: str) -> None:
+        payload = StatePayload(state=state, run_id=run_id, phase=phase, message=message[:STATE_MESSAGE_MAX_CHARS])
+        with self._lock:
+            self._state = payload
+        self.publisher.retain(self.topics.state, payload)
+
+    def _publish_progress(self, payload: ProgressPayload) -> None:
+        with self._lock:
+            self._progress = payload
+        self.publisher.retain(self.topics.progress, payload, qos=QOS_PROGRESS)
+
+    def publish_history(self) -> None:
+        """`last_run` and `runs` from the history (and the cached `runs` answer)."""
+        last = self.store.latest_finished()
+        self.publisher.retain(self.topics.last_run, run_record(last) if last else RunRecord())
+        runs = [run_record(run) for run in self.store.recent(self.settings.daemon.runs_published)]
+        with self._lock:
+            self._runs = runs
+        self.publisher.retain(self.topics.runs, RunsPayload(runs=list(runs)))
+
+    def publish_model(self) -> None:
+        """What `latest` points to."""
+        output_dir = self.settings.storage.output_dir
+        name = artifacts.latest_run(output_dir)
+        if name is None:
+            self.publisher.retain(self.topics.model, ModelInfo())
+            return
+        meta = artifacts.read_metadata(output_dir / name)
+        known = {key: meta.get(key) for key in ("base_model", "trained_at", "samples_used", "final_loss", "eval_loss")}
+        self.publisher.retain(
+            self.topics.model, ModelInfo(run_id=name, path=str((output_dir / name).resolve()), **known)
+        )
+
+    # --- runner events ---------------------------------------------------------------------------
+
+    def run_state(self, run: TrainingRun, phase: Phase | None, message: str) -> None:
+        self._publish_state(State.QUEUED if phase is None else State.RUNNING, run.run_identifier, phase, message)
+        if phase is None:
+            self._publish_progress(ProgressPayload(run_id=run.run_identifier))
+
+    def run_progress(self, run: TrainingRun, event: ProgressEvent) -> None:
+        now = time.monotonic()
+        final = event.step >= event.total_steps
+        if not final and now - self._last_progress_at < self.settings.daemon.progress_interval_s:
+            return
+        self._last_progress_at = now
+        payload = ProgressPayload(
+            run_id=run.run_identifier,
+            percent=event.percent,
+            **event.model_dump(include={"step", "total_steps", "epoch", "loss", "samples_per_s", "eta_s"}),
+        )
+        self._publish_progress(payload)
+
+    def run_finished(self, run: TrainingRun, result: RunResult) -> None:
+        if result.status is RunStatus.COMPLETED:
+            with self._lock:
+                previous = self._progress
+            update = {"run_id": run.run_identifier, "percent": 100.0, "eta_s": 0.0}
+            self._publish_progress(previous.model_copy(update=update))
+        message = {
+            RunStatus.COMPLETED: f"completed with final loss {result.final_loss}",
+            RunStatus.CANCELLED: "cancelled; the current model is unchanged",
+        }.get(result.status) or result.reason()
+        self.publish_history()
+        if result.promoted:
+            self.publish_model()
+        self._publish_state(State(result.status.value), run.run_identifier, None, message)
+        _LOGGER.info("Run %s %s", run.run_identifier, result.status.value)
