@@ -149,7 +149,7 @@ def test_reported_loss_is_per_token_under_gradient_accumulation(make_settings: S
     # epoch's training loss must equal the independent per-token loss over the training split,
     # not that figure multiplied by the accumulation steps.
     settings = make_settings(
-        training={"batch_size": 2, "gradient_accumulation_steps": 4, "learning_rate": 1e-12, "precision": "fp32"},
+        training={"batch_size": 2, "gradient_accumulation_steps": 4, "learning_rate": 1e-6, "precision": "fp32"},
         lora={"dropout": 0.0},
         data={"max_samples": 60},
     )
