@@ -282,6 +282,18 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
                 icon="mdi:alert-circle-outline",
             ),
             component(
+                "backend",
+                "sensor",
+                "Training backend",
+                state_topic=topics.last_run,
+                value_template="{{ value_json.backend or 'local' }}",
+                json_attributes_topic=topics.last_run,
+                # The cluster's address, workers, CPUs and GPUs; nothing for a local run.
+                json_attributes_template="{{ (value_json.cluster or {}) | tojson }}",
+                entity_category="diagnostic",
+                icon="mdi:server-network",
+            ),
+            component(
                 "model",
                 "sensor",
                 "Current model",

@@ -74,6 +74,8 @@ def run_record(run: TrainingRun) -> RunRecord:
         final_loss=run.final_loss,
         eval_loss=run.eval_loss,
         error=run.error_message,
+        backend=(run.parameters_json or {}).get("backend", "local"),
+        cluster=(run.parameters_json or {}).get("cluster"),
     )
 
 
@@ -179,6 +181,7 @@ class HistoryStore:
         data_report: dict[str, Any] | None = None,
         error: str | None = None,
         peak_rss_mb: float | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> TrainingRun:
         """Close the run with its outcome; `error` keeps its last 5000 characters."""
         values: dict[str, Any] = {
@@ -197,6 +200,8 @@ class HistoryStore:
             values["output_dir"] = output_dir
         if base_model:
             values["base_model"] = base_model  # a resumed run trains on its parent's base model
+        if parameters is not None:
+            values["parameters_json"] = parameters
         return self._update(run_id, **values)
 
     def mark_interrupted(self) -> list[TrainingRun]:

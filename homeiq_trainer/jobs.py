@@ -120,6 +120,7 @@ def record_result(store: HistoryStore, settings: Settings, run: TrainingRun, res
         data_report=result.data.model_dump(mode="json") if result.data.rows_read else None,
         error=result.error,
         peak_rss_mb=result.peak_rss_mb,
+        parameters={**(run.parameters_json or {}), "cluster": result.cluster} if result.cluster else None,
     )
     prune_history(store, settings)
     return finished

@@ -137,6 +137,8 @@ class RunResult(_Wire):
     train_samples_per_second: float | None = None
     padding_efficiency: float | None = None
     device: str | None = None
+    cluster: dict[str, Any] | None = None
+    """Where a run trained when not here: the Ray cluster's address, workers, CPUs and GPUs."""
     error: str | None = None
     peak_rss_mb: float | None = None
 
@@ -263,6 +265,10 @@ class RunRecord(RunSummary):
     output_dir: str | None = None
     eval_loss: float | None = None
     error: str | None = None
+    backend: str | None = None
+    """Where it trained: `local`, or `ray`."""
+    cluster: dict[str, Any] | None = None
+    """With `ray`: the cluster's address, workers, CPUs and GPUs."""
 
 
 class RunsPayload(_Wire):

@@ -24,7 +24,7 @@ from typing import Protocol
 from homeiq_trainer.history import HistoryStore, TrainingRun
 from homeiq_trainer.jobs import JobRequest, crash_result, open_run, record_result
 from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus
-from homeiq_trainer.settings import Settings
+from homeiq_trainer.settings import REVEAL_SECRETS, Settings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class SubprocessTraining:
         # Raw and unbuffered: a buffered reader could hold lines that select() no longer sees.
         self._events_fd = read_fd
         try:
-            settings_dump = settings.model_dump(mode="json", exclude={"mqtt", "daemon"})
+            # On the private stdin pipe, never in the environment: the Ray token in clear, as the child needs it.
+            settings_dump = settings.model_dump(mode="json", exclude={"mqtt", "daemon"}, context={REVEAL_SECRETS: True})
             assert self.proc.stdin is not None
             self.proc.stdin.write(job_payload(settings_dump, request.params, run.run_identifier))
             self.proc.stdin.flush()

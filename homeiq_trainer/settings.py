@@ -8,7 +8,17 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -20,6 +30,8 @@ from pydantic_settings import (
 from homeiq_trainer.parameters import parameter
 
 CONFIG_ENV = "HOMEIQ_CONFIG"
+REVEAL_SECRETS = "reveal_secrets"
+"""`model_dump(context={REVEAL_SECRETS: True})` writes secrets that a training process needs in clear."""
 DEFAULT_BASE_MODEL = "google/flan-t5-small"
 
 
@@ -110,6 +122,48 @@ class TrainingSettings(_Section):
     """Stop after this many held-out evaluations without a new best; 0 never stops early. The best adapter is kept."""
     eval_every_steps: int = Field(0, ge=0, le=1_000_000)
     """Held-out loss every this many optimizer steps; 0 means at the end of every epoch."""
+    backend: Literal["local", "ray"] = "local"
+    """`local`: train in the training process on this machine; `ray`: on the Ray cluster in `[ray]`."""
+
+
+class RaySettings(_Section):
+    """The Ray cluster that trains when `training.backend` is `ray` (needs `homeiq-trainer[ray]`)."""
+
+    address: str = "ray://localhost:10001"
+    """Ray Client address of the cluster's head node, `ray://<host>:<port>`."""
+    num_workers: int = Field(1, ge=1, le=256)
+    """Training workers (processes under PyTorch DDP), each with its own copy of the model."""
+    use_gpu: bool = False
+    """Give every worker one GPU (NCCL between workers) instead of CPUs only (gloo)."""
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Ray resources per worker, e.g. {"CPU": 4, "GPU": 1}; empty: Ray's default (1 CPU, and 1 GPU with use_gpu)."""
+    max_failures: int = Field(0, ge=0, le=100)
+    """How often a run is restarted from the beginning after a worker died, before it fails."""
+    connect_timeout_s: float = Field(15.0, gt=0, le=600)
+    """How long to wait for the cluster to accept and answer a connection, in seconds."""
+    auth_token: SecretStr | None = None
+    """The cluster's token (`ray get-auth-token` on the head); never logged or published."""
+
+    @field_validator("address")
+    @classmethod
+    def _ray_client_address(cls, value: str) -> str:
+        host, _, port = value.removeprefix("ray://").rpartition(":")
+        if not value.startswith("ray://") or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be a Ray Client address, ray://<host>:<port>")
+        return value
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(not name.strip() or amount <= 0 for name, amount in value.items()):
+            raise ValueError("needs resource names with amounts above 0")
+        return value
+
+    @field_serializer("auth_token", when_used="json")
+    def _masked_unless_asked(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
+        if value is None:
+            return None
+        return value.get_secret_value() if (info.context or {}).get(REVEAL_SECRETS) else str(value)
 
 
 class MqttSettings(_Section):
@@ -211,6 +265,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     training: TrainingSettings = TrainingSettings()
     lora: LoraSettings = LoraSettings()
+    ray: RaySettings = RaySettings()
     mqtt: MqttSettings = MqttSettings()
     daemon: DaemonSettings = DaemonSettings()
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_setup.sh
 ensure_os_packages
-ensure_venv "[test]"
+ensure_venv "[test,ray]"
 export HF_HUB_OFFLINE=1
 "$VENV/bin/ruff" check homeiq_trainer tests
 "$VENV/bin/ruff" format --check homeiq_trainer tests

@@ -18,6 +18,7 @@ from homeiq_trainer.training.engine import split_examples
 from homeiq_trainer.training.run import execute_run
 
 from .conftest import SettingsFactory
+from .losses import independent_token_loss
 
 
 class Recorder:
@@ -44,29 +45,6 @@ def run_job(settings, params: TrainParams | None = None, observer=None, stop=Non
     result = execute_run(settings, params or TrainParams(), row.run_identifier, observer, stop)
     row = record_result(store, settings, row, result)
     return store, row, result
-
-
-def independent_token_loss(model_dir: Path, pairs: list[tuple[str, str]], adapter: Path | None = None) -> float:
-    """Mean per-token cross-entropy computed the plain way, one example at a time."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for source, target in pairs:
-            enc = tokenizer(source, return_tensors="pt", truncation=True, max_length=256)
-            labels = tokenizer(text_target=target, return_tensors="pt", truncation=True, max_length=256).input_ids
-            loss = model(**enc, labels=labels).loss  # HF's own mean over this example's tokens
-            total += float(loss) * labels.numel()
-            tokens += labels.numel()
-    return total / tokens
 
 
 def test_end_to_end_run_writes_everything_and_agrees(make_settings: SettingsFactory) -> None:
@@ -145,7 +123,8 @@ def test_adapter_loads_with_peft_and_generates(make_settings: SettingsFactory) -
 
 
 def test_reported_loss_is_per_token_under_gradient_accumulation(make_settings: SettingsFactory) -> None:
-    # With a vanishing learning rate and no dropout the model is effectively frozen, so the
+    # With the smallest learning rate the schema allows (a few Adam steps of 1e-6 move the loss far
+    # less than the tolerance) and no dropout the model is effectively frozen, so the
     # epoch's training loss must equal the independent per-token loss over the training split,
     # not that figure multiplied by the accumulation steps.
     settings = make_settings(
@@ -306,6 +285,31 @@ def test_token_budget_batches_fill_the_budget_with_little_padding() -> None:
     assert padding_efficiency(lengths, list(shuffled)) < 0.7
     # A single example over the budget trains alone instead of failing.
     assert list(TokenBudgetBatchSampler([(300, 300), (5, 5)], 64, 8, seed=0)) in ([[0], [1]], [[1], [0]])
+
+
+def test_token_budget_batches_shard_whole_batches_across_workers() -> None:
+    from homeiq_trainer.training.batching import TokenBudgetBatchSampler
+
+    lengths = [(5 + i % 40, 3 + i % 17) for i in range(400)]
+    alone = TokenBudgetBatchSampler(lengths, batch_tokens=256, max_examples=16, seed=3)
+    alone.set_epoch(2)
+    whole = list(alone)
+    for workers in (2, 3, len(whole) + 1):
+        shards = []
+        for rank in range(workers):
+            sampler = TokenBudgetBatchSampler(lengths, 256, 16, seed=3, rank=rank, workers=workers)
+            sampler.set_epoch(2)
+            shards.append(list(sampler))
+            assert len(shards[-1]) == len(sampler)
+        # Same count on every worker (DDP steps in lockstep); every batch whole, each taken at least once,
+        # and only the top-up of the last round taken twice.
+        assert len({len(shard) for shard in shards}) == 1
+        taken = [batch for shard in shards for batch in shard]
+        assert all(batch in whole for batch in taken)
+        assert {tuple(b) for b in taken} == {tuple(b) for b in whole}
+        assert len(taken) - len(whole) == -len(whole) % workers
+    with pytest.raises(ValueError, match="rank 2"):
+        TokenBudgetBatchSampler(lengths, 256, 16, seed=3, rank=2, workers=2)
 
 
 def test_history_from_an_older_release_gains_the_new_columns(tmp_path: Path) -> None:

@@ -117,7 +117,13 @@ class TokenBudgetBatchSampler:
     """A batch sampler over fixed token-budget batches, in a fresh seeded order each epoch.
 
     The batches themselves are cut once (as fairseq does), so every epoch has the same number of
-    steps and the Trainer's step count holds; only their order changes.
+    steps and the Trainer's step count holds; only their order changes. In a distributed run
+    (`workers` > 1) every worker cuts and orders the same batches and takes every `workers`-th
+    one from its `rank` on, whole (never split, so the token budget holds). All workers take the
+    same number, so their DDP steps stay in lockstep: where the batches do not divide evenly, the
+    last round is topped up with batches from the start of the epoch's order, as PyTorch's
+    DistributedSampler and Accelerate top up. `last_was_top_up` says whether the batch just yielded
+    is such a repeat, so the training loop can give it no weight (its loss and tokens count nowhere).
     """
 
     def __init__(
@@ -127,19 +133,34 @@ class TokenBudgetBatchSampler:
         max_examples: int,
         seed: int,
         group_by_length: bool = True,
+        rank: int = 0,
+        workers: int = 1,
     ) -> None:
+        if not 0 <= rank < workers:
+            raise ValueError(f"rank {rank} is not one of {workers} workers")
         self.batches = token_budget_batches(lengths, batch_tokens, max_examples, random.Random(seed), group_by_length)
         self.seed = seed
         self.epoch = 0
+        self.rank = rank
+        self.workers = workers
+        self.last_was_top_up = False
 
     def set_epoch(self, epoch: int) -> None:
         """The Trainer calls this before each epoch."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.batches)
+        """Batches this worker takes per epoch."""
+        return -(-len(self.batches) // self.workers)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = list(self.batches)
         random.Random(self.seed + 1 + self.epoch).shuffle(order)
-        return iter(order)
+        real = len(order)
+        if self.workers > 1 and order:
+            short = len(self) * self.workers - real
+            order += [order[i % real] for i in range(short)]
+        for position in range(self.rank, len(order), self.workers):
+            self.last_was_top_up = position >= real
+            yield order[position]
+        self.last_was_top_up = False

@@ -33,6 +33,14 @@ TOKENIZE_CHUNK_EXAMPLES = 1024
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+SumAcrossWorkers = Callable[[list[float]], list[float]]
+"""Element-wise sum of a list of figures over all workers of a distributed run (the same list when alone)."""
+
+
+def _alone(values: list[float]) -> list[float]:
+    return values
+
+
 class TrainingObserver(Protocol):
     """Receives what a run does; knows nothing about where it goes (terminal, pipe, MQTT)."""
 
@@ -113,6 +121,8 @@ class _LossMeter:
     real_tokens: int = 0
     padded_tokens: int = 0
     examples_seen: int = 0
+    # Under Ray every worker meters its own batches; sums (never means) are added up over workers.
+    reduce: SumAcrossWorkers = _alone
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, loss_sum: float, tokens: int) -> None:
@@ -124,17 +134,22 @@ class _LossMeter:
 
     def take_window(self) -> float | None:
         with self.lock:
-            if not self.window_tokens:
-                return None
-            mean = self.window_sum / self.window_tokens
+            total, tokens = self.reduce([self.window_sum, float(self.window_tokens)])
             self.window_sum, self.window_tokens = 0.0, 0
-            return mean
+            return total / tokens if tokens else None
 
     def close_epoch(self) -> None:
         with self.lock:
-            if self.epoch_tokens:
-                self.last_epoch_mean = self.epoch_sum / self.epoch_tokens
+            total, tokens = self.reduce([self.epoch_sum, float(self.epoch_tokens)])
+            if tokens:
+                self.last_epoch_mean = total / tokens
             self.epoch_sum, self.epoch_tokens = 0.0, 0
+
+    def totals(self) -> tuple[int, int, int]:
+        """(real tokens, padded tokens, examples) over all workers."""
+        counts = [float(self.real_tokens), float(self.padded_tokens), float(self.examples_seen)]
+        real, padded, seen = self.reduce(counts)
+        return int(real), int(padded), int(seen)
 
 
 def pick_device(requested: str) -> str:
@@ -254,8 +269,12 @@ def evaluate_loss(
     batches: Sequence[Sequence[int]],
     token_loss: TokenLoss | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    reduce: SumAcrossWorkers = _alone,
 ) -> float:
-    """Mean per-token cross-entropy over `features`, batch by batch (no dropout, no gradients, fp32)."""
+    """Mean per-token cross-entropy over `features`, batch by batch (no dropout, no gradients, fp32).
+
+    In a distributed run every worker passes its own share of `batches`; sums go through `reduce`.
+    """
     import torch
 
     loss_of = token_loss or TokenLoss(None)
@@ -276,7 +295,8 @@ def evaluate_loss(
                     on_batch(done, len(batches))
     finally:
         model.train(was_training)
-    return total / tokens if tokens else float("nan")
+    total, summed_tokens = reduce([total, float(tokens)])
+    return total / summed_tokens if summed_tokens else float("nan")
 
 
 def load_base_model(base_model: str, device: str, bf16_weights: bool) -> tuple[Any, Any]:
@@ -325,11 +345,14 @@ def train_adapter(
     observer: TrainingObserver | None = None,
     stop: threading.Event | None = None,
     resume_adapter: Path | None = None,
+    sum_across_workers: SumAcrossWorkers | None = None,
 ) -> TrainOutcome:
     """Fine-tune a LoRA adapter on `examples` and save it (with the tokenizer) to `save_dir`.
 
     Keeps the adapter with the lowest held-out loss. Returns early with `cancelled=True`, saving
-    nothing, when `stop` is set.
+    nothing, when `stop` is set. Inside a distributed run (the Ray backend) every worker calls this
+    with the same examples and a `sum_across_workers`; the figures it returns are then those of all
+    workers together.
     """
     import torch
     from transformers.utils import logging as hf_logging
@@ -363,7 +386,8 @@ def train_adapter(
 
     train_features = tokenize(tokenizer, train_set, hp.source_max_tokens, hp.target_max_tokens, tokenized)
     eval_features = tokenize(tokenizer, eval_set, hp.source_max_tokens, hp.target_max_tokens, tokenized)
-    meter = _LossMeter()
+    reduce = sum_across_workers or _alone
+    meter = _LossMeter(reduce=reduce)
     with hidden_states_out(base) as head:
         session = TrainingSession(
             model=model,
@@ -377,24 +401,26 @@ def train_adapter(
             token_loss=TokenLoss(head),
             watcher=watcher,
             stopper=stopper,
+            reduce=reduce,
             started=started,
             started_cpu=started_cpu,
         )
         trainer = session.trainer(train_features, eval_features)
-        if stopper.is_set():
+        if session.stopping():
             return _cancelled(len(train_features), len(eval_features), [], device)
         watcher.phase(Phase.TRAINING, f"{len(train_features)} examples, {session.total_steps} steps, {precision}")
         train_started, train_cpu_started = time.monotonic(), time.process_time()
         trainer.train()
         runtime, train_cpu_s = time.monotonic() - train_started, time.process_time() - train_cpu_started
         meter.close_epoch()
-        if stopper.is_set():
+        if session.stopping():
             return _cancelled(len(train_features), len(eval_features), session.history, device)
         eval_loss = session.finish_evaluation(trainer.state)
 
     watcher.phase(Phase.SAVING, "writing adapter")
     _save(model, tokenizer, save_dir)
     best = session.best
+    real_tokens, padded_tokens, processed = meter.totals()
     return TrainOutcome(
         cancelled=False,
         train_examples=len(train_features),
@@ -403,8 +429,8 @@ def train_adapter(
         eval_loss=eval_loss,
         loss_history=session.history,
         train_runtime_s=round(runtime, 3),
-        train_samples_per_second=round(meter.examples_seen / runtime, 3) if runtime > 0 else 0.0,
-        padding_efficiency=round(meter.real_tokens / meter.padded_tokens, 4) if meter.padded_tokens else None,
+        train_samples_per_second=round(processed / runtime, 3) if runtime > 0 else 0.0,
+        padding_efficiency=round(real_tokens / padded_tokens, 4) if padded_tokens else None,
         device=device,
         steps=trainer.state.global_step,
         precision=precision,

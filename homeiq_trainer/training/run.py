@@ -7,7 +7,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from homeiq_trainer import __version__
 from homeiq_trainer.messages import Phase, RunResult, RunStatus, TrainParams, utcnow
@@ -16,7 +16,10 @@ from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.artifacts import ArtifactError
 from homeiq_trainer.training.data import DataError, load_examples
-from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver
+from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver, TrainOutcome
+
+if TYPE_CHECKING:
+    from homeiq_trainer.training.data import Example
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -72,7 +75,29 @@ def parameters_record(settings: Settings, params: TrainParams) -> dict[str, Any]
     record["lora_target_modules"] = list(hp.lora_target_modules)
     record["max_samples"] = effective_settings(settings, params).data.max_samples
     record["resume_from"] = params.resume_from
+    record["backend"] = settings.training.backend
     return record
+
+
+def _train(
+    settings: Settings,
+    examples: list[Example],
+    hp: Hyperparameters,
+    save_dir: Path,
+    observer: TrainingObserver,
+    stop: threading.Event,
+    resume_dir: Path | None,
+) -> tuple[TrainOutcome, dict[str, Any] | None]:
+    """The configured backend trains: this process, or the Ray cluster (then also says which cluster)."""
+    if settings.training.backend == "ray":
+        from homeiq_trainer.training.ray_backend import train_on_ray
+
+        cluster = settings.ray
+        return train_on_ray(examples, hp, save_dir, cluster, observer=observer, stop=stop, resume_adapter=resume_dir)
+    from homeiq_trainer.training.engine import train_adapter
+
+    outcome = train_adapter(examples, hp, save_dir, observer=observer, stop=stop, resume_adapter=resume_dir)
+    return outcome, None
 
 
 def _resume_target(settings: Settings, params: TrainParams) -> tuple[Path | None, str | None]:
@@ -98,7 +123,8 @@ def execute_run(
     Known failures (bad data, unusable resume target, files that cannot be written, a model that
     cannot be loaded) come back as a `failed` result with a one-line reason; anything else rises.
     """
-    from homeiq_trainer.training.engine import train_adapter
+    # Cheap: the module imports Ray only when a run trains on it.
+    from homeiq_trainer.training.ray_backend import ClusterError
 
     observer = observer or NullObserver()
     stop = stop or threading.Event()
@@ -138,9 +164,10 @@ def execute_run(
             return result.model_copy(update={"status": RunStatus.CANCELLED})
 
         output_dir.mkdir(parents=True, exist_ok=True)
-        outcome = train_adapter(examples, hp, staging, observer=observer, stop=stop, resume_adapter=resume_dir)
+        outcome, cluster = _train(settings, examples, hp, staging, observer, stop, resume_dir)
         result = result.model_copy(
             update={
+                "cluster": cluster,
                 "train_examples": outcome.train_examples,
                 "eval_examples": outcome.eval_examples,
                 "loss_history": outcome.loss_history,
@@ -168,6 +195,8 @@ def execute_run(
             "padding_efficiency": outcome.padding_efficiency,
             "device": outcome.device,
             "precision": outcome.precision,
+            "backend": settings.training.backend,
+            "cluster": cluster,
             "steps": outcome.steps,
             "peak_rss_mb": outcome.peak_rss_mb,
             "eval_history": outcome.eval_history,
@@ -198,7 +227,7 @@ def execute_run(
                 "peak_rss_mb": outcome.peak_rss_mb,
             }
         )
-    except (DataError, ArtifactError, RunRefused) as exc:
+    except (DataError, ArtifactError, RunRefused, ClusterError) as exc:
         return result.model_copy(update={"status": RunStatus.FAILED, "error": str(exc)})
     except OSError as exc:
         # Disk full, permissions, or a base model that is neither a local directory nor reachable.

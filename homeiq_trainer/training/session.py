@@ -12,6 +12,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +35,10 @@ from homeiq_trainer.training.batching import TokenBudgetBatchSampler, token_budg
 from homeiq_trainer.training.engine import (
     LABEL_PAD,
     Hyperparameters,
+    SumAcrossWorkers,
     TokenLoss,
     TrainingObserver,
+    _alone,
     _LossMeter,
     evaluate_loss,
     feature_lengths,
@@ -53,6 +56,8 @@ class _BatchedTrainer(Trainer):
     cpu_bf16: bool = False
 
     def get_train_dataloader(self) -> Any:
+        from accelerate.data_loader import prepare_data_loader
+
         loader = torch.utils.data.DataLoader(
             self.train_dataset,  # type: ignore[arg-type]
             batch_sampler=self.batch_sampler,
@@ -60,7 +65,11 @@ class _BatchedTrainer(Trainer):
             num_workers=0,
             pin_memory=self.args.dataloader_pin_memory,
         )
-        return self.accelerator.prepare(loader)
+        if self.batch_sampler.workers == 1:
+            return self.accelerator.prepare(loader)
+        # The sampler has sharded whole batches already; Accelerate's own sharding would cut them again
+        # (and refuses batches of varying size), so it sees this worker's loader as that of one process.
+        return prepare_data_loader(loader, self.accelerator.device, num_processes=1, process_index=0)
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
         # Forward only: backward runs outside autocast, as PyTorch recommends. On CUDA the weights are bf16 already.
@@ -85,35 +94,49 @@ class TrainingSession:
     watcher: TrainingObserver
     stopper: threading.Event
     started: float
+    reduce: SumAcrossWorkers = _alone
     started_cpu: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     best: BestAdapter | None = None
     total_steps: int = 0
+
+    def stopping(self) -> bool:
+        """Whether any worker was asked to stop; collective, so all stop at the same step and none waits forever."""
+        return self.reduce([1.0 if self.stopper.is_set() else 0.0])[0] > 0
 
     def trainer(self, train_features: Features, eval_features: Features) -> Trainer:
         """The Trainer for this run, its callbacks attached."""
         hp = self.hp
         padder = DataCollatorForSeq2Seq(self.tokenizer, model=self.base, padding=True, label_pad_token_id=LABEL_PAD)
         meter = self.meter
+        rank, workers = _rank_and_workers()
+        sampler = TokenBudgetBatchSampler(
+            feature_lengths(train_features), hp.batch_tokens, hp.batch_size, hp.seed, hp.group_by_length, rank, workers
+        )
+        # Whether each collated batch is a top-up repeat, in order: the DataLoader (no worker
+        # processes) collates each batch right after the sampler yields it, and losses come in that order.
+        top_ups: deque[bool] = deque()
 
         def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
             batch = padder(features)
-            meter.real_tokens += int(batch["attention_mask"].sum()) + int(batch["labels"].ne(LABEL_PAD).sum())
-            meter.padded_tokens += batch["input_ids"].numel() + batch["labels"].numel()
-            meter.examples_seen += batch["input_ids"].shape[0]
+            top_ups.append(sampler.last_was_top_up)
+            if not sampler.last_was_top_up:
+                meter.real_tokens += int(batch["attention_mask"].sum()) + int(batch["labels"].ne(LABEL_PAD).sum())
+                meter.padded_tokens += batch["input_ids"].numel() + batch["labels"].numel()
+                meter.examples_seen += batch["input_ids"].shape[0]
             return batch
 
         def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
             loss_sum, tokens = self.token_loss(outputs.logits, labels)
+            if top_ups and top_ups.popleft():
+                # A repeat that only keeps the workers' DDP steps in lockstep: it trains nothing and counts nowhere.
+                return loss_sum * 0.0
             meter.add(float(loss_sum.detach()), int(tokens))
             # Divided by the tokens of the whole accumulated batch, so the gradient is that of the true
             # per-token mean whatever the accumulation.
             denominator = num_items_in_batch if num_items_in_batch is not None else tokens
             return loss_sum / torch.clamp(torch.as_tensor(denominator, device=loss_sum.device), min=1)
 
-        sampler = TokenBudgetBatchSampler(
-            feature_lengths(train_features), hp.batch_tokens, hp.batch_size, hp.seed, hp.group_by_length
-        )
         self.total_steps = math.ceil(len(sampler) / hp.gradient_accumulation_steps) * hp.epochs
         callbacks: list[TrainerCallback] = [_Progress(self), _ReturnFreedMemory()]
         if eval_features:
@@ -163,6 +186,15 @@ class TrainingSession:
         return time.monotonic() - self.started
 
 
+def _rank_and_workers() -> tuple[int, int]:
+    """(this worker's rank, workers) of the DDP run this process is part of; (0, 1) when alone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class _Progress(TrainerCallback):
     """Loss history, progress events and cancellation at step boundaries."""
 
@@ -187,7 +219,7 @@ class _Progress(TrainerCallback):
                 eta_s=round(elapsed / step * (state.max_steps - step), 1) if step else None,
             )
         )
-        if session.stopper.is_set():
+        if session.stopping():
             control.should_training_stop = True
 
     def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -221,7 +253,11 @@ class BestAdapter(TrainerCallback):
         self.features = features
         self.collator = collator
         lengths = feature_lengths(features)
-        self.batches = token_budget_batches(lengths, hp.batch_tokens, hp.batch_size, random.Random(hp.seed))
+        rank, workers = _rank_and_workers()
+        # Every worker scores its share of the held-out batches; evaluate_loss adds the sums up.
+        self.batches = token_budget_batches(lengths, hp.batch_tokens, hp.batch_size, random.Random(hp.seed))[
+            rank::workers
+        ]
         self.history: list[dict[str, float]] = []
         self.best_loss = math.inf
         self.best_step: int | None = None
@@ -241,7 +277,7 @@ class BestAdapter(TrainerCallback):
 
     def _evaluate(self, state: TrainerState, control: TrainerControl | None) -> None:
         session = self.session
-        if session.stopper.is_set() or state.global_step == self.last_step:
+        if session.stopping() or state.global_step == self.last_step:
             return
         session.watcher.phase(Phase.EVALUATING, f"{len(self.features)} held-out examples at step {state.global_step}")
 
@@ -254,7 +290,9 @@ class BestAdapter(TrainerCallback):
             )
 
         began, began_cpu = time.monotonic(), time.process_time()
-        loss = evaluate_loss(session.model, self.features, self.collator, self.batches, session.token_loss, heartbeat)
+        loss = evaluate_loss(
+            session.model, self.features, self.collator, self.batches, session.token_loss, heartbeat, session.reduce
+        )
         self.last_step = state.global_step
         self.history.append(
             {

@@ -399,8 +399,9 @@ def _is(topic: str, **fields: Any) -> Callable[[float, str, Any], bool]:
 
 
 def _torch_mapped(pid: int) -> bool:
+    """Whether torch or Ray (the training stack) is loaded in the process."""
     maps = Path(f"/proc/{pid}/maps").read_text()
-    return "libtorch" in maps or "/torch/" in maps
+    return any(mark in maps for mark in ("libtorch", "/torch/", "/ray/_raylet", "/site-packages/ray/"))
 
 
 def _pct(values: list[float], q: int) -> float:
@@ -573,15 +574,15 @@ def bench_daemon(work: Path, model_dir: Path, source_db: Path) -> None:
         "from publishing `start` to the retained `completed` state."
     )
     row(
-        "4. Idle daemon RSS, torch not loaded",
-        f"{idle_rss:.1f} MiB, torch {'LOADED' if idle_torch else 'not mapped'}",
-        "≤ 100 MB, no torch",
+        "4. Idle daemon RSS, torch and Ray not loaded",
+        f"{idle_rss:.1f} MiB, torch/Ray {'LOADED' if idle_torch else 'not mapped'}",
+        "≤ 100 MB, no torch, no Ray",
         "-",
         idle_rss * 2**20 <= 100e6 and not idle_torch,
     )
     row(
         "4. RSS after completed runs",
-        f"{after_rss:.1f} MiB ({after_rss - idle_rss:+.1f} MiB), torch {'LOADED' if after_torch else 'not mapped'}",
+        f"{after_rss:.1f} MiB ({after_rss - idle_rss:+.1f} MiB), torch/Ray {'LOADED' if after_torch else 'not mapped'}",
         "≤ idle + 20 MB",
         "-",
         (after_rss - idle_rss) * 2**20 <= 20e6 and not after_torch,
