@@ -57,6 +57,7 @@ class TrainingRun(SQLModel, table=True):
     decision: str | None = Field(default=None, max_length=32)
     decision_reason: str | None = Field(default=None, sa_column=Column(Text))
     evaluation_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    peak_rss_mb: float | None = None
 
 
 class ServedAdapter(SQLModel, table=True):
@@ -119,7 +120,7 @@ def _add_missing_columns(engine: Engine) -> None:
         for column in table.columns:
             if column.name not in present:
                 kind = column.type.compile(dialect=engine.dialect)
-                connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -281,6 +282,7 @@ class HistoryStore(_ServedAdapters):
         decision_reason: str | None = None,
         evaluation: dict[str, Any] | None = None,
         serve: bool = False,
+        peak_rss_mb: float | None = None,
         parameters: dict[str, Any] | None = None,
     ) -> TrainingRun:
         """Close the run with its outcome (and, with `serve`, make it the served one); `error` keeps 5000 chars."""
@@ -298,6 +300,7 @@ class HistoryStore(_ServedAdapters):
             "decision": decision.value if decision else None,
             "decision_reason": decision_reason,
             "evaluation_json": evaluation,
+            "peak_rss_mb": peak_rss_mb,
         }
         if output_dir is not None:
             values["output_dir"] = output_dir

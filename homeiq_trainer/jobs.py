@@ -141,6 +141,7 @@ def record_result(
         decision_reason=result.decision_reason,
         evaluation={**result.evaluation, "samples": result.samples} if result.evaluation else None,
         serve=serve,
+        peak_rss_mb=result.peak_rss_mb,
         parameters={**(run.parameters_json or {}), "cluster": result.cluster} if result.cluster else None,
     )
     prune_history(store, settings)

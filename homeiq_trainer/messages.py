@@ -166,6 +166,7 @@ class RunResult(_Wire):
     decision_reason: str | None = None
     evaluation: dict[str, Any] | None = None
     samples: list[dict[str, str | None]] = Field(default_factory=list)
+    peak_rss_mb: float | None = None
 
     def reason(self) -> str:
         """The last line of the error (a traceback's is the exception), for one-line displays."""

@@ -54,7 +54,7 @@ PARAMETERS: tuple[TrainingParameter, ...] = (
                       ge=1, le=1_000_000, addon_option="max_samples"),
     TrainingParameter("learning_rate", "training", "learning_rate", float, "peak AdamW learning rate",
                       ge=1e-6, le=1.0, addon_option="learning_rate"),
-    TrainingParameter("batch_size", "training", "batch_size", int, "examples per micro-batch",
+    TrainingParameter("batch_size", "training", "batch_size", int, "most examples per micro-batch",
                       ge=1, le=512, addon_option="batch_size"),
     TrainingParameter("lora_r", "lora", "r", int, "rank of the LoRA update matrices",
                       ge=1, le=256, addon_option="lora_rank"),

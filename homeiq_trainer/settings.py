@@ -134,7 +134,16 @@ class TrainingSettings(_Section):
     """Extra base models a command may ask for; `base_model` is always allowed."""
     epochs: int = parameter("epochs").field(3)
     learning_rate: float = parameter("learning_rate").field(3e-4)
-    batch_size: int = parameter("batch_size").field(8)
+    batch_size: int = parameter("batch_size").field(64)
+    batch_tokens: int = Field(1024, ge=64, le=1_048_576)
+    """Padded tokens (source + target, rows × longest) per micro-batch.
+
+    Length-grouped examples fill each batch up to this budget, so short examples make big batches and
+    long ones small batches of bounded memory; an example longer than the budget trains alone. The
+    loss is the mean over a step's target tokens, so a step averages ~batch_tokens / 3 tokens whatever
+    the example count: when you raise batch_tokens k-fold, raise `learning_rate` by about √k (Adam's
+    square-root rule) or expect slower progress per epoch; lowering it works the other way round.
+    """
     gradient_accumulation_steps: int = Field(1, ge=1, le=128)
     """Micro-batches per optimizer step."""
     source_max_tokens: int = Field(256, ge=8, le=4096)
@@ -144,11 +153,17 @@ class TrainingSettings(_Section):
     seed: int = Field(42, ge=0, le=2**32 - 1)
     """Seed for the split, the sampler and the weights of the adapter."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`auto`: CUDA with bf16 where available, else CPU fp32."""
+    """`auto`: CUDA where available, else the CPU (see `precision`)."""
     threads: int = Field(0, ge=0, le=1024)
     """Torch CPU threads; 0 means the cores this process may use."""
     group_by_length: bool = True
     """Batch examples of similar source and target length to avoid padding."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 on CUDA where supported, and on CPUs with avx512_bf16 or AMX (bf16 autocast); else fp32."""
+    early_stopping_patience: int = Field(2, ge=0, le=1000)
+    """Stop after this many held-out evaluations without a new best; 0 never stops early. The best adapter is kept."""
+    eval_every_steps: int = Field(0, ge=0, le=1_000_000)
+    """Held-out loss every this many optimizer steps; 0 means at the end of every epoch."""
     backend: Literal["local", "ray"] = "local"
     """`local`: train in the training process on this machine; `ray`: on the Ray cluster in `[ray]`."""
 

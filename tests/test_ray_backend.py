@@ -23,7 +23,8 @@ from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.settings import REVEAL_SECRETS, ConfigError, Settings, load_settings
 from homeiq_trainer.training.data import load_examples
-from homeiq_trainer.training.engine import _LossMeter, split_examples
+from homeiq_trainer.training.engine import _LossMeter
+from homeiq_trainer.training.evaluate import split_examples
 from homeiq_trainer.training.ray_backend import ClusterError, check_fits
 
 from .conftest import Broker, SettingsFactory, free_port
@@ -240,14 +241,15 @@ def test_start_button_trains_on_two_ray_workers_and_serves_the_adapter(
     assert row.iteration_history_json == meta["loss_history"] and len(meta["loss_history"]) >= 2
     assert meta["backend"] == "ray" and meta["cluster"]["workers"] == 2
     assert meta["loss_history"][-1]["loss"] < meta["loss_history"][0]["loss"]
-    # Both workers' examples are counted: 157 a epoch, in rounds of one batch of 8 per worker, the
-    # last round filled up from the start (DDP needs the same steps everywhere): 160 per epoch.
+    # Both workers' examples are counted (summed, not averaged): 157 a epoch, in rounds of one
+    # token-budget batch per worker. The last round's top-up (a batch repeated from the start, as DDP
+    # needs the same steps everywhere) trains nothing and counts nowhere: 157 per epoch.
     processed = meta["train_samples_per_second"] * meta["train_runtime_s"]
-    assert meta["train_examples"] == 157 and processed == pytest.approx(160 * 2, rel=0.01)
+    assert meta["train_examples"] == 157 and processed == pytest.approx(157 * 2, rel=0.01)
 
     # The adapter that came back is the one that was evaluated: same held-out loss, computed here.
     examples, _ = load_examples(settings.data.source_db, settings.data.max_samples)
-    _, held_out = split_examples(examples, 0.1, 20, settings.training.seed)
+    _, held_out = split_examples(examples, 0.1, 20)
     pairs = [(e.instruction, e.response) for e in held_out]
     assert independent_token_loss(settings.training.base_model, pairs, adapter=run_dir) == pytest.approx(
         meta["eval_loss"], rel=1e-4
@@ -327,11 +329,12 @@ def test_wrong_token_and_a_cluster_too_small_fail_in_one_line(
 def test_losses_are_exact_per_token_over_two_workers(
     ray_head: RayHead, make_settings: SettingsFactory, broker: Broker, watcher: Watcher
 ) -> None:
-    # One optimizer step at the very end of the epoch (9 batches of 3 per worker, accumulated 9) and
-    # no dropout: every loss of the epoch is the untouched model's, so the epoch's loss must be the
-    # plain per-token loss over the whole training split (54 examples).
+    # One optimizer step at the very end of the epoch (54 examples make at most 27 token-budget
+    # batches per worker, accumulated 27; the top-up repeat counts nowhere) and no dropout: every loss
+    # of the epoch is the untouched model's, so the epoch's loss must be the plain per-token loss over
+    # the whole training split, computed in fp32 here too.
     params: dict[str, Any] = {"lora_dropout": 0.0, "max_samples": 60}
-    training = {"batch_size": 3, "gradient_accumulation_steps": 9}
+    training = {"batch_size": 3, "gradient_accumulation_steps": 27, "precision": "fp32"}
     app = running_app(ray_settings(make_settings, broker, ray_head, training=training))
     try:
         run_id = watcher.request(CMD, RESP, {"action": "start", "params": params})["data"]["run_id"]
@@ -342,7 +345,7 @@ def test_losses_are_exact_per_token_over_two_workers(
     row = HistoryStore(app.settings.storage.history_db).by_identifier(run_id)
     assert row is not None and row.final_loss is not None
     examples, _ = load_examples(app.settings.data.source_db, 60)
-    train, _ = split_examples(examples, 0.1, 20, app.settings.training.seed)
+    train, _ = split_examples(examples, 0.1, 20)
     expected = independent_token_loss(app.settings.training.base_model, [(e.instruction, e.response) for e in train])
     assert row.final_loss == pytest.approx(expected, rel=1e-4)
 

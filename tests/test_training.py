@@ -15,7 +15,6 @@ from homeiq_trainer.messages import Phase, ProgressEvent, RunStatus, TrainParams
 from homeiq_trainer.promotion import conclude
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.data import load_examples
-from homeiq_trainer.training.engine import grouped_order
 from homeiq_trainer.training.evaluate import split_examples
 from homeiq_trainer.training.run import execute_run
 
@@ -139,7 +138,7 @@ def test_reported_loss_is_per_token_under_gradient_accumulation(make_settings: S
     # epoch's training loss must equal the independent per-token loss over the training split,
     # not that figure multiplied by the accumulation steps.
     settings = make_settings(
-        training={"batch_size": 2, "gradient_accumulation_steps": 4, "learning_rate": 1e-6},
+        training={"batch_size": 2, "gradient_accumulation_steps": 4, "learning_rate": 1e-6, "precision": "fp32"},
         lora={"dropout": 0.0},
         data={"max_samples": 60},
     )
@@ -149,6 +148,32 @@ def test_reported_loss_is_per_token_under_gradient_accumulation(make_settings: S
     train, _ = split_examples(examples, 0.1, 20)
     expected = independent_token_loss(settings.training.base_model, [(e.instruction, e.response) for e in train])
     assert result.final_loss == pytest.approx(expected, rel=1e-3)
+
+
+def test_early_stopping_keeps_the_adapter_with_the_best_held_out_loss(make_settings: SettingsFactory) -> None:
+    # A learning rate far too high makes the held-out loss worse after a few steps, so training stops early.
+    settings = make_settings(
+        training={"epochs": 30, "eval_every_steps": 1, "early_stopping_patience": 2, "learning_rate": 1.0},
+        lora={"dropout": 0.0},
+        data={"max_samples": 80},
+    )
+    _, row, result = run_job(settings)
+    assert result.status is RunStatus.COMPLETED, result.error
+    meta = json.loads((Path(result.run_dir or "") / "training_run.json").read_text())
+    history = meta["eval_history"]
+    assert meta["stopped_early"] and len(history) == meta["steps"] < 30 * 2
+    best = min(history, key=lambda e: e["eval_loss"])
+    assert [e["eval_loss"] > best["eval_loss"] for e in history[-2:]] == [True, True]
+    assert meta["best_step"] == best["step"] and result.eval_loss == pytest.approx(best["eval_loss"])
+    assert [e["elapsed_s"] for e in history] == sorted(e["elapsed_s"] for e in history)
+    # The saved adapter is the best one, not the last.
+    examples, _ = load_examples(settings.data.source_db, settings.data.max_samples)
+    _, held_out = split_examples(examples, 0.1, 20)
+    pairs = [(e.instruction, e.response) for e in held_out]
+    saved = independent_token_loss(settings.training.base_model, pairs, adapter=Path(result.run_dir or ""))
+    assert saved == pytest.approx(best["eval_loss"], rel=1e-4)  # held-out losses are fp32 in any precision
+    # Peak memory is recorded in the metadata and the history.
+    assert meta["peak_rss_mb"] > 50 and row.peak_rss_mb == meta["peak_rss_mb"] == result.peak_rss_mb
 
 
 def test_cancel_stops_at_a_step_and_keeps_latest(make_settings: SettingsFactory) -> None:
@@ -243,23 +268,81 @@ def test_promote_refuses_incomplete_and_identifiers_unique(tmp_path: Path) -> No
         artifacts.resolve_run_dir(out, "../../etc")
 
 
-def test_grouped_order_reduces_padding() -> None:
+def test_token_budget_batches_fill_the_budget_with_little_padding() -> None:
+    import math
     import random
 
+    from homeiq_trainer.training.batching import TokenBudgetBatchSampler, padded_tokens, padding_efficiency
+
     rng = random.Random(0)
-    lengths = [(rng.randint(5, 40), rng.choice([10, 12, 15, 20, 150])) for _ in range(512)]
-    order = grouped_order(lengths, 8, random.Random(1))
-    assert sorted(order) == list(range(512))
+    # Long-tailed like real requests: most short, a few at the 256-token truncation limit.
+    lengths = [
+        (min(256, max(3, int(rng.lognormvariate(math.log(20), 0.5)))), min(256, int(rng.lognormvariate(3.8, 0.7)) + 3))
+        for _ in range(1500)
+    ] + [(30, 256)] * 5
+    sampler = TokenBudgetBatchSampler(lengths, batch_tokens=1024, max_examples=64, seed=1)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(len(b) <= 64 and (len(b) == 1 or padded_tokens(lengths, b) <= 1024) for b in batches)
+    assert padding_efficiency(lengths, batches) > 0.93
+    assert max(len(b) for b in batches) > 4 * min(len(b) for b in batches)  # short examples make big batches
+    # Same batches every epoch (the Trainer's step count holds), in a new order.
+    sampler.set_epoch(1)
+    again = list(sampler)
+    assert sorted(map(sorted, again)) == sorted(map(sorted, batches)) and again != batches
 
-    def padded(idx: list[int]) -> int:
-        total = 0
-        for b in range(0, len(idx), 8):
-            batch = idx[b : b + 8]
-            total += len(batch) * (max(lengths[i][0] for i in batch) + max(lengths[i][1] for i in batch))
-        return total
+    shuffled = TokenBudgetBatchSampler(lengths, batch_tokens=1024, max_examples=64, seed=1, group_by_length=False)
+    assert padding_efficiency(lengths, list(shuffled)) < 0.7
+    # A single example over the budget trains alone instead of failing.
+    assert list(TokenBudgetBatchSampler([(300, 300), (5, 5)], 64, 8, seed=0)) in ([[0], [1]], [[1], [0]])
 
-    real = sum(s + t for s, t in lengths)
-    shuffled = list(range(512))
-    random.Random(1).shuffle(shuffled)
-    assert real / padded(order) > 0.85
-    assert real / padded(shuffled) < 0.6
+
+def test_token_budget_batches_shard_whole_batches_across_workers() -> None:
+    from homeiq_trainer.training.batching import TokenBudgetBatchSampler
+
+    lengths = [(5 + i % 40, 3 + i % 17) for i in range(400)]
+    alone = TokenBudgetBatchSampler(lengths, batch_tokens=256, max_examples=16, seed=3)
+    alone.set_epoch(2)
+    whole = list(alone)
+    for workers in (2, 3, len(whole) + 1):
+        shards = []
+        for rank in range(workers):
+            sampler = TokenBudgetBatchSampler(lengths, 256, 16, seed=3, rank=rank, workers=workers)
+            sampler.set_epoch(2)
+            shards.append(list(sampler))
+            assert len(shards[-1]) == len(sampler)
+        # Same count on every worker (DDP steps in lockstep); every batch whole, each taken at least once,
+        # and only the top-up of the last round taken twice.
+        assert len({len(shard) for shard in shards}) == 1
+        taken = [batch for shard in shards for batch in shard]
+        assert all(batch in whole for batch in taken)
+        assert {tuple(b) for b in taken} == {tuple(b) for b in whole}
+        assert len(taken) - len(whole) == -len(whole) % workers
+    with pytest.raises(ValueError, match="rank 2"):
+        TokenBudgetBatchSampler(lengths, 256, 16, seed=3, rank=2, workers=2)
+
+
+def test_history_from_an_older_release_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    # training_runs as the previous release created it: no peak_rss_mb.
+    conn.execute(
+        "CREATE TABLE training_runs (id INTEGER PRIMARY KEY, training_type VARCHAR(20), status VARCHAR(20), "
+        "started_at DATETIME, finished_at DATETIME, dataset_size INTEGER, base_model VARCHAR, output_dir VARCHAR, "
+        "run_identifier VARCHAR, final_loss FLOAT, error_message TEXT, metadata_path VARCHAR, triggered_by VARCHAR, "
+        "iteration_history_json JSON, eval_loss FLOAT, request_id VARCHAR, parameters_json JSON, data_report_json JSON)"
+    )
+    conn.execute(
+        "INSERT INTO training_runs (status, started_at, run_identifier, triggered_by, training_type) "
+        "VALUES ('completed', '2025-01-01 00:00:00', 'run_old', 'admin', 'soft_prompt')"
+    )
+    conn.commit()
+    conn.close()
+    store = HistoryStore(path)
+    old = store.by_identifier("run_old")
+    assert old is not None and old.peak_rss_mb is None
+    done = store.finish(old.id or 0, RunStatus.COMPLETED, peak_rss_mb=512.5)
+    assert done.peak_rss_mb == 512.5
+    store.close()

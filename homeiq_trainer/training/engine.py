@@ -7,18 +7,16 @@ nothing; the daemon never imports it at all (training runs in a child process).
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
+import resource
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from homeiq_trainer.messages import Phase, ProgressEvent
-from homeiq_trainer.training.artifacts import trainer_scratch_dir
 from homeiq_trainer.training.evaluate import split_examples
 
 if TYPE_CHECKING:
@@ -29,11 +27,10 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 LABEL_PAD = -100
-# About this many points of loss history per run, whatever its length.
-HISTORY_POINTS = 50
-# Length grouping sorts within windows of this many batches: enough to find similar lengths,
-# few enough that batch order stays random.
-GROUP_WINDOW_BATCHES = 64
+# Tokenization reports progress after each this many examples, so a huge set never looks hung.
+TOKENIZE_CHUNK_EXAMPLES = 1024
+# CPU flags (from /proc/cpuinfo) that make bf16 matrix multiplies fast.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 SumAcrossWorkers = Callable[[list[float]], list[float]]
@@ -83,6 +80,10 @@ class Hyperparameters:
     eval_fraction: float = 0.1
     min_eval_examples: int = 20
     group_by_length: bool = True
+    batch_tokens: int = 1024
+    precision: str = "auto"
+    early_stopping_patience: int = 2
+    eval_every_steps: int = 0
 
 
 @dataclass
@@ -100,6 +101,12 @@ class TrainOutcome:
     padding_efficiency: float | None
     device: str
     steps: int
+    precision: str = "fp32"
+    train_cpu_s: float = 0.0  # CPU seconds of all threads while training (robust to other processes' load)
+    peak_rss_mb: float | None = None
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
 
 
 @dataclass
@@ -145,15 +152,34 @@ class _LossMeter:
         return int(real), int(padded), int(seen)
 
 
-def pick_device(requested: str) -> tuple[str, bool]:
-    """(`cuda` or `cpu`, whether to use bf16)."""
+def pick_device(requested: str) -> str:
+    """`cuda` or `cpu`."""
     import torch
 
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but CUDA is not available")
-    if requested in ("auto", "cuda") and torch.cuda.is_available():
-        return "cuda", bool(torch.cuda.is_bf16_supported())
-    return "cpu", False
+    return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU multiplies bf16 matrices in hardware (avx512_bf16 or AMX)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def pick_precision(device: str, requested: str) -> str:
+    """`bf16` or `fp32`: `auto` takes bf16 where the hardware does it fast (measured: 2-4× on such CPUs)."""
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 def cpu_threads(requested: int) -> int:
@@ -166,99 +192,134 @@ def cpu_threads(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def grouped_order(lengths: Sequence[tuple[int, int]], batch_size: int, generator: random.Random) -> list[int]:
-    """A shuffled index order in which each run of `batch_size` has similar source and target lengths.
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
-    The Trainer's own length grouping looks only at the input, so a rare long target would still
-    set the padded target length of most batches; here both lengths are balanced.
+
+def tokenize(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    source_max_tokens: int,
+    target_max_tokens: int,
+    on_chunk: Callable[[int], None] | None = None,
+) -> list[dict[str, list[int]]]:
+    """Token ids per example, truncated and never padded (the collator pads each batch to its own longest row)."""
+    features: list[dict[str, list[int]]] = []
+    for start in range(0, len(examples), TOKENIZE_CHUNK_EXAMPLES):
+        chunk = examples[start : start + TOKENIZE_CHUNK_EXAMPLES]
+        sources = tokenizer([ex.instruction for ex in chunk], max_length=source_max_tokens, truncation=True)
+        targets = tokenizer(text_target=[ex.response for ex in chunk], max_length=target_max_tokens, truncation=True)
+        features.extend(
+            {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            for ids, mask, labels in zip(
+                sources["input_ids"], sources["attention_mask"], targets["input_ids"], strict=True
+            )
+        )
+        if on_chunk is not None:
+            on_chunk(len(features))
+    return features
+
+
+def feature_lengths(features: Sequence[dict[str, list[int]]]) -> list[tuple[int, int]]:
+    """(source, target) token counts per example."""
+    return [(len(f["input_ids"]), len(f["labels"])) for f in features]
+
+
+class TokenLoss:
+    """Summed per-token cross-entropy of a batch, through the chunked output layer where there is one."""
+
+    def __init__(self, head: torch.nn.Linear | None) -> None:
+        self.head = head
+
+    def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sum, labelled tokens); `output` holds hidden states when `head` is set, else logits."""
+        import torch.nn.functional as F
+
+        from homeiq_trainer.training.loss import linear_cross_entropy
+
+        mask = labels.ne(LABEL_PAD)
+        if self.head is not None:
+            return linear_cross_entropy(output[mask], self.head.weight, labels[mask]), mask.sum()
+        loss_sum = F.cross_entropy(
+            output.float().reshape(-1, output.size(-1)), labels.reshape(-1), ignore_index=LABEL_PAD, reduction="sum"
+        )
+        return loss_sum, mask.sum()
+
+
+def evaluate_loss(
+    model: Any,
+    features: Sequence[dict[str, list[int]]],
+    collator: Any,
+    batches: Sequence[Sequence[int]],
+    token_loss: TokenLoss | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    reduce: SumAcrossWorkers = _alone,
+) -> float:
+    """Mean per-token cross-entropy over `features`, batch by batch (no dropout, no gradients, fp32).
+
+    In a distributed run every worker passes its own share of `batches`; sums go through `reduce`.
     """
-    order = list(range(len(lengths)))
-    generator.shuffle(order)
-    window = batch_size * GROUP_WINDOW_BATCHES
-    batches: list[list[int]] = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: (lengths[i][1], lengths[i][0]))
-        # Sorting by target, then re-sorting each group of 4 batches by source, keeps both tight.
-        group = batch_size * 4
-        for g in range(0, len(chunk), group):
-            sub = sorted(chunk[g : g + group], key=lambda i: (lengths[i][0], lengths[i][1]))
-            batches.extend(sub[b : b + batch_size] for b in range(0, len(sub), batch_size))
-    generator.shuffle(batches)
-    return [i for batch in batches for i in batch]
-
-
-class _GroupedSampler:
-    """Sampler yielding `grouped_order`, a fresh shuffle each epoch."""
-
-    def __init__(self, lengths: Sequence[tuple[int, int]], batch_size: int, seed: int) -> None:
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = random.Random(self.seed + self.epoch)
-        self.epoch += 1
-        return iter(grouped_order(self.lengths, self.batch_size, generator))
-
-
-def _tokenize(tokenizer: Any, examples: Sequence[Example], hp: Hyperparameters) -> list[dict[str, list[int]]]:
-    # Tokenized once, never padded here: the collator pads each batch to its own longest row.
-    sources = tokenizer([ex.instruction for ex in examples], max_length=hp.source_max_tokens, truncation=True)
-    targets = tokenizer(text_target=[ex.response for ex in examples], max_length=hp.target_max_tokens, truncation=True)
-    return [
-        {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        for ids, mask, labels in zip(sources["input_ids"], sources["attention_mask"], targets["input_ids"], strict=True)
-    ]
-
-
-def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch.nn.functional as F
-
-    loss_sum = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=LABEL_PAD,
-        reduction="sum",
-    )
-    return loss_sum, labels.ne(LABEL_PAD).sum()
-
-
-def evaluate_loss(model: Any, features: Sequence[dict[str, list[int]]], collator: Any, batch_size: int) -> float:
-    """Mean per-token cross-entropy over `features` (no dropout, no gradients)."""
     import torch
 
+    loss_of = token_loss or TokenLoss(None)
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for start in range(0, len(features), batch_size):
-                batch = collator(list(features[start : start + batch_size]))
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            for done, batch_indices in enumerate(batches, start=1):
+                batch = collator([features[i] for i in batch_indices])
                 labels = batch.pop("labels").to(device)
-                inputs = {k: v.to(device) for k, v in batch.items()}
-                logits = model(**inputs).logits
-                loss_sum, count = _token_loss_sum(logits, labels)
+                output = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                loss_sum, count = loss_of(output, labels)
                 total += float(loss_sum)
                 tokens += int(count)
+                if on_batch is not None:
+                    on_batch(done, len(batches))
     finally:
         model.train(was_training)
-    return total / tokens if tokens else float("nan")
+    total, summed_tokens = reduce([total, float(tokens)])
+    return total / summed_tokens if summed_tokens else float("nan")
 
 
-def load_base_model(base_model: str, device: str, bf16: bool) -> tuple[Any, Any]:
+def load_base_model(base_model: str, device: str, bf16_weights: bool) -> tuple[Any, Any]:
     """(tokenizer, model) from a hub id or local directory; never runs code from the model repo."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
     model = AutoModelForSeq2SeqLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
     return tokenizer, model.to(device)
+
+
+def _with_adapter(base: Any, hp: Hyperparameters, resume_adapter: Path | None) -> Any:
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+    if resume_adapter is not None:
+        return PeftModel.from_pretrained(base, str(resume_adapter), is_trainable=True)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=list(hp.lora_target_modules),
+    )
+    return get_peft_model(base, lora)
+
+
+def _save(model: Any, tokenizer: Any, save_dir: Path) -> None:
+    from safetensors import SafetensorError
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(str(save_dir), safe_serialization=True)
+    except SafetensorError as exc:
+        # Its I/O errors (a full disk) are not OSErrors; make them one, so they fail the run in one line.
+        raise OSError(str(exc)) from exc
+    tokenizer.save_pretrained(str(save_dir))
 
 
 def train_adapter(
@@ -273,158 +334,77 @@ def train_adapter(
 ) -> TrainOutcome:
     """Fine-tune a LoRA adapter on `examples` and save it (with the tokenizer) to `save_dir`.
 
-    Returns early with `cancelled=True`, saving nothing, when `stop` is set. Inside a distributed
-    run (the Ray backend) every worker calls this with the same examples and a `sum_across_workers`;
-    the figures it returns are then those of all workers together.
+    Keeps the adapter with the lowest held-out loss. Returns early with `cancelled=True`, saving
+    nothing, when `stop` is set. Inside a distributed run (the Ray backend) every worker calls this
+    with the same examples and a `sum_across_workers`; the figures it returns are then those of all
+    workers together.
     """
     import torch
-    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-    from safetensors import SafetensorError
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
+    from homeiq_trainer.training.loss import hidden_states_out
+    from homeiq_trainer.training.session import TrainingSession
+
+    started, started_cpu = time.monotonic(), time.process_time()
     watcher: TrainingObserver = observer or NullObserver()
     stopper: threading.Event = stop or threading.Event()
     hf_logging.set_verbosity_error()
     torch.manual_seed(hp.seed)
-    device, bf16 = pick_device(hp.device)
+    device = pick_device(hp.device)
+    precision = pick_precision(device, hp.precision)
     if device == "cpu":
         torch.set_num_threads(cpu_threads(hp.threads))
+        # Subnormal floats (an untrained model's tiny gradients, far-off probabilities) take a slow
+        # path on x86; as zeros they change no figure worth keeping. This process only trains.
+        torch.set_flush_denormal(True)
 
-    watcher.phase(Phase.LOADING_MODEL, f"loading {hp.base_model} on {device}")
-    tokenizer, base = load_base_model(hp.base_model, device, bf16)
-    if resume_adapter is not None:
-        model = PeftModel.from_pretrained(base, str(resume_adapter), is_trainable=True)
-    else:
-        lora = LoraConfig(
-            task_type=TaskType.SEQ_2_SEQ_LM,
-            r=hp.lora_r,
-            lora_alpha=hp.lora_alpha,
-            lora_dropout=hp.lora_dropout,
-            target_modules=list(hp.lora_target_modules),
-        )
-        model = get_peft_model(base, lora)
+    watcher.phase(Phase.LOADING_MODEL, f"loading {hp.base_model} on {device} ({precision})")
+    # On CUDA the weights themselves are bf16; on a CPU they stay fp32 and matrix multiplies autocast.
+    tokenizer, base = load_base_model(hp.base_model, device, bf16_weights=device == "cuda" and precision == "bf16")
+    model = _with_adapter(base, hp, resume_adapter)
 
     train_set, eval_set = split_examples(examples, hp.eval_fraction, hp.min_eval_examples)
-    train_features = _tokenize(tokenizer, train_set, hp)
-    eval_features = _tokenize(tokenizer, eval_set, hp) if eval_set else []
+    total = len(train_set) + len(eval_set)
+
+    def tokenized(done: int) -> None:
+        watcher.phase(Phase.LOADING_MODEL, f"tokenized {done} of {total} examples")
+
+    train_features = tokenize(tokenizer, train_set, hp.source_max_tokens, hp.target_max_tokens, tokenized)
+    eval_features = tokenize(tokenizer, eval_set, hp.source_max_tokens, hp.target_max_tokens, tokenized)
     reduce = sum_across_workers or _alone
     meter = _LossMeter(reduce=reduce)
-
-    def stopping() -> bool:
-        # Collective, so every worker stops at the same step and none waits for the others forever.
-        return reduce([1.0 if stopper.is_set() else 0.0])[0] > 0
-
-    # The base model (not the PEFT wrapper) knows how to shift labels into decoder inputs.
-    padder = DataCollatorForSeq2Seq(tokenizer, model=base, padding=True, label_pad_token_id=LABEL_PAD)
-
-    def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        batch = padder(features)
-        meter.real_tokens += int(batch["attention_mask"].sum()) + int(batch["labels"].ne(LABEL_PAD).sum())
-        meter.padded_tokens += batch["input_ids"].numel() + batch["labels"].numel()
-        meter.examples_seen += batch["input_ids"].shape[0]
-        return batch
-
-    def token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        loss_sum, tokens = _token_loss_sum(outputs.logits, labels)
-        meter.add(float(loss_sum.detach()), int(tokens))
-        # Divided by the tokens of the whole accumulated batch, so the gradient is that of the true
-        # per-token mean whatever the accumulation.
-        denominator = num_items_in_batch if num_items_in_batch is not None else tokens
-        return loss_sum / torch.clamp(torch.as_tensor(denominator, device=loss_sum.device), min=1)
-
-    workers = round(reduce([1.0])[0])  # each worker takes every n-th batch
-    batches_per_worker = math.ceil(math.ceil(len(train_features) / hp.batch_size) / workers)
-    steps_per_epoch = math.ceil(batches_per_worker / hp.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * hp.epochs
-    history_every = max(1, total_steps // HISTORY_POINTS)
-    history: list[dict[str, float]] = []
-    started = time.monotonic()
-
-    class _Progress(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            elapsed = time.monotonic() - started
-            step = state.global_step
-            loss = meter.take_window() if step % history_every == 0 or step == state.max_steps else None
-            if loss is not None:
-                history.append({"step": step, "epoch": round(float(state.epoch or 0), 4), "loss": loss})
-            watcher.progress(
-                ProgressEvent(
-                    step=step,
-                    total_steps=state.max_steps,
-                    epoch=round(float(state.epoch or 0), 3),
-                    loss=history[-1]["loss"] if history else None,
-                    samples_per_s=round(meter.examples_seen / elapsed, 2) if elapsed > 0 else None,
-                    eta_s=round(elapsed / step * (state.max_steps - step), 1) if step else None,
-                )
-            )
-            if stopping():
-                control.should_training_stop = True
-
-        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            meter.close_epoch()
-
-    args = TrainingArguments(
-        output_dir=str(trainer_scratch_dir(save_dir)),
-        num_train_epochs=hp.epochs,
-        per_device_train_batch_size=hp.batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
-        learning_rate=hp.learning_rate,
-        seed=hp.seed,
-        data_seed=hp.seed,
-        bf16=bf16,
-        use_cpu=device == "cpu",
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=device == "cuda",
-    )
-    lengths = [(len(f["input_ids"]), len(f["labels"])) for f in train_features]
-
-    class _Trainer(Trainer):
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            if hp.group_by_length and len(lengths) > hp.batch_size:
-                return _GroupedSampler(lengths, hp.batch_size, hp.seed)
-            return super()._get_train_sampler(train_dataset)
-
-    trainer = _Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_features,
-        data_collator=collate,
-        compute_loss_func=token_loss,
-        callbacks=[_Progress()],
-    )
-    # With its tqdm bar off the Trainer prints raw metric dicts to stdout; our observer reports instead.
-    trainer.remove_callback(PrinterCallback)
-    if stopping():
-        return _cancelled(len(train_features), len(eval_features), history, device)
-
-    watcher.phase(Phase.TRAINING, f"{len(train_features)} examples, {total_steps} steps")
-    train_started = time.monotonic()
-    trainer.train()
-    runtime = time.monotonic() - train_started
-    meter.close_epoch()
-    if stopping():
-        return _cancelled(len(train_features), len(eval_features), history, device)
-
-    eval_loss = None
-    if eval_features:
-        watcher.phase(Phase.EVALUATING, f"{len(eval_features)} held-out examples")
-        eval_loss = evaluate_loss(model, eval_features, padder, hp.batch_size)
+    with hidden_states_out(base) as head:
+        session = TrainingSession(
+            model=model,
+            base=base,
+            tokenizer=tokenizer,
+            hp=hp,
+            device=device,
+            precision=precision,
+            save_dir=save_dir,
+            meter=meter,
+            token_loss=TokenLoss(head),
+            watcher=watcher,
+            stopper=stopper,
+            reduce=reduce,
+            started=started,
+            started_cpu=started_cpu,
+        )
+        trainer = session.trainer(train_features, eval_features)
+        if session.stopping():
+            return _cancelled(len(train_features), len(eval_features), [], device)
+        watcher.phase(Phase.TRAINING, f"{len(train_features)} examples, {session.total_steps} steps, {precision}")
+        train_started, train_cpu_started = time.monotonic(), time.process_time()
+        trainer.train()
+        runtime, train_cpu_s = time.monotonic() - train_started, time.process_time() - train_cpu_started
+        meter.close_epoch()
+        if session.stopping():
+            return _cancelled(len(train_features), len(eval_features), session.history, device)
+        eval_loss = session.finish_evaluation(trainer.state)
 
     watcher.phase(Phase.SAVING, "writing adapter")
-    save_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        model.save_pretrained(str(save_dir), safe_serialization=True)
-    except SafetensorError as exc:
-        # Its I/O errors (a full disk) are not OSErrors; make them one, so they fail the run in one line.
-        raise OSError(str(exc)) from exc
-    tokenizer.save_pretrained(str(save_dir))
+    _save(model, tokenizer, save_dir)
+    best = session.best
     real_tokens, padded_tokens, processed = meter.totals()
     return TrainOutcome(
         cancelled=False,
@@ -432,12 +412,18 @@ def train_adapter(
         eval_examples=len(eval_features),
         final_loss=meter.last_epoch_mean,
         eval_loss=eval_loss,
-        loss_history=history,
+        loss_history=session.history,
         train_runtime_s=round(runtime, 3),
         train_samples_per_second=round(processed / runtime, 3) if runtime > 0 else 0.0,
         padding_efficiency=round(real_tokens / padded_tokens, 4) if padded_tokens else None,
         device=device,
         steps=trainer.state.global_step,
+        precision=precision,
+        train_cpu_s=round(train_cpu_s, 3),
+        peak_rss_mb=peak_rss_mb(),
+        eval_history=best.history if best else [],
+        best_step=best.best_step if best else None,
+        stopped_early=bool(best and best.stopped_early),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -152,16 +153,25 @@ def evaluate_adapters(
     from peft import PeftModel
     from transformers import DataCollatorForSeq2Seq
 
-    from homeiq_trainer.training.engine import LABEL_PAD, _tokenize, evaluate_loss, load_base_model, pick_device
+    from homeiq_trainer.training.batching import token_budget_batches
+    from homeiq_trainer.training.engine import (
+        LABEL_PAD,
+        evaluate_loss,
+        feature_lengths,
+        load_base_model,
+        pick_device,
+        tokenize,
+    )
 
-    device, bf16 = pick_device(hp.device)
-    tokenizer, base = load_base_model(hp.base_model, device, bf16)
+    # fp32 weights: both adapters are scored exactly as the training run scores its held-out loss.
+    tokenizer, base = load_base_model(hp.base_model, pick_device(hp.device), bf16_weights=False)
     model = PeftModel.from_pretrained(base, str(candidate[1]), adapter_name="candidate")
     names = {"candidate": candidate[0]}
     if served is not None:
         model.load_adapter(str(served[1]), adapter_name="served")
         names["served"] = served[0]
-    features = _tokenize(tokenizer, eval_set, hp)
+    features = tokenize(tokenizer, eval_set, hp.source_max_tokens, hp.target_max_tokens)
+    batches = token_budget_batches(feature_lengths(features), hp.batch_tokens, hp.batch_size, random.Random(hp.seed))
     padder = DataCollatorForSeq2Seq(tokenizer, model=base, padding=True, label_pad_token_id=LABEL_PAD)
     scored = list(eval_set[: options.max_generate_examples])
     probes = list(options.probe_queries) or [ex.instruction for ex in eval_set[:DEFAULT_PROBES]]
@@ -182,7 +192,7 @@ def evaluate_adapters(
     try:
         for name, score in scores.items():
             model.set_adapter(name)
-            score.eval_loss = evaluate_loss(model, features, padder, hp.batch_size)
+            score.eval_loss = evaluate_loss(model, features, padder, batches)
             sources = [ex.instruction for ex in scored]
             predictions = generate(model, tokenizer, sources, hp.source_max_tokens, options.max_new_tokens, advance)
             score.chrf, score.exact_match = text_scores(predictions, [ex.response for ex in scored])
@@ -210,8 +220,7 @@ def answer(run_dir: Path, query: str, source_max_tokens: int, max_new_tokens: in
     from homeiq_trainer.training.engine import load_base_model, pick_device
 
     config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    device, bf16 = pick_device("auto")
-    _, base = load_base_model(config["base_model_name_or_path"], device, bf16)
+    _, base = load_base_model(config["base_model_name_or_path"], pick_device("auto"), bf16_weights=False)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)

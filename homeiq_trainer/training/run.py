@@ -68,6 +68,10 @@ def hyperparameters(settings: Settings, params: TrainParams) -> Hyperparameters:
         eval_fraction=data.eval_fraction,
         min_eval_examples=data.min_eval_examples,
         group_by_length=t.group_by_length,
+        batch_tokens=t.batch_tokens,
+        precision=t.precision,
+        early_stopping_patience=t.early_stopping_patience,
+        eval_every_steps=t.eval_every_steps,
     )
 
 
@@ -215,9 +219,14 @@ def execute_run(
             "train_samples_per_second": outcome.train_samples_per_second,
             "padding_efficiency": outcome.padding_efficiency,
             "device": outcome.device,
+            "precision": outcome.precision,
             "backend": settings.training.backend,
             "cluster": cluster,
             "steps": outcome.steps,
+            "peak_rss_mb": outcome.peak_rss_mb,
+            "eval_history": outcome.eval_history,
+            "best_step": outcome.best_step,
+            "stopped_early": outcome.stopped_early,
             "data": report.model_dump(mode="json"),
             "hyperparameters": {
                 **parameters_record(settings, params.model_copy(update={"base_model": hp.base_model})),
@@ -247,6 +256,7 @@ def execute_run(
                 "decision_reason": reason,
                 "evaluation": evaluation_record,
                 "samples": evaluation.samples if evaluation else [],
+                "peak_rss_mb": outcome.peak_rss_mb,
             }
         )
     except (DataError, ArtifactError, RunRefused, ClusterError) as exc:

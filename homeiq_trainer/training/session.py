@@ -1,0 +1,328 @@
+"""The HF Trainer wired for one run: token-budget batches, bf16 autocast, progress, and the best adapter.
+
+Imports transformers at the top: only `engine.train_adapter` imports this module, inside the
+training process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+from homeiq_trainer.messages import Phase, ProgressEvent
+from homeiq_trainer.training.artifacts import trainer_scratch_dir
+from homeiq_trainer.training.batching import TokenBudgetBatchSampler, token_budget_batches
+from homeiq_trainer.training.engine import (
+    LABEL_PAD,
+    Hyperparameters,
+    SumAcrossWorkers,
+    TokenLoss,
+    TrainingObserver,
+    _alone,
+    _LossMeter,
+    evaluate_loss,
+    feature_lengths,
+)
+
+# About this many points of loss history per run, whatever its length.
+HISTORY_POINTS = 50
+Features = Sequence[dict[str, list[int]]]
+
+
+class _BatchedTrainer(Trainer):
+    """The stock Trainer with our token-budget batches and (on CPUs) bf16 autocast around the forward pass."""
+
+    batch_sampler: TokenBudgetBatchSampler
+    cpu_bf16: bool = False
+
+    def get_train_dataloader(self) -> Any:
+        from accelerate.data_loader import prepare_data_loader
+
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,  # type: ignore[arg-type]
+            batch_sampler=self.batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=0,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        if self.batch_sampler.workers == 1:
+            return self.accelerator.prepare(loader)
+        # The sampler has sharded whole batches already; Accelerate's own sharding would cut them again
+        # (and refuses batches of varying size), so it sees this worker's loader as that of one process.
+        return prepare_data_loader(loader, self.accelerator.device, num_processes=1, process_index=0)
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
+        # Forward only: backward runs outside autocast, as PyTorch recommends. On CUDA the weights are bf16 already.
+        if self.cpu_bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+@dataclass
+class TrainingSession:
+    """One run's Trainer, its callbacks and what they record."""
+
+    model: Any
+    base: Any
+    tokenizer: Any
+    hp: Hyperparameters
+    device: str
+    precision: str
+    save_dir: Path
+    meter: _LossMeter
+    token_loss: TokenLoss
+    watcher: TrainingObserver
+    stopper: threading.Event
+    started: float
+    reduce: SumAcrossWorkers = _alone
+    started_cpu: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: BestAdapter | None = None
+    total_steps: int = 0
+
+    def stopping(self) -> bool:
+        """Whether any worker was asked to stop; collective, so all stop at the same step and none waits forever."""
+        return self.reduce([1.0 if self.stopper.is_set() else 0.0])[0] > 0
+
+    def trainer(self, train_features: Features, eval_features: Features) -> Trainer:
+        """The Trainer for this run, its callbacks attached."""
+        hp = self.hp
+        padder = DataCollatorForSeq2Seq(self.tokenizer, model=self.base, padding=True, label_pad_token_id=LABEL_PAD)
+        meter = self.meter
+        rank, workers = _rank_and_workers()
+        sampler = TokenBudgetBatchSampler(
+            feature_lengths(train_features), hp.batch_tokens, hp.batch_size, hp.seed, hp.group_by_length, rank, workers
+        )
+        # Whether each collated batch is a top-up repeat, in order: the DataLoader (no worker
+        # processes) collates each batch right after the sampler yields it, and losses come in that order.
+        top_ups: deque[bool] = deque()
+
+        def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+            batch = padder(features)
+            top_ups.append(sampler.last_was_top_up)
+            if not sampler.last_was_top_up:
+                meter.real_tokens += int(batch["attention_mask"].sum()) + int(batch["labels"].ne(LABEL_PAD).sum())
+                meter.padded_tokens += batch["input_ids"].numel() + batch["labels"].numel()
+                meter.examples_seen += batch["input_ids"].shape[0]
+            return batch
+
+        def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+            loss_sum, tokens = self.token_loss(outputs.logits, labels)
+            if top_ups and top_ups.popleft():
+                # A repeat that only keeps the workers' DDP steps in lockstep: it trains nothing and counts nowhere.
+                return loss_sum * 0.0
+            meter.add(float(loss_sum.detach()), int(tokens))
+            # Divided by the tokens of the whole accumulated batch, so the gradient is that of the true
+            # per-token mean whatever the accumulation.
+            denominator = num_items_in_batch if num_items_in_batch is not None else tokens
+            return loss_sum / torch.clamp(torch.as_tensor(denominator, device=loss_sum.device), min=1)
+
+        self.total_steps = math.ceil(len(sampler) / hp.gradient_accumulation_steps) * hp.epochs
+        callbacks: list[TrainerCallback] = [_Progress(self), _ReturnFreedMemory()]
+        if eval_features:
+            self.best = BestAdapter(self, eval_features, padder)
+            callbacks.append(self.best)
+        trainer = _BatchedTrainer(
+            model=self.model,
+            args=self._arguments(),
+            train_dataset=train_features,
+            data_collator=collate,
+            compute_loss_func=loss,
+            callbacks=callbacks,
+        )
+        trainer.batch_sampler = sampler
+        trainer.cpu_bf16 = self.device == "cpu" and self.precision == "bf16"
+        # With its tqdm bar off the Trainer prints raw metric dicts to stdout; our observer reports instead.
+        trainer.remove_callback(PrinterCallback)
+        return trainer
+
+    def _arguments(self) -> TrainingArguments:
+        hp = self.hp
+        return TrainingArguments(
+            output_dir=str(trainer_scratch_dir(self.save_dir)),
+            num_train_epochs=hp.epochs,
+            per_device_train_batch_size=hp.batch_size,
+            gradient_accumulation_steps=hp.gradient_accumulation_steps,
+            learning_rate=hp.learning_rate,
+            seed=hp.seed,
+            data_seed=hp.seed,
+            bf16=self.device == "cuda" and self.precision == "bf16",
+            use_cpu=self.device == "cpu",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=self.device == "cuda",
+        )
+
+    def finish_evaluation(self, state: TrainerState) -> float | None:
+        """The held-out loss of the adapter kept (the best one seen), restored into the model."""
+        return self.best.finish(state) if self.best else None
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+
+def _rank_and_workers() -> tuple[int, int]:
+    """(this worker's rank, workers) of the DDP run this process is part of; (0, 1) when alone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Progress(TrainerCallback):
+    """Loss history, progress events and cancellation at step boundaries."""
+
+    def __init__(self, session: TrainingSession) -> None:
+        self.session = session
+        self.every = max(1, session.total_steps // HISTORY_POINTS)
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        session, meter, history = self.session, self.session.meter, self.session.history
+        elapsed = session.elapsed_s()
+        step = state.global_step
+        loss = meter.take_window() if step % self.every == 0 or step == state.max_steps else None
+        if loss is not None:
+            history.append({"step": step, "epoch": round(float(state.epoch or 0), 4), "loss": loss})
+        session.watcher.progress(
+            ProgressEvent(
+                step=step,
+                total_steps=state.max_steps,
+                epoch=round(float(state.epoch or 0), 3),
+                loss=history[-1]["loss"] if history else None,
+                samples_per_s=round(meter.examples_seen / elapsed, 2) if elapsed > 0 else None,
+                eta_s=round(elapsed / step * (state.max_steps - step), 1) if step else None,
+            )
+        )
+        if session.stopping():
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.session.meter.close_epoch()
+
+
+class _ReturnFreedMemory(TrainerCallback):
+    """Hands freed heap pages back to the system after each step (glibc's `malloc_trim`).
+
+    Batches of ever-changing shapes leave glibc's heap fragmented: freed activation memory stays
+    resident and the process's peak grows with every new shape. Trimming costs about a millisecond.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self.trim: Any = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            self.trim = None
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.trim is not None:
+            self.trim(0)
+
+
+class BestAdapter(TrainerCallback):
+    """Held-out loss every `eval_every_steps` (0: each epoch), early stopping, and the best adapter kept."""
+
+    def __init__(self, session: TrainingSession, features: Features, collator: Any) -> None:
+        hp = session.hp
+        self.session = session
+        self.features = features
+        self.collator = collator
+        lengths = feature_lengths(features)
+        rank, workers = _rank_and_workers()
+        # Every worker scores its share of the held-out batches; evaluate_loss adds the sums up.
+        self.batches = token_budget_batches(lengths, hp.batch_tokens, hp.batch_size, random.Random(hp.seed))[
+            rank::workers
+        ]
+        self.history: list[dict[str, float]] = []
+        self.best_loss = math.inf
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.worse = 0
+        self.stopped_early = False
+        self.last_step = -1
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        every = self.session.hp.eval_every_steps
+        if every and state.global_step % every == 0:
+            self._evaluate(state, control)
+
+    def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self.session.hp.eval_every_steps:
+            self._evaluate(state, control)
+
+    def _evaluate(self, state: TrainerState, control: TrainerControl | None) -> None:
+        session = self.session
+        if session.stopping() or state.global_step == self.last_step:
+            return
+        session.watcher.phase(Phase.EVALUATING, f"{len(self.features)} held-out examples at step {state.global_step}")
+
+        def heartbeat(done: int, total: int) -> None:
+            # Keeps the daemon's stall timer fed on a long evaluation (the observer throttles these).
+            session.watcher.progress(
+                ProgressEvent(
+                    step=state.global_step, total_steps=state.max_steps, epoch=round(float(state.epoch or 0), 3)
+                )
+            )
+
+        began, began_cpu = time.monotonic(), time.process_time()
+        loss = evaluate_loss(
+            session.model, self.features, self.collator, self.batches, session.token_loss, heartbeat, session.reduce
+        )
+        self.last_step = state.global_step
+        self.history.append(
+            {
+                "step": state.global_step,
+                "epoch": round(float(state.epoch or 0), 4),
+                "eval_loss": loss,
+                "elapsed_s": round(session.elapsed_s(), 3),
+                "eval_s": round(time.monotonic() - began, 3),
+                "eval_cpu_s": round(time.process_time() - began_cpu, 3),
+                "elapsed_cpu_s": round(time.process_time() - session.started_cpu, 3),
+            }
+        )
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.worse = loss, state.global_step, 0
+            self.best_state = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
+        else:
+            self.worse += 1
+            patience = session.hp.early_stopping_patience
+            if control is not None and patience and self.worse >= patience:
+                control.should_training_stop = True
+                self.stopped_early = True
+        if control is not None and state.global_step < state.max_steps and not control.should_training_stop:
+            session.watcher.phase(Phase.TRAINING, f"step {state.global_step} of {state.max_steps}")
+
+    def finish(self, state: TrainerState) -> float:
+        """Evaluate the final adapter if that has not happened yet, then put the best one back."""
+        self._evaluate(state, None)
+        if self.best_step is not None and self.best_step != self.last_step:
+            with torch.no_grad():
+                for name, param in self.session.model.named_parameters():
+                    if name in self.best_state:
+                        param.copy_(self.best_state[name])
+        return self.best_loss

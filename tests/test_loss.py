@@ -1,0 +1,76 @@
+"""The chunked output-layer loss against plain full-logits cross-entropy, and the precision choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 64])
+def test_linear_cross_entropy_matches_full_logits_in_value_and_gradient(chunk_tokens: int) -> None:
+    import torch.nn.functional as F
+
+    from homeiq_trainer.training.loss import linear_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 50, (23,), generator=generator)
+    upstream = torch.randn(23, 16, generator=generator, dtype=torch.float64)
+
+    expected = F.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected * 0.5 + (hidden * upstream).sum(), hidden)
+    # Through an op after it and one before it, as inside the model.
+    ours = linear_cross_entropy(hidden * 1.0, weight, labels, chunk_tokens=chunk_tokens)
+    (ours_grad,) = torch.autograd.grad(ours * 0.5 + (hidden * upstream).sum(), hidden)
+    assert float(ours) == pytest.approx(float(expected), rel=1e-12)
+    assert torch.allclose(ours_grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+    with torch.no_grad():  # evaluation: no gradient computed or kept
+        assert float(linear_cross_entropy(hidden, weight, labels, chunk_tokens)) == pytest.approx(float(expected))
+
+
+def test_linear_cross_entropy_under_bf16_autocast_stays_close() -> None:
+    from homeiq_trainer.training.loss import linear_cross_entropy
+
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(40, 32, generator=generator, requires_grad=True)
+    weight = torch.randn(100, 32, generator=generator) * 0.1
+    labels = torch.randint(0, 100, (40,), generator=generator)
+    exact = float(linear_cross_entropy(hidden, weight, labels))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = linear_cross_entropy(hidden, weight, labels)
+    mixed.backward()
+    assert float(mixed) == pytest.approx(exact, rel=0.02)
+    assert hidden.grad is not None and hidden.grad.dtype == torch.float32
+
+
+def test_hidden_states_out_swaps_only_a_plain_frozen_head_and_restores_it() -> None:
+    from homeiq_trainer.training.loss import hidden_states_out
+
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(4, 9, bias=False)
+    model.lm_head.weight.requires_grad_(False)
+    head = model.lm_head
+    with hidden_states_out(model) as swapped:
+        assert swapped is head and isinstance(model.lm_head, torch.nn.Identity)
+    assert model.lm_head is head
+    head.weight.requires_grad_(True)  # a trained output layer must keep its own gradient path
+    with hidden_states_out(model) as swapped:
+        assert swapped is None and model.lm_head is head
+
+
+def test_cpu_bf16_detection_reads_the_flags(tmp_path: Path) -> None:
+    from homeiq_trainer.training.engine import cpu_has_fast_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_fast_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16\n")
+    assert cpu_has_fast_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert not cpu_has_fast_bf16(info)
+    assert not cpu_has_fast_bf16(tmp_path / "missing")
