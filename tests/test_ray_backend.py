@@ -78,7 +78,8 @@ def finished(state: dict) -> bool:
 def start_long_run(watcher: Watcher, epochs: int = 100) -> str:
     """Start a run that would train for minutes and wait until its workers report a step."""
     run_id = watcher.request(CMD, RESP, {"action": "start", "params": {"epochs": epochs}})["data"]["run_id"]
-    watcher.wait_for(PROGRESS, lambda p: p.get("run_id") == run_id and p["step"] > 0, timeout=180)
+    # Generous: a job placed right after another's teardown may wait for its workers' CPUs first.
+    watcher.wait_for(PROGRESS, lambda p: p.get("run_id") == run_id and p["step"] > 0, timeout=300)
     return run_id
 
 

@@ -189,6 +189,10 @@ def test_cancel_stops_at_a_step_and_keeps_latest(make_settings: SettingsFactory)
     out = settings.storage.output_dir
     assert os.readlink(out / "latest") == first.run_identifier
     assert not (out / row.run_identifier).exists()
+    # Training flushes subnormals to zero; the engine must give that processor-wide flag back.
+    import torch
+
+    assert torch.tensor([1e-40]).item() != 0.0
 
 
 def test_resume_from_latest_and_refusals(make_settings: SettingsFactory) -> None:

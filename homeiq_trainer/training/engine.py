@@ -6,12 +6,13 @@ nothing; the daemon never imports it at all (training runs in a child process).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -322,6 +323,24 @@ def _save(model: Any, tokenizer: Any, save_dir: Path) -> None:
     tokenizer.save_pretrained(str(save_dir))
 
 
+@contextlib.contextmanager
+def _denormals_flushed(device: str) -> Iterator[None]:
+    """Subnormals as zeros while training on a CPU, then the default back.
+
+    Subnormal floats (an untrained model's tiny gradients, far-off probabilities) take a slow path
+    on x86; as zeros they change no figure worth keeping. The flag is global processor state, and
+    the CLI, Ray workers and tests call the engine in their own process: it must not outlive the run.
+    """
+    import torch
+
+    flushing = device == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+
+
 def train_adapter(
     examples: Sequence[Example],
     hp: Hyperparameters,
@@ -342,10 +361,6 @@ def train_adapter(
     import torch
     from transformers.utils import logging as hf_logging
 
-    from homeiq_trainer.training.loss import hidden_states_out
-    from homeiq_trainer.training.session import TrainingSession
-
-    started, started_cpu = time.monotonic(), time.process_time()
     watcher: TrainingObserver = observer or NullObserver()
     stopper: threading.Event = stop or threading.Event()
     hf_logging.set_verbosity_error()
@@ -354,9 +369,26 @@ def train_adapter(
     precision = pick_precision(device, hp.precision)
     if device == "cpu":
         torch.set_num_threads(cpu_threads(hp.threads))
-        # Subnormal floats (an untrained model's tiny gradients, far-off probabilities) take a slow
-        # path on x86; as zeros they change no figure worth keeping. This process only trains.
-        torch.set_flush_denormal(True)
+    with _denormals_flushed(device):
+        return _train(examples, hp, save_dir, watcher, stopper, resume_adapter, sum_across_workers, device, precision)
+
+
+def _train(
+    examples: Sequence[Example],
+    hp: Hyperparameters,
+    save_dir: Path,
+    watcher: TrainingObserver,
+    stopper: threading.Event,
+    resume_adapter: Path | None,
+    sum_across_workers: SumAcrossWorkers | None,
+    device: str,
+    precision: str,
+) -> TrainOutcome:
+
+    from homeiq_trainer.training.loss import hidden_states_out
+    from homeiq_trainer.training.session import TrainingSession
+
+    started, started_cpu = time.monotonic(), time.process_time()
 
     watcher.phase(Phase.LOADING_MODEL, f"loading {hp.base_model} on {device} ({precision})")
     # On CUDA the weights themselves are bf16; on a CPU they stay fp32 and matrix multiplies autocast.
