@@ -384,3 +384,23 @@ def test_training_run_on_postgres_keeps_password_out(current_db: str, make_setti
     assert stored is not None and stored.status == "completed"
     for haystack in (metadata, history.decode("latin-1"), caplog.text, repr(settings)):
         assert PASSWORD not in haystack
+
+
+def test_training_run_on_the_legacy_shape_in_postgres(legacy_db: str, make_settings) -> None:
+    from homeiq_trainer.messages import RunStatus, TrainParams
+    from homeiq_trainer.training.run import execute_run
+
+    good: list[tuple[str, object]] = [
+        (f"Dim lamp {i} at {i % 24}:30", json.dumps([{"description": f"Lamp {i} dims at {i % 24}:30"}]))
+        for i in range(40)
+    ]
+    bad: list[tuple[str, object]] = [("x", "not json"), ("x", "[]"), ("", json.dumps([{"description": "y"}]))]
+    postgres.insert_legacy(legacy_db, good + bad)
+    before = postgres.checksum(legacy_db)
+    settings = make_settings(data={"source": postgres.sqlalchemy_url(legacy_db).render_as_string(hide_password=False)})
+    result = execute_run(settings, TrainParams(), "run_20261201_000000")
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.data.examples == 40
+    assert result.data.skipped == {SKIP_INVALID_JSON: 1, SKIP_EMPTY_LIST: 1, SKIP_EMPTY_QUERY: 1}
+    assert (Path(result.run_dir or "") / "adapter_model.safetensors").is_file()
+    assert postgres.checksum(legacy_db) == before
