@@ -61,7 +61,9 @@ class InstanceLock:
     @staticmethod
     def _take(path: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Read-only is enough for flock, and a descriptor open for writing would keep the filesystem
+        # from being remounted read-only while the daemon runs.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -22,7 +22,12 @@ from .conftest import CMD, LAST_RUN, MODEL, RESP, STATE, daemon_settings, is_don
 @pytest.fixture
 def disk_app(make_settings: SettingsFactory, broker: Broker, tmp_path: Path) -> Iterator[TrainerApp]:
     with tmpfs(tmp_path / "mnt", "8m") as mount:
-        app = TrainerApp(daemon_settings(make_settings, broker.port, storage={"output_dir": str(mount / "out")}))
+        # Every completed run is served (`always`), so `latest` shows the last good run; the quality gate
+        # has its own tests.
+        settings = daemon_settings(
+            make_settings, broker.port, storage={"output_dir": str(mount / "out")}, promotion={"policy": "always"}
+        )
+        app = TrainerApp(settings)
         app.start()
         assert app.link.wait_connected(10)
         try:
