@@ -38,7 +38,13 @@ def daemon_settings(make_settings: SettingsFactory, port: int, **sections: dict[
     mqtt.update(sections.pop("mqtt", {}))
     data = {"max_samples": 64}
     data.update(sections.pop("data", {}))
-    return make_settings(mqtt=mqtt, data=data, **sections)
+    # These tests are about surviving faults: a run trains exactly what it is asked (no early stop)
+    # and every completed run is served; the quality gate and early stopping have their own tests.
+    training = {"early_stopping_patience": 0}
+    training.update(sections.pop("training", {}))
+    promotion = {"policy": "always"}
+    promotion.update(sections.pop("promotion", {}))
+    return make_settings(mqtt=mqtt, data=data, training=training, promotion=promotion, **sections)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
