@@ -33,6 +33,25 @@ def test_linear_cross_entropy_matches_full_logits_in_value_and_gradient(chunk_to
         assert float(linear_cross_entropy(hidden, weight, labels, chunk_tokens)) == pytest.approx(float(expected))
 
 
+def test_far_off_targets_keep_their_whole_loss() -> None:
+    """An untrained model puts targets ~100 nats below the best token: the floor must not cap that loss."""
+    import torch.nn.functional as F
+
+    from homeiq_trainer.training.loss import LOG_PROB_FLOOR, linear_cross_entropy
+
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(30, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(64, 16, generator=generator, dtype=torch.float64) * 40
+    labels = (hidden.detach() @ weight.T).argmin(dim=-1)  # the least likely token of each row
+    expected = F.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    assert float(expected) / 30 > -2 * LOG_PROB_FLOOR  # far below the floor, as in the benchmarks
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    ours = linear_cross_entropy(hidden, weight, labels, chunk_tokens=8)
+    (ours_grad,) = torch.autograd.grad(ours, hidden)
+    assert float(ours) == pytest.approx(float(expected), rel=1e-12)
+    assert torch.allclose(ours_grad, expected_grad, rtol=1e-9, atol=1e-9)
+
+
 def test_linear_cross_entropy_under_bf16_autocast_stays_close() -> None:
     from homeiq_trainer.training.loss import linear_cross_entropy
 
@@ -64,13 +83,34 @@ def test_hidden_states_out_swaps_only_a_plain_frozen_head_and_restores_it() -> N
 
 
 def test_cpu_bf16_detection_reads_the_flags(tmp_path: Path) -> None:
-    from homeiq_trainer.training.engine import cpu_has_fast_bf16
+    from homeiq_trainer.training.engine import cpu_has_bf16_flags
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
-    assert cpu_has_fast_bf16(info)
+    assert cpu_has_bf16_flags(info)
     info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16\n")
-    assert cpu_has_fast_bf16(info)
+    assert cpu_has_bf16_flags(info)
     info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
-    assert not cpu_has_fast_bf16(info)
-    assert not cpu_has_fast_bf16(tmp_path / "missing")
+    assert not cpu_has_bf16_flags(info)
+    assert not cpu_has_bf16_flags(tmp_path / "missing")
+
+
+def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    from homeiq_trainer.training import engine
+
+    monkeypatch.setattr(engine, "cpu_has_bf16_flags", lambda: True)
+    monkeypatch.setattr(engine, "bf16_matmul_speedup", lambda: engine.BF16_MIN_MATMUL_SPEEDUP * 0.99)
+    assert engine.pick_precision("cpu", "auto") == "fp32"  # flags without the speed (seen on a VM)
+    monkeypatch.setattr(engine, "bf16_matmul_speedup", lambda: engine.BF16_MIN_MATMUL_SPEEDUP)
+    assert engine.pick_precision("cpu", "auto") == "bf16"
+    assert engine.pick_precision("cpu", "fp32") == "fp32"  # an explicit choice is never second-guessed
+    monkeypatch.setattr(engine, "cpu_has_bf16_flags", lambda: False)
+    assert engine.pick_precision("cpu", "auto") == "fp32"
+    assert engine.pick_precision("cpu", "bf16") == "bf16"
+
+
+def test_bf16_probe_measures_a_real_ratio() -> None:
+    from homeiq_trainer.training.engine import bf16_matmul_speedup
+
+    speedup = bf16_matmul_speedup.__wrapped__()
+    assert 0.05 < speedup < 50  # a timing ratio, not a constant: both multiplies ran

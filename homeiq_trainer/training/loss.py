@@ -42,16 +42,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 end = min(start + chunk_tokens, hidden.shape[0])
-                logits = (hidden[start:end].to(compute_dtype) @ w.T).to(exact)
-                target = labels[start:end]
-                log_norm = torch.logsumexp(logits, dim=-1)
-                total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+                shifted = (hidden[start:end].to(compute_dtype) @ w.T).to(exact)
+                target = labels[start:end, None]
+                # log-softmax as (logit - max) - log Σ exp(logit - max), with one exp over the chunk.
+                shifted.sub_(shifted.amax(dim=-1, keepdim=True))
+                target_shifted = shifted.gather(1, target).squeeze(1)
+                # Clamped first: exp of numbers below about -87 underflows, and on x86 that takes a slow
+                # path ~10× longer (torch's own logsumexp and softmax take it on an untrained model's
+                # far-off tokens). Each clamped term is < 2e-35 beside the max's 1, so no figure moves.
+                probs = shifted.clamp_(min=LOG_PROB_FLOOR).exp_()
+                norm = probs.sum(dim=-1)
+                total += (norm.log() - target_shifted).sum()
                 if grad is not None:
                     # d(loss)/d(logits) = softmax - one-hot; d(loss)/d(hidden) = that @ weight.
-                    # Clamped so exp never returns a subnormal: on x86 those take a slow path ~30× longer,
-                    # and a confident model's far-off tokens would otherwise make this the costliest line.
-                    probs = logits.sub_(log_norm[:, None]).clamp_(min=LOG_PROB_FLOOR).exp_()
-                    probs[torch.arange(end - start, device=probs.device), target] -= 1.0
+                    probs.div_(norm[:, None])
+                    probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
                     grad[start:end] = (probs.to(compute_dtype) @ w).to(hidden.dtype)
         if grad is not None:
             ctx.save_for_backward(grad)
