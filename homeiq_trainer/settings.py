@@ -113,7 +113,7 @@ class LoraSettings(_Section):
 
     r: int = parameter("lora_r").field(16)
     alpha: int = parameter("lora_alpha").field(16)
-    dropout: float = parameter("lora_dropout").field(0.05)
+    dropout: float = parameter("lora_dropout").field(0.0)
     target_modules: tuple[str, ...] = ("q", "v")
     """Module names that get adapters (T5: q, k, v, o, wi, wo)."""
 
@@ -133,7 +133,7 @@ class TrainingSettings(_Section):
     allowed_base_models: tuple[str, ...] = ()
     """Extra base models a command may ask for; `base_model` is always allowed."""
     epochs: int = parameter("epochs").field(3)
-    learning_rate: float = parameter("learning_rate").field(3e-4)
+    learning_rate: float = parameter("learning_rate").field(1e-3)
     batch_size: int = parameter("batch_size").field(64)
     batch_tokens: int = Field(1024, ge=64, le=1_048_576)
     """Padded tokens (source + target, rows × longest) per micro-batch.

@@ -115,8 +115,10 @@ def test_bad_value_gets_the_toml_message(path: str, value: object, toml: str, tm
 
 def test_with_value_validates_and_copies() -> None:
     settings = load_settings(None, {"mqtt": {"password": "s3cret"}})
+    before = settings.training.learning_rate
     changed = with_value(settings, "training.learning_rate", "3e-4")
-    assert changed.training.learning_rate == 0.0003 and settings.training.learning_rate == 0.0003
+    assert before != 0.0003  # so the copy's value can only come from the text
+    assert changed.training.learning_rate == 0.0003 and settings.training.learning_rate == before
     changed = with_value(settings, "log_level", "debug")
     assert changed.log_level == "DEBUG"
     assert changed.mqtt.password is not None and changed.mqtt.password.get_secret_value() == "s3cret"
