@@ -135,7 +135,7 @@ class TrainingSettings(_Section):
     epochs: int = parameter("epochs").field(3)
     learning_rate: float = parameter("learning_rate").field(1e-3)
     batch_size: int = parameter("batch_size").field(64)
-    batch_tokens: int = Field(1024, ge=64, le=1_048_576)
+    batch_tokens: int = Field(512, ge=64, le=1_048_576)
     """Padded tokens (source + target, rows × longest) per micro-batch.
 
     Length-grouped examples fill each batch up to this budget, so short examples make big batches and

@@ -114,3 +114,23 @@ def test_bf16_probe_measures_a_real_ratio() -> None:
 
     speedup = bf16_matmul_speedup.__wrapped__()
     assert 0.05 < speedup < 50  # a timing ratio, not a constant: both multiplies ran
+
+
+def test_fused_tanh_gelu_computes_the_same_function_and_replaces_every_python_one(tmp_path: Path) -> None:
+    from transformers.activations import NewGELUActivation
+
+    from homeiq_trainer.demo import build_tiny_model
+    from homeiq_trainer.training.engine import fuse_tanh_gelu, load_base_model
+
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    python_gelu = NewGELUActivation()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), python_gelu)
+    assert fuse_tanh_gelu(model) == 1 and type(model[1]) is not NewGELUActivation
+    assert torch.allclose(model[1](x), python_gelu(x), rtol=1e-12, atol=1e-12)
+    directory = build_tiny_model(tmp_path / "model")
+    from transformers import AutoModelForSeq2SeqLM
+
+    raw = AutoModelForSeq2SeqLM.from_pretrained(directory)
+    assert any(isinstance(m, NewGELUActivation) for m in raw.modules())  # T5's gated-gelu, as flan-t5's
+    _, base = load_base_model(str(directory), "cpu", False)
+    assert not any(isinstance(m, NewGELUActivation) for m in base.modules())

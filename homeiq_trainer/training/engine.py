@@ -90,7 +90,7 @@ class Hyperparameters:
     eval_fraction: float = 0.1
     min_eval_examples: int = 20
     group_by_length: bool = True
-    batch_tokens: int = 1024
+    batch_tokens: int = 512
     precision: str = "auto"
     early_stopping_patience: int = 2
     eval_every_steps: int = 0
@@ -330,7 +330,26 @@ def load_base_model(base_model: str, device: str, bf16_weights: bool) -> tuple[A
     tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
     dtype = torch.bfloat16 if bf16_weights else torch.float32
     model = AutoModelForSeq2SeqLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
+    fuse_tanh_gelu(model)
     return tokenizer, model.to(device)
+
+
+def fuse_tanh_gelu(model: Any) -> int:
+    """Swap transformers' Python tanh-GELU (`gelu_new`, T5's) for torch's fused kernel of the same formula.
+
+    The Python one runs seven elementwise ops, and autograd keeps an input of each for backward:
+    on flan-t5-small's gated feed-forward that was 113 MiB of a 1,024-token step's peak and 6% of its
+    time. Returns how many were swapped.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped
 
 
 def _with_adapter(base: Any, hp: Hyperparameters, resume_adapter: Path | None) -> Any:
