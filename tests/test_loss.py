@@ -134,3 +134,21 @@ def test_fused_tanh_gelu_computes_the_same_function_and_replaces_every_python_on
     assert any(isinstance(m, NewGELUActivation) for m in raw.modules())  # T5's gated-gelu, as flan-t5's
     _, base = load_base_model(str(directory), "cpu", False)
     assert not any(isinstance(m, NewGELUActivation) for m in base.modules())
+
+
+def test_peak_rss_is_the_training_process_own_not_its_parents() -> None:
+    """A process started by a big parent reports its own peak (getrusage would report the parent's)."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(400 * 2**20)
+    for i in range(0, len(ballast), 4096):  # touched, so resident
+        ballast[i] = 1
+    child = subprocess.run(
+        [sys.executable, "-c", "from homeiq_trainer.training.engine import peak_rss_mb; print(peak_rss_mb())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert 1 < float(child.stdout) < 200, child.stdout
+    del ballast

@@ -18,8 +18,8 @@ import torch
 
 # exp(-80) ≈ 1.8e-35 is still a normal fp32 number (subnormals start below ~1.2e-38).
 LOG_PROB_FLOOR = -80.0
-# Labelled tokens per chunk: 1,024 × 32,128 fp32 logits is 128 MiB, and the same again for their softmax.
-CHUNK_TOKENS = 1024
+# Labelled tokens per chunk: 256 × 32,128 fp32 logits is 32 MiB (the softmax is computed in place).
+CHUNK_TOKENS = 256
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -418,6 +419,10 @@ def rss_db(path: Path) -> Path:
 def bench_rss(bench: Bench) -> None:
     source = rss_db(bench.work / "rss.db")
     out = bench.work / "rss-out"
+    # A fresh output dir and history: a kept one would hold a served adapter, and a run that is not
+    # better than it is not promoted, so `latest` would show an older run.
+    shutil.rmtree(out, ignore_errors=True)
+    (bench.work / "rss-history.db").unlink(missing_ok=True)
     env = {
         **os.environ,
         "HOMEIQ_DATA__SOURCE_DB": str(source),
