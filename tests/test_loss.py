@@ -152,3 +152,13 @@ def test_peak_rss_is_the_training_process_own_not_its_parents() -> None:
     )
     assert 1 < float(child.stdout) < 200, child.stdout
     del ballast
+
+
+def test_bf16_probe_leaves_the_global_random_state_alone() -> None:
+    from homeiq_trainer.training.engine import bf16_matmul_speedup
+
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    bf16_matmul_speedup.__wrapped__()
+    assert torch.equal(torch.rand(4), expected)  # a run seeded before the probe draws what it would without it

@@ -190,9 +190,13 @@ def bf16_matmul_speedup() -> float:
     """
     import torch
 
+    # Its own generator: drawing from torch's global one would shift every later random number of the
+    # run (the first run in a process would then train differently from the next).
+    generator = torch.Generator().manual_seed(0)
+
     def best_of(dtype: torch.dtype) -> float:
-        a = torch.randn(*PROBE_SHAPE[:2], dtype=dtype)
-        b = torch.randn(*PROBE_SHAPE[1:], dtype=dtype)
+        a = torch.randn(*PROBE_SHAPE[:2], generator=generator).to(dtype)
+        b = torch.randn(*PROBE_SHAPE[1:], generator=generator).to(dtype)
         a @ b  # warm-up: kernel selection, first-touch pages
         timings = []
         for _ in range(PROBE_REPEATS):
