@@ -31,7 +31,7 @@ _LOGGER = logging.getLogger(__name__)
 LABEL_PAD = -100
 # Tokenization reports progress after each this many examples, so a huge set never looks hung.
 TOKENIZE_CHUNK_EXAMPLES = 1024
-# CPU flags (from /proc/cpuinfo) that make bf16 matrix multiplies fast.
+# CPU flags (from /proc/cpuinfo) that claim fast bf16 matrix multiplies; `bf16_matmul_speedup` checks the claim.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # `precision: auto` takes bf16 autocast on a CPU only where bf16 matrix multiplies beat fp32 by this
 # much: autocast's casts and the elementwise work it does not speed up eat the rest (a 3.9× matmul
