@@ -67,6 +67,11 @@ def log(message: str) -> None:
 NOTES: list[str] = []
 
 
+def by_cpu() -> bool:
+    """Whether verdicts go by CPU seconds (`--threads 1`, a busy machine), not wall time as the issue measures."""
+    return THREADS[0] == 1
+
+
 # --- FLOPs ---------------------------------------------------------------------------------------
 
 
@@ -252,14 +257,15 @@ def bench_mfu(bench: Bench) -> None:
         }
         fig[name]["loss"] = outcome.eval_loss or math.nan
     f32, f16 = fig["fp32"], fig["bf16"]
-    # Verdicts by wall time, as the issue measures; CPU seconds beside them (they hold up on a busy machine).
-    basis = 1 if THREADS[0] == 1 else 0
-    mfu32 = (f32["cpu"], f32["wall"])[1 - basis] / peak["float32"][basis]
+    # The verdict's basis and the other one beside it; peak[dtype] is (wall, CPU-time).
+    basis, other = ("cpu", "wall") if by_cpu() else ("wall", "cpu")
+    peak_of = {"wall": peak["float32"][0], "cpu": peak["float32"][1]}
+    name_of = {"wall": "wall-clock", "cpu": "CPU-time"}
+    mfu32 = f32[basis] / peak_of[basis]
     row(
-        f"MFU, fp32 (useful FLOP/s ÷ fp32 matmul peak, {('wall-clock', 'CPU-time')[basis]} basis)",
-        f"{mfu32:.2f} ({(f32['wall'], f32['cpu'])[basis]:.0f} of {peak['float32'][basis]:.0f} GFLOP/s); "
-        f"{('CPU-time', 'wall-clock')[basis]} basis "
-        f"{(f32['cpu'] / peak['float32'][1], f32['wall'] / peak['float32'][0])[basis]:.2f}",
+        f"MFU, fp32 (useful FLOP/s ÷ fp32 matmul peak, {name_of[basis]} basis)",
+        f"{mfu32:.2f} ({f32[basis]:.0f} of {peak_of[basis]:.0f} GFLOP/s); "
+        f"{name_of[other]} basis {f32[other] / peak_of[other]:.2f}",
         "≥ 0.60",
         "0.23-0.41 (issue 12's measurement)",
         mfu32 >= 0.6,
@@ -272,7 +278,7 @@ def bench_mfu(bench: Bench) -> None:
         "-",
         "reported",
     )
-    speedup = (f32["wall_s"] / f16["wall_s"], f32["cpu_s"] / f16["cpu_s"])[basis]
+    speedup = f32[f"{basis}_s"] / f16[f"{basis}_s"]
     parity = abs(f16["loss"] - f32["loss"]) / f32["loss"]
     from homeiq_trainer.training.engine import bf16_matmul_speedup, pick_precision
 
@@ -345,10 +351,9 @@ def bench_quality(bench: Bench) -> None:
         f"/ {e['elapsed_cpu_s']:.0f} CPU s"
         for e in ours.eval_history
     )
-    by_cpu = THREADS[0] == 1  # a busy machine: CPU seconds (see --threads)
-    ratio_of = (lambda e: ref["cpu"] / e["elapsed_cpu_s"]) if by_cpu else (lambda e: ref["wall"] / e["elapsed_s"])
+    ratio_of = (lambda e: ref["cpu"] / e["elapsed_cpu_s"]) if by_cpu() else (lambda e: ref["wall"] / e["elapsed_s"])
     row(
-        f"Time to HomeIQ-pipeline quality vs that pipeline ({'CPU seconds' if by_cpu else 'wall time'})",
+        f"Time to HomeIQ-pipeline quality vs that pipeline ({'CPU seconds' if by_cpu() else 'wall time'})",
         f"{ratio_of(reached):.1f}× ({reached['elapsed_s']:.1f} s, {reached['elapsed_cpu_s']:.0f} CPU s, "
         f"step {reached['step']:.0f}, held-out {reached['eval_loss']:.2f}; CPU-time ratio "
         f"{ref['cpu'] / reached['elapsed_cpu_s']:.1f}×)"
@@ -368,9 +373,9 @@ def bench_quality(bench: Bench) -> None:
     stock_loss = score(bench, bench.work / "stock" / "adapter")
     one = run_once(bench, "defaults-1-epoch", epochs=1)
     one_loss = score(bench, one["dir"])
-    ratio = stock_cpu / one["cpu_s"] if by_cpu else stock_wall / one["wall_s"]
+    ratio = stock_cpu / one["cpu_s"] if by_cpu() else stock_wall / one["wall_s"]
     row(
-        f"One epoch vs a competent stock script, loss no worse (one scorer; {'CPU seconds' if by_cpu else 'wall'})",
+        f"One epoch vs a competent stock script, loss no worse (one scorer; {'CPU seconds' if by_cpu() else 'wall'})",
         f"{ratio:.2f}× ({one['wall_s']:.1f} vs {stock_wall:.1f} s; CPU {one['cpu_s']:.0f} vs {stock_cpu:.0f} s, "
         f"{stock_cpu / one['cpu_s']:.2f}×); held-out loss {one_loss:.4f} vs {stock_loss:.4f}",
         "≥ 3×, loss ≤ stock",
