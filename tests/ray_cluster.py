@@ -91,6 +91,15 @@ class RayHead:
                 continue
         return found
 
+    def errors(self) -> str:
+        """The end of every client-server log on the head that reports an error, for a failed test's message."""
+        tails = []
+        for log in sorted(self.temp_dir.glob("session_latest/logs/ray_client_server*.err")):
+            text = log.read_text(errors="replace")
+            if "Error" in text or "Traceback" in text:
+                tails.append(f"--- {log.name}\n{text[-1500:]}")
+        return "\n".join(tails) or "(no client-server errors logged on the head)"
+
     def stop(self) -> None:
         procs = self.processes()
         for proc in procs:

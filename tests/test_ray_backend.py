@@ -22,6 +22,7 @@ import pytest
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.settings import REVEAL_SECRETS, ConfigError, Settings, load_settings
+from homeiq_trainer.training import ray_backend
 from homeiq_trainer.training.data import load_examples
 from homeiq_trainer.training.engine import _LossMeter
 from homeiq_trainer.training.evaluate import split_examples
@@ -116,6 +117,42 @@ def test_a_job_the_cluster_cannot_place_is_refused() -> None:
     check_fits(cluster, {"CPU": 16.0, "GPU": 2.0})
 
 
+class FlakyHead:
+    """Stands in for the `ray` module: its head fails to start this many client servers, then connects."""
+
+    def __init__(self, failures: int, error: str = ray_backend.CLIENT_SERVER_FAILED) -> None:
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def init(self, address: str, **_: Any) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            # As Ray Client raises it: the head's whole traceback, what went wrong on its last line.
+            raise ConnectionAbortedError(
+                f"Initialization failure from server:\nTraceback (most recent call last):\n  ...\n"
+                f"RuntimeError: {self.error}. See ray_client_server_23000.err for detailed logs."
+            )
+
+
+def test_a_client_server_that_fails_to_start_is_asked_for_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_backend, "CONNECT_RETRY_PAUSE_S", 0.01)
+    cluster = load_settings(None, {"ray": {"address": "ray://127.0.0.1:10001"}}).ray
+    head = FlakyHead(failures=ray_backend.CONNECT_ATTEMPTS - 1)
+    ray_backend.connect(head, cluster)
+    assert head.calls == ray_backend.CONNECT_ATTEMPTS
+
+    # A head that never manages it fails the run in one line after the last attempt.
+    head = FlakyHead(failures=ray_backend.CONNECT_ATTEMPTS)
+    with pytest.raises(ClusterError, match="^cannot connect to the Ray cluster at ray://127.0.0.1:10001: Runtime"):
+        ray_backend.connect(head, cluster)
+    assert head.calls == ray_backend.CONNECT_ATTEMPTS
+
+    # Any other refusal (a wrong token, another Ray version) is final at once.
+    head = FlakyHead(failures=1, error="Authentication failed")
+    with pytest.raises(ClusterError, match="Authentication failed"):
+        ray_backend.connect(head, cluster)
+    assert head.calls == 1
+
+
 def test_idle_daemon_imports_neither_torch_nor_ray() -> None:
     # Everything the daemon imports, including the run's bookkeeping and the Ray backend module itself.
     code = (
@@ -204,7 +241,7 @@ def test_start_button_trains_on_two_ray_workers_and_serves_the_adapter(
         watcher.publish(CMD, "start")
         run_id = watcher.wait_for(RESP, timeout=10)["data"]["run_id"]
         state = watcher.wait_for(STATE, finished, timeout=RUN_TIMEOUT_S)
-        assert state["state"] == "completed", state
+        assert state["state"] == "completed", (state, ray_head.errors())
     finally:
         app.stop()
     settings, out = app.settings, app.settings.storage.output_dir
@@ -344,7 +381,7 @@ def test_losses_are_exact_per_token_over_two_workers(
         state = watcher.wait_for(STATE, finished, timeout=RUN_TIMEOUT_S)
     finally:
         app.stop()
-    assert state["state"] == "completed", state
+    assert state["state"] == "completed", (state, ray_head.errors())
     row = HistoryStore(app.settings.storage.history_db).by_identifier(run_id)
     assert row is not None and row.final_loss is not None
     examples, _ = load_examples(app.settings.data.source_db, 60)
@@ -365,7 +402,7 @@ def test_a_killed_worker_is_retried_up_to_max_failures(
         state = watcher.wait_for(STATE, finished, timeout=RUN_TIMEOUT_S)
     finally:
         app.stop()
-    assert state["state"] == "completed", state
+    assert state["state"] == "completed", (state, ray_head.errors())
     assert os.readlink(app.settings.storage.output_dir / "latest") == run_id
 
 
@@ -379,7 +416,7 @@ def test_resume_ships_the_adapter_to_the_workers(
         for params in ({"lora_r": 8}, {"resume_from": "latest"}):
             run_id = watcher.request(CMD, RESP, {"action": "start", "params": params})["data"]["run_id"]
             state = watcher.wait_for(STATE, lambda s, r=run_id: s.get("run_id") == r and finished(s), RUN_TIMEOUT_S)
-            assert state["state"] == "completed", state
+            assert state["state"] == "completed", (state, ray_head.errors())
             runs.append(json.loads((app.settings.storage.output_dir / run_id / "training_run.json").read_text()))
     finally:
         app.stop()

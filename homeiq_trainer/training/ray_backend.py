@@ -49,6 +49,10 @@ CHANNEL_TIMEOUT_S = 30.0
 # Set in the training process, travel to every worker: offline mode and quiet progress bars.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM")
 INSTALL_HINT = "pip install 'homeiq-trainer[ray]'"
+# Ray's words when the head's per-client server died while starting: worth asking again, briefly.
+CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+CONNECT_ATTEMPTS = 3
+CONNECT_RETRY_PAUSE_S = 2.0
 
 
 class ClusterError(Exception):
@@ -324,7 +328,11 @@ def use_token(cluster: RaySettings) -> None:
 
 
 def connect(ray: Any, cluster: RaySettings) -> None:
-    """`ray.init` as a Ray Client, given up after `connect_timeout_s` (Ray itself retries for 30 s and more)."""
+    """`ray.init` as a Ray Client, given up after `connect_timeout_s` (Ray itself retries for 30 s and more).
+
+    A head that fails to start this client's own server (its per-client process died while starting,
+    as it can on a busy or just-restarted head) is asked again, within the same deadline.
+    """
     runtime_env = {
         # Our own code travels with the job, so the cluster always runs the daemon's version of the engine;
         # its dependencies (torch, transformers, peft) are installed there once (see the README).
@@ -332,7 +340,21 @@ def connect(ray: Any, cluster: RaySettings) -> None:
         "excludes": ["__pycache__", "*.pyc"],
         "env_vars": {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ},
     }
-    box: dict[str, BaseException] = {}
+    deadline = time.monotonic() + cluster.connect_timeout_s
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        error = _init_within(ray, cluster, runtime_env, deadline)
+        if error is None:
+            return
+        again = attempt < CONNECT_ATTEMPTS and time.monotonic() + CONNECT_RETRY_PAUSE_S < deadline
+        if not (again and CLIENT_SERVER_FAILED in str(error)):
+            raise ClusterError(f"cannot connect to the Ray cluster at {cluster.address}: {_last_line(error)}")
+        _LOGGER.warning("the Ray head could not start a client server (attempt %d); asking again", attempt)
+        time.sleep(CONNECT_RETRY_PAUSE_S)
+
+
+def _init_within(ray: Any, cluster: RaySettings, runtime_env: dict[str, Any], deadline: float) -> Exception | None:
+    """One `ray.init` in a thread of its own, waited for until `deadline`: the error it raised, or None."""
+    box: dict[str, Exception] = {}
     done = threading.Event()
 
     def init() -> None:
@@ -344,13 +366,12 @@ def connect(ray: Any, cluster: RaySettings) -> None:
             done.set()
 
     threading.Thread(target=init, name="ray-connect", daemon=True).start()
-    if not done.wait(cluster.connect_timeout_s):
+    if not done.wait(max(0.0, deadline - time.monotonic())):
         raise ClusterError(
             f"the Ray cluster at {cluster.address} did not answer within {cluster.connect_timeout_s:g} s "
             "(a wrong or missing ray.auth_token, not a Ray Client port, or a head too busy to answer)"
         )
-    if "error" in box:
-        raise ClusterError(f"cannot connect to the Ray cluster at {cluster.address}: {_last_line(box['error'])}")
+    return box.get("error")
 
 
 def check_fits(cluster: RaySettings, resources: dict[str, float]) -> None:
