@@ -350,3 +350,33 @@ def test_history_from_an_older_release_gains_the_new_columns(tmp_path: Path) -> 
     done = store.finish(old.id or 0, RunStatus.COMPLETED, peak_rss_mb=512.5)
     assert done.peak_rss_mb == 512.5
     store.close()
+
+
+def test_cpu_bf16_rounds_lengths_to_repeat_shapes_and_trains_without_flash_attention(
+    make_settings: SettingsFactory,
+) -> None:
+    # bf16 on a CPU: lengths padded to a multiple of 8 (oneDNN compiles a kernel per new bf16 shape) and
+    # the plain attention, whose bf16 backward is fast where flash attention's is not. fp32 keeps both.
+    from torch.profiler import ProfilerActivity, profile
+
+    from homeiq_trainer.training.session import CPU_BF16_PAD_MULTIPLE
+
+    seen: dict[str, dict[str, list[list[int]]]] = {}
+    for precision in ("bf16", "fp32"):
+        settings = make_settings(training={"precision": precision}, data={"max_samples": 40})
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            _, _, result = run_job(settings)
+        assert result.status is RunStatus.COMPLETED, result.error
+        # Backward ops only: evaluations run forward passes in fp32, whatever the training's precision.
+        seen[precision] = {
+            name: [e.input_shapes[0] for e in prof.key_averages(group_by_input_shape=True) if e.key == op]
+            for name, op in (
+                ("flash", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+                ("softmax", "aten::_softmax_backward_data"),
+            )
+        }
+    bf16, fp32 = seen["bf16"], seen["fp32"]
+    assert not bf16["flash"] and bf16["softmax"]
+    assert {length % CPU_BF16_PAD_MULTIPLE for shape in bf16["softmax"] for length in shape[-2:]} == {0}
+    # Query shapes [batch, heads, length, head size]: fp32 trains on exact lengths, with flash attention.
+    assert fp32["flash"] and {shape[2] % CPU_BF16_PAD_MULTIPLE for shape in fp32["flash"]} != {0}
