@@ -1,6 +1,8 @@
-"""Saved activations in bf16: the same gradients within bf16 rounding, and no weight copied."""
+"""bf16 for CPU training: saved activations within bf16 rounding, no weight copied; frozen weights copied once."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 
@@ -43,3 +45,37 @@ def test_gradients_match_fp32_within_bf16_rounding_and_weights_are_not_copied() 
             continue
         relative = (approx.grad - exact.grad).norm() / exact.grad.norm()
         assert 0 < relative < 0.02  # rounded (so the hook ran), yet the same gradient
+
+
+def test_frozen_bf16_copies_compute_exactly_what_autocast_would_and_give_the_fp32_weights_back() -> None:
+    from homeiq_trainer.training.frozen_bf16 import FrozenBf16Weights
+
+    model = _model()  # its first layer frozen, its last trainable (as LoRA's are)
+    frozen, trainable = model[0], model[2]
+    full_weight = frozen.weight
+    x = torch.randn(64, 256)
+
+    def gradients(shadow: FrozenBf16Weights | None) -> list[torch.Tensor]:
+        model.zero_grad()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            if shadow is not None:
+                stack.enter_context(shadow.swapped_in())
+                assert frozen.weight.dtype == torch.bfloat16 and trainable.weight.dtype == torch.float32
+            loss = model(x).float().square().mean()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    autocast_only = gradients(None)
+    shadow = FrozenBf16Weights([model, frozen])  # a layer reachable twice is copied once
+    assert len(shadow) == 1
+    with_copies = gradients(shadow)
+    # The same bf16 values autocast would have cast, so the very same gradients.
+    assert len(with_copies) == len(autocast_only) == 3
+    for a, b in zip(with_copies, autocast_only, strict=True):
+        assert torch.equal(a, b)
+    assert frozen.weight is full_weight and frozen.weight.dtype == torch.float32
+    # Swapped back even when the forward pass fails.
+    with pytest.raises(RuntimeError), shadow.swapped_in():
+        model(torch.randn(4, 3))
+    assert frozen.weight is full_weight

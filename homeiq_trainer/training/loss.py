@@ -20,6 +20,10 @@ import torch
 LOG_PROB_FLOOR = -80.0
 # Labelled tokens per chunk: 256 × 32,128 fp32 logits is 32 MiB (the softmax is computed in place).
 CHUNK_TOKENS = 256
+# bf16 on a CPU: a chunk's rows are padded with zeros to a multiple of this for the two multiplies.
+# oneDNN builds a kernel per new bf16 shape, and a batch's last chunk has any row count; 16 sizes
+# instead of 256 are soon all built (the output layer's multiplies took 3x longer per call without).
+CPU_BF16_ROW_MULTIPLE = 16
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -39,10 +43,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=exact, device=hidden.device)
         grad = torch.empty_like(hidden) if needs_grad else None
         w = weight.detach().to(compute_dtype)
+        multiple = CPU_BF16_ROW_MULTIPLE if compute_dtype == torch.bfloat16 and hidden.device.type == "cpu" else 1
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 end = min(start + chunk_tokens, hidden.shape[0])
-                shifted = (hidden[start:end].to(compute_dtype) @ w.T).to(exact)
+                rows = end - start
+                shifted = (_padded(hidden[start:end].to(compute_dtype), multiple) @ w.T)[:rows].to(exact)
                 target = labels[start:end, None]
                 # log-softmax as (logit - max) - log Σ exp(logit - max), with one exp over the chunk.
                 shifted.sub_(shifted.amax(dim=-1, keepdim=True))
@@ -57,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     # d(loss)/d(logits) = softmax - one-hot; d(loss)/d(hidden) = that @ weight.
                     probs.div_(norm[:, None])
                     probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-                    grad[start:end] = (probs.to(compute_dtype) @ w).to(hidden.dtype)
+                    grad[start:end] = (_padded(probs.to(compute_dtype), multiple) @ w)[:rows].to(hidden.dtype)
         if grad is not None:
             ctx.save_for_backward(grad)
         return total
@@ -66,6 +72,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
         return grad * grad_total.to(grad.dtype), None, None, None, None
+
+
+def _padded(rows: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`rows` with zero rows added up to a multiple of `multiple` (itself when it is one already)."""
+    extra = -rows.shape[0] % multiple
+    return torch.nn.functional.pad(rows, (0, 0, 0, extra)) if extra else rows
 
 
 def linear_cross_entropy(

@@ -45,6 +45,7 @@ from homeiq_trainer.training.engine import (
     evaluate_loss,
     feature_lengths,
 )
+from homeiq_trainer.training.frozen_bf16 import FrozenBf16Weights
 
 # About this many points of loss history per run, whatever its length.
 HISTORY_POINTS = 50
@@ -64,6 +65,7 @@ class _BatchedTrainer(Trainer):
     batch_sampler: TokenBudgetBatchSampler
     cpu_bf16: bool = False
     bf16_activations: bool = False
+    frozen_bf16: FrozenBf16Weights | None = None
 
     def get_train_dataloader(self) -> Any:
         from accelerate.data_loader import prepare_data_loader
@@ -85,6 +87,8 @@ class _BatchedTrainer(Trainer):
         stack = super().compute_loss_context_manager()
         if self.bf16_activations:
             stack.enter_context(bf16_saved_activations(self.model))
+        if self.frozen_bf16 is not None:
+            stack.enter_context(self.frozen_bf16.swapped_in())
         return stack
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
@@ -181,6 +185,9 @@ class TrainingSession:
         )
         trainer.batch_sampler = sampler
         trainer.cpu_bf16 = cpu_bf16
+        if cpu_bf16:
+            head = self.token_loss.head
+            trainer.frozen_bf16 = FrozenBf16Weights([self.model] if head is None else [self.model, head])
         # fp32 on a CPU: keep what backward needs in bf16 (under autocast most of it is bf16 already).
         trainer.bf16_activations = self.device == "cpu" and self.precision == "fp32"
         # With its tqdm bar off the Trainer prints raw metric dicts to stdout; our observer reports instead.
