@@ -396,7 +396,7 @@ def test_a_killed_worker_is_retried_up_to_max_failures(
 ) -> None:
     app = running_app(ray_settings(make_settings, broker, ray_head, ray={"max_failures": 1}))
     try:
-        run_id = start_long_run(watcher, epochs=20)
+        run_id = start_long_run(watcher, epochs=6)
         ray_head.train_workers()[0].kill()
         watcher.wait_for(STATE, lambda s: "starting again (attempt 2)" in s["message"], timeout=120)
         state = watcher.wait_for(STATE, finished, timeout=RUN_TIMEOUT_S)
