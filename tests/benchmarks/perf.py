@@ -227,6 +227,21 @@ def bench_padding(bench: Bench) -> None:
         )
 
 
+def speedup_row(target: str, f32: dict[str, float], f16: dict[str, float], note: str = "") -> None:
+    """The bf16 speed-up row: fp32 over bf16 seconds (`wall_s`, `cpu_s`) on the verdict's basis, loss parity."""
+    basis = "cpu" if by_cpu() else "wall"
+    speedup = f32[f"{basis}_s"] / f16[f"{basis}_s"]
+    parity = abs(f16["loss"] - f32["loss"]) / f32["loss"]
+    row(
+        target,
+        f"{speedup:.2f}× (wall {f16['wall_s']:.1f} vs {f32['wall_s']:.1f} s; CPU {f16['cpu_s']:.0f} vs "
+        f"{f32['cpu_s']:.0f} s); held-out loss {f16['loss']:.4f} vs {f32['loss']:.4f} ({100 * parity:.2f}%){note}",
+        "≥ 1.6×, within 2%",
+        "-",
+        speedup >= 1.6 and parity <= 0.02,
+    )
+
+
 def bench_mfu(bench: Bench) -> None:
     import torch
     from transformers import AutoConfig
@@ -278,37 +293,30 @@ def bench_mfu(bench: Bench) -> None:
         "-",
         "reported",
     )
-    speedup = f32[f"{basis}_s"] / f16[f"{basis}_s"]
-    parity = abs(f16["loss"] - f32["loss"]) / f32["loss"]
     from homeiq_trainer.training.engine import bf16_matmul_speedup, pick_precision
 
-    row(
+    speedup_row(
         "bf16 speed-up over fp32, same CPU, one epoch of training; held-out loss parity",
-        f"{speedup:.2f}× (wall {f16['wall_s']:.1f} vs {f32['wall_s']:.1f} s; CPU {f16['cpu_s']:.0f} vs "
-        f"{f32['cpu_s']:.0f} s); held-out loss {f16['loss']:.4f} vs {f32['loss']:.4f} ({100 * parity:.2f}%); "
-        f"the engine's probe: bf16 matmuls {bf16_matmul_speedup():.2f}× fp32, so `auto` picks "
+        f32,
+        f16,
+        f"; the engine's probe: bf16 matmuls {bf16_matmul_speedup():.2f}× fp32, so `auto` picks "
         f"{pick_precision('cpu', 'auto')} here",
-        "≥ 1.6×, within 2%",
-        "-",
-        speedup >= 1.6 and parity <= 0.02,
     )
     # Over a default-length run too: oneDNN builds a kernel per new bf16 matrix shape, mostly in the
     # first epoch, so one epoch understates what bf16 does for the runs users start.
     epochs = hp_for(bench).epochs
-    full = {p: run_once(bench, f"{p}-{epochs}-epochs", epochs=epochs, precision=p) for p in ("fp32", "bf16")}
-    times = {p: (r["outcome"].train_runtime_s, r["outcome"].train_cpu_s) for p, r in full.items()}
-    losses = {p: r["outcome"].eval_loss or math.nan for p, r in full.items()}
-    at = 1 if by_cpu() else 0
-    speedup_full = times["fp32"][at] / times["bf16"][at]
-    parity_full = abs(losses["bf16"] - losses["fp32"]) / losses["fp32"]
-    row(
+    full = {}
+    for precision in ("fp32", "bf16"):
+        outcome = run_once(bench, f"{precision}-{epochs}-epochs", epochs=epochs, precision=precision)["outcome"]
+        full[precision] = {
+            "wall_s": outcome.train_runtime_s,
+            "cpu_s": outcome.train_cpu_s,
+            "loss": outcome.eval_loss or math.nan,
+        }
+    speedup_row(
         f"bf16 speed-up over fp32, same CPU, a default run ({epochs} epochs, evaluations included)",
-        f"{speedup_full:.2f}× (wall {times['bf16'][0]:.1f} vs {times['fp32'][0]:.1f} s; CPU {times['bf16'][1]:.0f} "
-        f"vs {times['fp32'][1]:.0f} s); held-out loss {losses['bf16']:.4f} vs {losses['fp32']:.4f} "
-        f"({100 * parity_full:.2f}%)",
-        "≥ 1.6×, within 2%",
-        "-",
-        speedup_full >= 1.6 and parity_full <= 0.02,
+        full["fp32"],
+        full["bf16"],
     )
     NOTES.append(
         f"Matmul peaks ({MATMUL_SIZE}² square, best of {MATMUL_REPEATS}, before and after the runs; wall / CPU-time "
