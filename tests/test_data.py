@@ -8,6 +8,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -221,6 +223,36 @@ def test_concurrent_writer_is_not_blocked(tmp_path: Path, wal: bool) -> None:
     writes, errors = map(int, out.split())
     assert writes > 0
     assert errors == 0, f"the writer saw {errors} 'database is locked' errors"
+
+
+def test_a_read_gets_in_through_short_gaps_in_a_writers_lock(tmp_path: Path) -> None:
+    # A writer that commits back to back on a slow disk leaves the database unlocked for moments only;
+    # SQLite's own busy handler sleeps up to 100 ms between tries and missed such gaps for seconds.
+    db = make_db(tmp_path / "gaps.db", [(f"q{i}", good(f"a{i}")) for i in range(50)])
+    stop = threading.Event()
+    cycles = 0
+
+    def hold() -> None:
+        nonlocal cycles
+        holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        while not stop.is_set():
+            holder.execute("BEGIN EXCLUSIVE")
+            time.sleep(0.04)
+            holder.execute("COMMIT")
+            cycles += 1
+            time.sleep(0.003)
+        holder.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        for _ in range(5):
+            examples, _ = load_examples(db, max_samples=100, busy_timeout_s=1.0)
+            assert len(examples) == 50
+    finally:
+        stop.set()
+        thread.join()
+    assert cycles > 0  # the lock really came and went
 
 
 def test_count_new_examples_since(tmp_path: Path) -> None:
