@@ -273,7 +273,7 @@ class Dispatcher:
             except artifacts.ArtifactError as exc:
                 raise CommandError("unknown_run", str(exc)) from None
             # Resuming trains on the run's own base model: the allow-list applies to it too.
-            resumed_base = artifacts.read_metadata(run_dir).get("base_model")
+            resumed_base = artifacts.read_metadata(run_dir).base_model
             if params.base_model is None and resumed_base not in allowed:
                 raise CommandError(
                     "base_model_not_allowed",

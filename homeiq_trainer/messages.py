@@ -1,7 +1,8 @@
 """The shapes that travel: run statuses, phases, training events and results.
 
-Everything that crosses a process boundary (training child → daemon) or goes out on MQTT is defined
-here, so the JSON shapes live in one place.
+Everything that crosses a process boundary (training child → daemon), goes out on MQTT or is written
+beside an adapter (`training_run.json`, `current.json`) is defined here, so the JSON shapes live in one
+place.
 """
 
 from __future__ import annotations
@@ -333,6 +334,59 @@ class ModelInfo(_Wire):
     eval_loss: float | None = None
     directory: str | None = None
     metrics: dict[str, float | None] | None = None
+    promoted_at: str | None = None
+
+
+class _File(BaseModel):
+    # Files outlive versions: keys a newer or older version wrote are ignored, and any may be missing.
+    model_config = ConfigDict(extra="ignore")
+
+
+class RunMetadata(_File):
+    """`training_run.json`, written beside the adapter when a run completes and read back by this model."""
+
+    run_id: str | None = None
+    base_model: str | None = None
+    samples_used: int | None = None
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    epochs: int | None = None
+    learning_rate: float | None = None
+    run_directory: str | None = None
+    trained_at: str | None = None
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    train_runtime_s: float | None = None
+    train_samples_per_second: float | None = None
+    padding_efficiency: float | None = None
+    device: str | None = None
+    precision: str | None = None
+    backend: str | None = None
+    cluster: dict[str, Any] | None = None
+    steps: int | None = None
+    peak_rss_mb: float | None = None
+    eval_history: list[dict[str, float | None]] = Field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool | None = None
+    data: DataReport | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    loss_history: list[dict[str, float | None]] = Field(default_factory=list)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+    samples: list[dict[str, str | None]] = Field(default_factory=list)
+    decision: Decision | None = None
+    decision_reason: str | None = None
+    trainer_version: str | None = None
+
+
+class ServedAdapter(_File):
+    """`current.json`: the adapter `latest` serves, for readers that cannot follow symlinks."""
+
+    run_id: str | None = None
+    directory: str | None = None
+    base_model: str | None = None
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    trained_at: str | None = None
+    samples_used: int | None = None
     promoted_at: str | None = None
 
 

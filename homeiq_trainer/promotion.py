@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from homeiq_trainer.history import HistoryStore, TrainingRun
-from homeiq_trainer.messages import Decision, RunResult, RunStatus, utcnow
+from homeiq_trainer.messages import Decision, RunResult, RunStatus, ServedAdapter, utcnow
 from homeiq_trainer.settings import PromotionSettings, Settings
 from homeiq_trainer.training import artifacts
 
@@ -68,19 +68,19 @@ def decide(
     return Decision.KEPT_CURRENT, versus + (f" (needs +{options.min_improvement:g})" if gain > 0 else "")
 
 
-def current_record(output_dir: Path, run_identifier: str, promoted_at: str) -> dict[str, Any]:
+def current_record(output_dir: Path, run_identifier: str, promoted_at: str) -> ServedAdapter:
     """What `current.json` and the `model` topic say about the served adapter."""
     meta = artifacts.read_metadata(output_dir / run_identifier)
-    candidate = (meta.get("evaluation") or {}).get("candidate") or {}
-    return {
-        "run_id": run_identifier,
-        "directory": str((output_dir / run_identifier).resolve()),
-        "base_model": meta.get("base_model"),
-        "metrics": {key: candidate.get(key) for key in METRICS} | {"final_loss": meta.get("final_loss")},
-        "trained_at": meta.get("trained_at"),
-        "samples_used": meta.get("samples_used"),
-        "promoted_at": promoted_at,
-    }
+    candidate = meta.evaluation.get("candidate") or {}
+    return ServedAdapter(
+        run_id=run_identifier,
+        directory=str((output_dir / run_identifier).resolve()),
+        base_model=meta.base_model,
+        metrics={key: candidate.get(key) for key in METRICS} | {"final_loss": meta.final_loss},
+        trained_at=meta.trained_at,
+        samples_used=meta.samples_used,
+        promoted_at=promoted_at,
+    )
 
 
 def _switch(output_dir: Path, run_identifier: str, promoted_at: str) -> None:
@@ -187,6 +187,6 @@ def reconcile(store: HistoryStore, output_dir: Path) -> str | None:
         target = stack[0].run_identifier
         if target != on_disk:
             _LOGGER.warning("Finishing a promotion a crash interrupted: serving %s (latest was %s)", target, on_disk)
-        if target != on_disk or artifacts.read_current(output_dir).get("run_id") != target:
+        if target != on_disk or artifacts.read_current(output_dir).run_id != target:
             _switch(output_dir, target, stack[0].served_at.isoformat())
         return target

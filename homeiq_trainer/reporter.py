@@ -114,12 +114,10 @@ class RunReporter:
             self.publisher.retain(self.topics.model, ModelInfo())
             return
         meta = artifacts.read_metadata(output_dir / name)
-        known = {key: meta.get(key) for key in ("base_model", "trained_at", "samples_used", "final_loss", "eval_loss")}
+        known = meta.model_dump(include={"base_model", "trained_at", "samples_used", "final_loss", "eval_loss"})
         current = artifacts.read_current(output_dir)
         # What current.json says, plus the keys this topic carried before current.json existed.
-        serving = {key: current.get(key) for key in ("directory", "metrics", "promoted_at")}
-        if current.get("run_id") != name:
-            serving = {}
+        serving = current.model_dump(include={"directory", "metrics", "promoted_at"}) if current.run_id == name else {}
         model = ModelInfo(run_id=name, path=str((output_dir / name).resolve()), **known, **serving)
         self.publisher.retain(self.topics.model, model)
 

@@ -111,8 +111,8 @@ def test_candidate_and_served_measured_alike_and_metric_recomputed(make_settings
     assert result.status is RunStatus.COMPLETED and first.promoted and result.decision is Decision.PROMOTED
     out = settings.storage.output_dir
     meta = artifacts.read_metadata(out / first.run_identifier)
-    candidate = meta["evaluation"]["candidate"]
-    assert meta["evaluation"]["served"] is None and candidate["generated"] == 6
+    candidate = meta.evaluation["candidate"]
+    assert meta.evaluation["served"] is None and candidate["generated"] == 6
 
     # chrF recomputed independently: unbatched generations, sacrebleu's functional API.
     examples, _ = load_examples(settings.data.source_db, settings.data.max_samples)
@@ -125,7 +125,7 @@ def test_candidate_and_served_measured_alike_and_metric_recomputed(make_settings
     exact = 100 * sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / 6
     assert candidate["exact_match"] == pytest.approx(exact)
     assert candidate["eval_loss"] == pytest.approx(result.eval_loss, rel=1e-4)
-    assert len(meta["samples"]) == 5 and meta["samples"][0]["in_use"] is None
+    assert len(meta.samples) == 5 and meta.samples[0]["in_use"] is None
 
     # The second run measures the adapter in use on the same examples, the same way.
     _, second, result2 = _run(settings, TrainParams(learning_rate=0.02))
@@ -139,7 +139,7 @@ def test_candidate_and_served_measured_alike_and_metric_recomputed(make_settings
     row = store.by_identifier(second.run_identifier)
     assert row.decision == result2.decision.value and row.evaluation_json["served"]["run_id"] == first.run_identifier
     assert len(json.dumps(row.evaluation_json["samples"])) < 4000
-    assert artifacts.read_metadata(out / second.run_identifier)["decision_reason"] == row.decision_reason
+    assert artifacts.read_metadata(out / second.run_identifier).decision_reason == row.decision_reason
 
 
 def test_a_diverged_run_fails_and_its_result_survives_the_pipe(make_settings: SettingsFactory, monkeypatch) -> None:

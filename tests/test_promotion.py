@@ -14,7 +14,7 @@ import pytest
 
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.jobs import recover
-from homeiq_trainer.messages import Decision, RunStatus, TrainParams
+from homeiq_trainer.messages import Decision, RunMetadata, RunStatus, TrainParams
 from homeiq_trainer.promotion import PromotionError, promote, protected_runs, reconcile, rollback
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
@@ -34,7 +34,7 @@ def _fake_run(store: HistoryStore, settings: Settings, run_id: str, decision: De
     save_file({"w": torch.zeros(2, 3)}, str(run_dir / "adapter_model.safetensors"))
     (run_dir / "adapter_config.json").write_text("{}")
     artifacts.write_metadata(
-        run_dir, {"run_id": run_id, "base_model": "tiny", "evaluation": {"candidate": {"chrf": 1.5}}}
+        run_dir, RunMetadata(run_id=run_id, base_model="tiny", evaluation={"candidate": {"chrf": 1.5}})
     )
     row = store.create(run_id, "tiny", str(run_dir), "test", {})
     store.finish(row.id, RunStatus.COMPLETED, decision=decision, decision_reason="test", serve=serve)
@@ -51,11 +51,11 @@ def test_promote_rollback_and_what_retention_keeps(make_settings: SettingsFactor
     _fake_run(store, settings, names[1], Decision.KEPT_CURRENT)
     _fake_run(store, settings, names[2], Decision.AWAITING_APPROVAL)
     assert reconcile(store, out) == names[0]
-    assert artifacts.read_current(out)["run_id"] == names[0]
+    assert artifacts.read_current(out).run_id == names[0]
 
     # A rejected candidate may still be served on purpose.
     promote(store, settings, names[1], triggered_by="test")
-    assert artifacts.latest_run(out) == names[1] and artifacts.read_current(out)["run_id"] == names[1]
+    assert artifacts.latest_run(out) == names[1] and artifacts.read_current(out).run_id == names[1]
     assert store.by_identifier(names[1]).promoted
     with pytest.raises(PromotionError) as already:
         promote(store, settings, names[1], triggered_by="test")
@@ -72,7 +72,7 @@ def test_promote_rollback_and_what_retention_keeps(make_settings: SettingsFactor
     assert sorted(removed) == [names[2]]  # an older candidate, superseded by the promotion after it
 
     assert rollback(store, settings, triggered_by="test") == names[0]
-    assert artifacts.latest_run(out) == names[0] and artifacts.read_current(out)["run_id"] == names[0]
+    assert artifacts.latest_run(out) == names[0] and artifacts.read_current(out).run_id == names[0]
     with pytest.raises(PromotionError) as nothing:
         rollback(store, settings, triggered_by="test")
     assert nothing.value.code == "nothing_to_roll_back"
@@ -91,7 +91,7 @@ def test_restart_finishes_a_switch_a_crash_interrupted(make_settings: SettingsFa
     assert artifacts.latest_run(out) == "run_20250101_000000"
     assert reconcile(store, out) == "run_20250102_000000"
     assert artifacts.latest_run(out) == "run_20250102_000000"
-    assert artifacts.read_current(out)["run_id"] == "run_20250102_000000"
+    assert artifacts.read_current(out).run_id == "run_20250102_000000"
     # A served directory that vanished is withdrawn; the one before it is served again.
     import shutil
 
@@ -176,3 +176,23 @@ def test_a_kill_between_recording_and_switching_is_consistent_after_restart(
     assert current["run_id"] == run_id and current["directory"] == str((out / run_id).resolve())
     assert store.by_identifier(run_id).status == "completed"
     store.close()
+
+
+def test_run_files_round_trip_and_foreign_or_broken_ones_read_as_unknown(tmp_path: Path) -> None:
+    written = RunMetadata(run_id="run_20250101_000000", base_model="tiny", final_loss=float("nan"), eval_loss=1.5)
+    artifacts.write_metadata(tmp_path, written)
+    raw = json.loads((tmp_path / artifacts.METADATA_FILE).read_text())
+    assert raw["final_loss"] is None and raw["eval_loss"] == 1.5  # JSON never carries NaN
+    assert artifacts.read_metadata(tmp_path) == written.model_copy(update={"final_loss": None})
+
+    # Another version's file: keys we do not know are ignored, those missing are unknown.
+    (tmp_path / artifacts.METADATA_FILE).write_text(json.dumps({"base_model": "tiny", "added_later": [1, 2]}))
+    older = artifacts.read_metadata(tmp_path)
+    assert older.base_model == "tiny" and older.run_id is None and older.evaluation == {}
+
+    for broken in ("{not json", "[1, 2]", json.dumps({"base_model": ["a list"]}), ""):
+        (tmp_path / artifacts.METADATA_FILE).write_text(broken)
+        assert artifacts.read_metadata(tmp_path) == RunMetadata(), broken
+    (tmp_path / artifacts.CURRENT_FILE).write_text(json.dumps({"run_id": 7}))
+    assert artifacts.read_current(tmp_path).run_id is None
+    assert artifacts.read_metadata(tmp_path / "absent").base_model is None

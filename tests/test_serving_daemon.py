@@ -92,7 +92,7 @@ def test_if_better_promotes_the_better_run_and_keeps_out_a_harmful_one(if_better
     assert last["decision"] == "promoted" or last["status"] == "failed"
     good, last = _train(watcher, learning_rate=0.01, epochs=2)
     assert last["promoted"] is True and last["decision"] == "promoted", last
-    assert artifacts.latest_run(out) == good and artifacts.read_current(out)["run_id"] == good
+    assert artifacts.latest_run(out) == good and artifacts.read_current(out).run_id == good
     assert watcher.wait_for(MODEL, lambda m: m.get("run_id") == good, timeout=10)["metrics"]["eval_loss"] is not None
     assert "adapter_promoted" in _events(watcher, good)
     model_before = watcher.json(MODEL)
@@ -133,7 +133,7 @@ def test_manual_candidate_waits_install_promotes_rollback_restores(manual: Train
     # What Home Assistant sends when Install is pressed.
     watcher.publish(CMD, install)
     watcher.wait_for(ADAPTER, lambda u: u.get("installed_version") == first, timeout=10)
-    assert artifacts.latest_run(out) == first and artifacts.read_current(out)["run_id"] == first
+    assert artifacts.latest_run(out) == first and artifacts.read_current(out).run_id == first
 
     second, last = _train(watcher, learning_rate=0.01, epochs=2)
     assert last["decision"] == "awaiting_approval" and artifacts.latest_run(out) == first
@@ -145,7 +145,7 @@ def test_manual_candidate_waits_install_promotes_rollback_restores(manual: Train
 
     watcher.publish(CMD, press_rollback)  # the "Roll back adapter" button
     watcher.wait_for(MODEL, lambda m: m.get("run_id") == first, timeout=10)
-    assert artifacts.latest_run(out) == first and artifacts.read_current(out)["run_id"] == first
+    assert artifacts.latest_run(out) == first and artifacts.read_current(out).run_id == first
     update = watcher.wait_for(ADAPTER, lambda u: u.get("installed_version") == first, timeout=10)
     assert update["latest_version"] == first  # the rolled-back run is not offered again by itself
     _assert_no_nan(watcher)

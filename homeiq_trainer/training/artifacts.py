@@ -10,9 +10,11 @@ import shutil
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-from homeiq_trainer.messages import RUN_ID_PATTERN, json_safe, utcnow
+from pydantic import BaseModel, ValidationError
+
+from homeiq_trainer.messages import RUN_ID_PATTERN, RunMetadata, ServedAdapter, json_safe, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -52,15 +54,19 @@ def trainer_scratch_dir(save_dir: Path) -> Path:
     return save_dir.parent / f".trainer-{save_dir.name}"
 
 
-def write_metadata(run_dir: Path, metadata: dict[str, Any]) -> Path:
+def write_metadata(run_dir: Path, metadata: RunMetadata) -> Path:
     """Write `training_run.json` atomically (temp file, fsync, rename); non-finite numbers become null."""
     return _write_json(run_dir / METADATA_FILE, metadata)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> Path:
+_Record = TypeVar("_Record", bound=BaseModel)
+
+
+def _write_json(path: Path, record: BaseModel) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(json_safe(data), handle, indent=2, ensure_ascii=False, default=str, allow_nan=False)
+        data = json_safe(record.model_dump(mode="json"))
+        json.dump(data, handle, indent=2, ensure_ascii=False, allow_nan=False)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -138,7 +144,7 @@ def promote(output_dir: Path, run_identifier: str) -> Path:
     return output_dir / LATEST
 
 
-def write_current(output_dir: Path, record: dict[str, Any] | None) -> None:
+def write_current(output_dir: Path, record: ServedAdapter | None) -> None:
     """Replace `current.json` (what `latest` serves, for readers that cannot follow symlinks) atomically."""
     path = output_dir / CURRENT_FILE
     if record is None:
@@ -148,13 +154,17 @@ def write_current(output_dir: Path, record: dict[str, Any] | None) -> None:
     _write_json(path, record)
 
 
-def read_current(output_dir: Path) -> dict[str, Any]:
-    """`current.json`, or an empty dict when it is absent or unreadable."""
+def _read_json(path: Path, model: type[_Record]) -> _Record:
+    """The file read by `model`; the model's defaults (every field unknown) when absent or unreadable."""
     try:
-        data = json.loads((output_dir / CURRENT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return model.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
+        return model()
+
+
+def read_current(output_dir: Path) -> ServedAdapter:
+    """`current.json`; every field None when it is absent or unreadable."""
+    return _read_json(output_dir / CURRENT_FILE, ServedAdapter)
 
 
 def latest_run(output_dir: Path) -> str | None:
@@ -187,13 +197,9 @@ def resolve_run_dir(output_dir: Path, reference: str) -> Path:
     return run_dir
 
 
-def read_metadata(run_dir: Path) -> dict[str, Any]:
-    """`training_run.json` of a run, or an empty dict if it is unreadable."""
-    try:
-        data = json.loads((run_dir / METADATA_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def read_metadata(run_dir: Path) -> RunMetadata:
+    """`training_run.json` of a run; every field None when it is absent or unreadable."""
+    return _read_json(run_dir / METADATA_FILE, RunMetadata)
 
 
 def apply_retention(output_dir: Path, keep: int, protected: Iterable[str] = ()) -> list[str]:

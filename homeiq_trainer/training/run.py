@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from homeiq_trainer import __version__
 from homeiq_trainer.database import masked
-from homeiq_trainer.messages import Decision, Phase, RunResult, RunStatus, TrainParams, json_safe, utcnow
+from homeiq_trainer.messages import (
+    Decision,
+    Phase,
+    RunMetadata,
+    RunResult,
+    RunStatus,
+    TrainParams,
+    json_safe,
+    utcnow,
+)
 from homeiq_trainer.parameters import section_overrides
 from homeiq_trainer.promotion import decide
 from homeiq_trainer.settings import Settings
@@ -75,6 +84,21 @@ def hyperparameters(settings: Settings, params: TrainParams) -> Hyperparameters:
     )
 
 
+REPORTED_FIELDS: set[str] = {
+    "final_loss",
+    "eval_loss",
+    "train_runtime_s",
+    "train_samples_per_second",
+    "padding_efficiency",
+    "decision",
+    "decision_reason",
+    "evaluation",
+    "samples",
+    "peak_rss_mb",
+}
+"""What a completed run's result carries from its `training_run.json`."""
+
+
 def parameters_record(settings: Settings, params: TrainParams) -> dict[str, Any]:
     """The hyperparameters as stored in the history and `training_run.json`."""
     hp = hyperparameters(settings, params)
@@ -114,8 +138,7 @@ def _resume_target(settings: Settings, params: TrainParams) -> tuple[Path | None
         run_dir = artifacts.resolve_run_dir(settings.storage.output_dir, params.resume_from)
     except ArtifactError as exc:
         raise RunRefused(str(exc)) from None
-    base = artifacts.read_metadata(run_dir).get("base_model")
-    return run_dir, base if isinstance(base, str) else None
+    return run_dir, artifacts.read_metadata(run_dir).base_model
 
 
 def execute_run(
@@ -203,62 +226,48 @@ def execute_run(
         decision, reason = decide(settings.promotion, candidate_metrics, served_metrics, served_run)
         evaluation_record = {"metric": settings.promotion.metric, **(evaluation.record() if evaluation else {})}
         final_dir = output_dir / run_identifier
-        metadata = {
-            "run_id": run_identifier,
-            "base_model": hp.base_model,
-            "samples_used": report.examples,
-            "train_examples": outcome.train_examples,
-            "eval_examples": outcome.eval_examples,
-            "epochs": hp.epochs,
-            "learning_rate": hp.learning_rate,
-            "run_directory": str(final_dir.resolve()),
-            "trained_at": utcnow().isoformat(),
-            "final_loss": outcome.final_loss,
-            "eval_loss": outcome.eval_loss,
-            "train_runtime_s": outcome.train_runtime_s,
-            "train_samples_per_second": outcome.train_samples_per_second,
-            "padding_efficiency": outcome.padding_efficiency,
-            "device": outcome.device,
-            "precision": outcome.precision,
-            "backend": settings.training.backend,
-            "cluster": cluster,
-            "steps": outcome.steps,
-            "peak_rss_mb": outcome.peak_rss_mb,
-            "eval_history": outcome.eval_history,
-            "best_step": outcome.best_step,
-            "stopped_early": outcome.stopped_early,
-            "data": report.model_dump(mode="json"),
-            "hyperparameters": {
+        metadata = RunMetadata(
+            run_id=run_identifier,
+            base_model=hp.base_model,
+            samples_used=report.examples,
+            train_examples=outcome.train_examples,
+            eval_examples=outcome.eval_examples,
+            epochs=hp.epochs,
+            learning_rate=hp.learning_rate,
+            run_directory=str(final_dir.resolve()),
+            trained_at=utcnow().isoformat(),
+            final_loss=outcome.final_loss,
+            eval_loss=outcome.eval_loss,
+            train_runtime_s=outcome.train_runtime_s,
+            train_samples_per_second=outcome.train_samples_per_second,
+            padding_efficiency=outcome.padding_efficiency,
+            device=outcome.device,
+            precision=outcome.precision,
+            backend=settings.training.backend,
+            cluster=cluster,
+            steps=outcome.steps,
+            peak_rss_mb=outcome.peak_rss_mb,
+            eval_history=outcome.eval_history,
+            best_step=outcome.best_step,
+            stopped_early=outcome.stopped_early,
+            data=report,
+            hyperparameters={
                 **parameters_record(settings, params.model_copy(update={"base_model": hp.base_model})),
                 **lora_record,
             },
-            "loss_history": outcome.loss_history,
-            "evaluation": evaluation_record,
-            "samples": evaluation.samples if evaluation else [],
-            "decision": decision.value,
-            "decision_reason": reason,
-            "trainer_version": __version__,
-        }
+            loss_history=outcome.loss_history,
+            evaluation=evaluation_record,
+            samples=evaluation.samples if evaluation else [],
+            decision=decision,
+            decision_reason=reason,
+            trainer_version=__version__,
+        )
         artifacts.write_metadata(staging, metadata)
         # Only the staged directory is ours to write: the daemon (or `train`) records the result
         # and only then points `latest` at it.
         final_dir = artifacts.finalize(staging, output_dir, run_identifier)
-        return result.model_copy(
-            update={
-                "status": RunStatus.COMPLETED,
-                "run_dir": str(final_dir),
-                "final_loss": outcome.final_loss,
-                "eval_loss": outcome.eval_loss,
-                "train_runtime_s": outcome.train_runtime_s,
-                "train_samples_per_second": outcome.train_samples_per_second,
-                "padding_efficiency": outcome.padding_efficiency,
-                "decision": decision,
-                "decision_reason": reason,
-                "evaluation": evaluation_record,
-                "samples": evaluation.samples if evaluation else [],
-                "peak_rss_mb": outcome.peak_rss_mb,
-            }
-        )
+        reported = metadata.model_dump(include=REPORTED_FIELDS)  # the result and the file agree
+        return result.model_copy(update={"status": RunStatus.COMPLETED, "run_dir": str(final_dir), **reported})
     except (DataError, ArtifactError, RunRefused, ClusterError) as exc:
         return result.model_copy(update={"status": RunStatus.FAILED, "error": str(exc)})
     except OSError as exc:
@@ -290,7 +299,7 @@ def _served_adapter(output_dir: Path, base_model: str) -> tuple[tuple[str, Path]
     name = artifacts.latest_run(output_dir)
     if name is None:
         return None, None
-    base = artifacts.read_metadata(output_dir / name).get("base_model")
+    base = artifacts.read_metadata(output_dir / name).base_model
     if base != base_model:
         return None, f"{name} in use was trained on {base}, not {base_model}"
     return (name, output_dir / name), None
