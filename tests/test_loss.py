@@ -113,7 +113,9 @@ def test_bf16_probe_measures_a_real_ratio() -> None:
     from homeiq_trainer.training.engine import bf16_matmul_speedup
 
     speedup = bf16_matmul_speedup.__wrapped__()
-    assert 0.05 < speedup < 50  # a timing ratio, not a constant: both multiplies ran
+    # A timing ratio, not a constant: both multiplies ran. Without bf16 instructions it can be tiny
+    # (0.008 on a 2-core AVX2 EPYC); such a CPU never runs the probe outside this test.
+    assert 0 < speedup < 50 and speedup != 1.0
 
 
 def test_fused_tanh_gelu_computes_the_same_function_and_replaces_every_python_one(tmp_path: Path) -> None:

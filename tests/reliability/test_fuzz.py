@@ -454,7 +454,12 @@ def test_fuzz_through_the_broker(make_settings: SettingsFactory, broker: Broker,
             assert response["status"] == "error", response
             if response["request_id"] is not None:
                 got[response["request_id"]] = got.get(response["request_id"], 0) + 1
-        assert {k: v for k, v in got.items() if k in expected} == expected
+        for rid, count in expected.items():
+            # A refusal before parsing (`overloaded` when the loaded machine lets the queue fill) reads the
+            # id from the payload's first KiB: a payload too deep for json.loads that carries this id too
+            # (hypothesis repeats values) may get it back. At most that many more, never fewer.
+            others = sum(1 for p in payloads if rid.encode() in p and expected_request_id(p, 65536) != rid)
+            assert count <= got.get(rid, 0) <= count + others, (rid, count, got.get(rid), others)
         assert app.runner.active is None
         assert marker["status"] == "ok"  # still serving
     finally:
