@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from homeiq_trainer.history import HistoryStore, TrainingRun
-from homeiq_trainer.messages import AdapterUpdate, Decision, DecisionInfo, RunResult, RunStatus, TriggerEvent
+from homeiq_trainer.messages import (
+    NOT_SERVED,
+    AdapterUpdate,
+    Decision,
+    DecisionInfo,
+    RunResult,
+    RunStatus,
+    TriggerEvent,
+)
 from homeiq_trainer.promotion import METRICS, offered
 from homeiq_trainer.settings import Settings
 
@@ -31,9 +39,10 @@ def update_payload(store: HistoryStore, settings: Settings) -> AdapterUpdate:
         summary = f"serving {served}" + (f" ({label} {value:.1f})" if isinstance(value, int | float) else "")
     else:
         summary = "no adapter served yet"
+    installed = served or NOT_SERVED
     return AdapterUpdate(
-        installed_version=served,
-        latest_version=candidate.run_identifier if candidate is not None else served,
+        installed_version=installed,
+        latest_version=candidate.run_identifier if candidate is not None else installed,
         title=UPDATE_TITLE,
         release_summary=_clip(summary),
     )

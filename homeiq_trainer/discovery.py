@@ -1,7 +1,9 @@
 """Home Assistant MQTT device discovery: one retained message that describes the whole device.
 
-Home Assistant drops a whole device payload for a single key it does not know, so the payload is
-built from models that forbid unknown keys and check each platform's required options.
+Home Assistant drops the whole device payload for one key it does not know in `device`, `origin`,
+`availability` or at the top, and silently drops one inside a component; so the payload is built from
+models that forbid unknown keys and check each platform's required options. Checked against Home
+Assistant 2026.11's own schemas and templates (README, Home Assistant).
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class DeviceTrigger(_Strict):
     """An MQTT device trigger: an event on `topic` that automations can start from."""
 
     platform: Literal["device_automation"] = "device_automation"
-    unique_id: str = Field(min_length=1)  # required in device-based discovery
+    unique_id: str = Field(min_length=1)  # ignored by Home Assistant for triggers; keeps components distinct
     automation_type: Literal["trigger"] = "trigger"
     topic: str
     type: str = Field(pattern=r"^[a-z_]+$")
@@ -401,8 +403,9 @@ def _adapter_components(topics: Topics, component: Callable[..., tuple[str, Comp
                 "sensor",
                 "Adapter chrF",
                 state_topic=topics.model,
-                value_template="{{ (value_json.metrics or {}).chrf if (value_json.metrics or {}).chrf is not none "
-                "else 'None' }}",
+                # 'None' makes it unknown: nothing served, or no chrF (an undefined key would render '' and
+                # leave the old value standing, with a template warning in Home Assistant's log).
+                value_template="{% set v = (value_json.metrics or {}).get('chrf') %}{{ 'None' if v is none else v }}",
                 state_class="measurement",
                 suggested_display_precision=1,
                 icon="mdi:text-box-check-outline",

@@ -390,11 +390,19 @@ class ServedAdapter(_File):
     promoted_at: str | None = None
 
 
-class AdapterUpdate(_Wire):
-    """Retained on `<base>/adapter`: the "Ask AI adapter" update entity (Home Assistant reads these keys)."""
+NOT_SERVED = "none"
+"""The update entity's version while no adapter is served: Home Assistant rejects a null version."""
 
-    installed_version: str | None = None
-    latest_version: str | None = None
+
+class AdapterUpdate(_Wire):
+    """Retained on `<base>/adapter`: the "Ask AI adapter" update entity (Home Assistant reads these keys).
+
+    Home Assistant throws away the whole message when a version is null, and shows no Install button
+    while the installed version is unknown; so "none" stands in, and differs from any run identifier.
+    """
+
+    installed_version: str = NOT_SERVED
+    latest_version: str = NOT_SERVED
     title: str = "Ask AI adapter"
     release_summary: str = Field("", max_length=255)
 

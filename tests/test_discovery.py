@@ -1,13 +1,34 @@
-"""Home Assistant discovery payload and topics: pure, no broker."""
+"""Home Assistant discovery payload, topics and templates: pure, no broker."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from pathlib import Path
 
+import jinja2
 import pytest
 from pydantic import ValidationError
 
+from homeiq_trainer.adapter_state import update_payload
+from homeiq_trainer.control import SettingsPanel
 from homeiq_trainer.discovery import Component, DeviceDiscovery, build_discovery
+from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.messages import (
+    NOT_SERVED,
+    Decision,
+    DecisionInfo,
+    ModelInfo,
+    Phase,
+    ProgressPayload,
+    RunRecord,
+    RunStatus,
+    State,
+    StatePayload,
+    TriggerEvent,
+)
+from homeiq_trainer.overrides import OverridesStore
+from homeiq_trainer.problem import problem_payload
 from homeiq_trainer.settings import load_settings
 from homeiq_trainer.topics import Topics
 
@@ -150,3 +171,109 @@ def test_update_entity_and_device_triggers_follow_home_assistants_schemas() -> N
             platform="update", unique_id="u", name="x", default_entity_id="update.x", object_id="x",
             state_topic="t", payload_press="p",
         )  # fmt: skip
+
+
+def _retained_samples(topics: Topics, tmp_path: Path) -> dict[str, list[str]]:
+    """What the daemon retains on each templated topic, empty and filled, built from its own models."""
+    run_id = "run_20260101_120000"
+    finished = datetime(2026, 1, 1, 12, 5, tzinfo=UTC)
+    store = HistoryStore(tmp_path / "history.db")
+    settings_state = SettingsPanel(load_settings(), OverridesStore(store.engine), {}).state()
+    store.close()
+    return {
+        topics.state: [
+            StatePayload(state=State.IDLE).model_dump_json(),
+            StatePayload(state=State.RUNNING, run_id=run_id, phase=Phase.TRAINING).model_dump_json(),
+        ],
+        topics.progress: [
+            ProgressPayload().model_dump_json(),
+            ProgressPayload(
+                run_id=run_id, percent=42.5, step=10, total_steps=24, epoch=1.2, loss=0.12
+            ).model_dump_json(),
+        ],
+        topics.last_run: [
+            RunRecord().model_dump_json(),
+            RunRecord(
+                run_id=run_id,
+                status=RunStatus.COMPLETED,
+                finished_at=finished,
+                dataset_size=120,
+                final_loss=0.5,
+                eval_loss=0.6,
+                decision=Decision.PROMOTED,
+                backend="ray",
+                cluster={"address": "ray://10.0.0.2:10001", "workers": 2},
+            ).model_dump_json(),
+            RunRecord(run_id=run_id, status=RunStatus.FAILED, finished_at=finished, error="x" * 600).model_dump_json(),
+        ],
+        topics.model: [
+            ModelInfo().model_dump_json(),
+            ModelInfo(run_id=run_id, metrics={"chrf": 55.1, "eval_loss": 0.6}).model_dump_json(),
+            ModelInfo(run_id=run_id, metrics={"eval_loss": 0.6}).model_dump_json(),  # nothing generated
+        ],
+        topics.decision: [
+            DecisionInfo().model_dump_json(),
+            DecisionInfo(decision=Decision.KEPT_CURRENT, reason="r", run_id=run_id, promoted=False).model_dump_json(),
+        ],
+        topics.problem: [json.dumps(problem_payload(None, None)), json.dumps(problem_payload("failed", "locked"))],
+        topics.settings: [json.dumps(settings_state)],
+        topics.event: [TriggerEvent(event="run_started", run_id=run_id).model_dump_json()],
+    }
+
+
+def _check_state(component: dict, state: str) -> None:
+    """What Home Assistant would accept as this entity's state ('None' makes a sensor unknown)."""
+    assert len(state) <= 255
+    platform, device_class = component["platform"], component.get("device_class")
+    if platform == "binary_sensor":
+        assert state in ("ON", "OFF")
+    elif platform == "select" or device_class == "enum":
+        assert state in [*component["options"], *(["None"] if platform == "sensor" else [])]
+    elif platform == "number" or "state_class" in component:
+        assert state == "None" and platform == "sensor" or float(state) == float(state)
+    elif device_class == "timestamp":
+        assert state == "None" or datetime.fromisoformat(state).tzinfo is not None
+    else:
+        assert state.strip()
+
+
+def test_every_template_renders_on_what_the_daemon_retains(tmp_path: Path) -> None:
+    # Home Assistant renders an undefined key as '' with a warning, and a numeric sensor then keeps
+    # its old value; StrictUndefined turns that into a failure here.
+    settings = load_settings()
+    topics = Topics.from_settings(settings)
+    samples = _retained_samples(topics, tmp_path)
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    rendered = 0
+    for component in build_discovery(settings).payload()["components"].values():
+        for template_key, topic_key in (
+            ("value_template", "state_topic"),
+            ("json_attributes_template", "json_attributes_topic"),
+        ):
+            if template_key not in component:
+                continue
+            topic = component["topic"] if component["platform"] == "device_automation" else component[topic_key]
+            for payload in samples[topic]:
+                out = env.from_string(component[template_key]).render(value_json=json.loads(payload), value=payload)
+                if template_key == "json_attributes_template":
+                    assert isinstance(json.loads(out), dict), out
+                elif component["platform"] != "device_automation":
+                    _check_state(component, out)
+                rendered += 1
+    assert rendered > 60
+    chrf = build_discovery(settings).payload()["components"]["adapter_chrf"]["value_template"]
+    model = samples[topics.model]
+    assert [env.from_string(chrf).render(value_json=json.loads(p)) for p in model] == ["None", "55.1", "None"]
+
+
+def test_the_update_entity_never_gets_a_null_version(tmp_path: Path) -> None:
+    # Home Assistant throws the whole update message away when a version is null (a served adapter
+    # and a candidate awaiting approval: tests/test_serving_daemon.py, through the broker).
+    settings = load_settings(None, {"storage": {"output_dir": str(tmp_path / "out")}})
+    store = HistoryStore(tmp_path / "history.db")
+    try:
+        nothing = json.loads(update_payload(store, settings).model_dump_json())
+    finally:
+        store.close()
+    assert nothing["installed_version"] == nothing["latest_version"] == NOT_SERVED
+    assert None not in nothing.values()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from homeiq_trainer.app import TrainerApp
+from homeiq_trainer.messages import NOT_SERVED
 from homeiq_trainer.training import artifacts
 
 from .conftest import Broker, SettingsFactory
@@ -128,7 +129,7 @@ def test_manual_candidate_waits_install_promotes_rollback_restores(manual: Train
     assert last["decision"] == "awaiting_approval" and last["promoted"] is False
     assert artifacts.latest_run(out) is None
     update = watcher.wait_for(ADAPTER, lambda u: u.get("latest_version") == first, timeout=10)
-    assert update["installed_version"] is None
+    assert update["installed_version"] == NOT_SERVED and None not in update.values()  # HA drops null versions
 
     # What Home Assistant sends when Install is pressed.
     watcher.publish(CMD, install)
