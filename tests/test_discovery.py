@@ -244,8 +244,9 @@ def test_every_template_renders_on_what_the_daemon_retains(tmp_path: Path) -> No
     topics = Topics.from_settings(settings)
     samples = _retained_samples(topics, tmp_path)
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    components = build_discovery(settings).payload()["components"]
     rendered = 0
-    for component in build_discovery(settings).payload()["components"].values():
+    for component in components.values():
         for template_key, topic_key in (
             ("value_template", "state_topic"),
             ("json_attributes_template", "json_attributes_topic"),
@@ -261,7 +262,7 @@ def test_every_template_renders_on_what_the_daemon_retains(tmp_path: Path) -> No
                     _check_state(component, out)
                 rendered += 1
     assert rendered > 60
-    chrf = build_discovery(settings).payload()["components"]["adapter_chrf"]["value_template"]
+    chrf = components["adapter_chrf"]["value_template"]
     model = samples[topics.model]
     assert [env.from_string(chrf).render(value_json=json.loads(p)) for p in model] == ["None", "55.1", "None"]
 

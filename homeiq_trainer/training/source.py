@@ -70,6 +70,7 @@ class SourceTable:
 
 LOCK_POLL_S = 0.001
 """How often a read asks again for a SQLite database that a writer holds locked."""
+_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary codes: extended ones carry them in the low byte
 
 
 class _PatientCursor(sqlite3.Cursor):
@@ -90,7 +91,7 @@ class _PatientCursor(sqlite3.Cursor):
                 super().execute(sql, parameters)  # type: ignore[arg-type]
                 return self
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                if exc.sqlite_errorcode & 0xFF not in _LOCKED or time.monotonic() >= deadline:
                     raise
             time.sleep(LOCK_POLL_S)
 
