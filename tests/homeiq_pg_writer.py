@@ -2,6 +2,9 @@
 
 Run as `python -m tests.homeiq_pg_writer DBNAME STOP_FILE STATS_FILE`: one insert per commit, as
 HomeIQ's service does per query, until STOP_FILE exists; then STATS_FILE gets counts and latencies.
+Every insert gives up after LOCK_TIMEOUT of waiting for a lock, and that counts as an error: whether a
+reader made the writer wait is then PostgreSQL's own answer, not a guess from latencies that a slow
+disk flush or a busy CPU can stretch as well.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from psycopg.types.json import Jsonb
 
 from tests.postgres import connect, suggestion
 
+LOCK_TIMEOUT = "50ms"
+
 
 def main(dbname: str, stop_file: str, stats_file: str) -> None:
     latencies: list[float] = []
     errors: list[str] = []
     with connect(dbname) as conn:
+        conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
         print("ready", flush=True)
         while not Path(stop_file).exists():
             started = time.perf_counter()

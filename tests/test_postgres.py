@@ -217,10 +217,12 @@ def test_writer_never_waits_for_the_reader(current_db: str, tmp_path: Path) -> N
         stop_file.touch()
         writer.wait(timeout=30)
     stats = json.loads(stats_file.read_text())
+    # No insert waited 50 ms for a lock (the writer's lock_timeout would have failed it)...
     assert stats["errors"] == []
     assert stats["inserts"] > 10
-    assert stats["max_s"] < 0.1, (
-        f"the writer waited {stats['max_s'] * 1000:.0f} ms (p99 {stats['p99_s'] * 1000:.0f} ms)"
+    # ...and the inserts stayed fast. Not the maximum: one slow disk flush on a busy VM took 191 ms.
+    assert stats["p99_s"] < 0.1, (
+        f"the writer's p99 was {stats['p99_s'] * 1000:.0f} ms (worst {stats['max_s'] * 1000:.0f} ms)"
     )
 
 
