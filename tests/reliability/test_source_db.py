@@ -97,12 +97,20 @@ def test_daemon_run_while_homeiq_writes(
     make_settings: SettingsFactory, broker: Broker, watcher: Watcher, tmp_path: Path
 ) -> None:
     db = create_source_db(tmp_path / "busy" / "ai_automation.db", rows=5_000)  # rollback journal: the harder case
-    app = TrainerApp(daemon_settings(make_settings, broker.port, data={"source_db": str(db), "max_samples": 2000}))
+    # 2,000 rows read from under the writer; batches of up to 64 (token budget and all) keep the
+    # training that follows to ~30 steps: the reads are what this test is about.
+    settings = daemon_settings(
+        make_settings,
+        broker.port,
+        data={"source_db": str(db), "max_samples": 2000},
+        training={"batch_size": 64, "batch_tokens": 16_384},
+    )
+    app = TrainerApp(settings)
     app.start()
     try:
         assert app.link.wait_connected(10)
         with homeiq_writer(db, tmp_path) as stats:
-            response = watcher.request(CMD, RESP, {"action": "start", "params": {"batch_size": 64}})
+            response = watcher.request(CMD, RESP, {"action": "start"})
             run_id = response["data"]["run_id"]
             state = watcher.wait_for(STATE, lambda s: s.get("run_id") == run_id and is_done(s), timeout=180)
         assert state["state"] == "completed", state
