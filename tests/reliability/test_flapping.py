@@ -52,9 +52,9 @@ def crawling_app(make_settings: SettingsFactory, broker: Broker, tmp_path: Path)
 @pytest.mark.slow
 def test_broker_flapping_during_a_run(crawling_app: tuple[TrainerApp, Path], broker: Broker, watcher: Watcher) -> None:
     app, release = crawling_app
-    # The run steps slowly, publishing progress all along, until the flaps are over: ~8 steps an epoch
-    # at the reliability tests' 64 samples, 80 s of runway for five flaps (~4 s each, 20 s in all when
-    # quiet); once released, the rest takes seconds.
+    # The run steps slowly, publishing progress all along, until the flaps are over: 12 steps an epoch
+    # at the reliability tests' 64 samples, two minutes of runway for five flaps (~4 s each, 20 s in
+    # all when quiet); once released, the rest takes seconds.
     response = watcher.request(CMD, RESP, {"action": "start", "params": {"epochs": 10}})
     run_id = response["data"]["run_id"]
     first = watcher.wait_for(PROGRESS, lambda p: p.get("run_id") == run_id and p.get("step", 0) >= 1, timeout=60)
