@@ -2,7 +2,9 @@
 
 Parts: padding, mfu (fp32 and bf16 runs: MFU, bf16 speed-up and loss parity), quality (time to
 HomeIQ-pipeline quality, and one epoch against a competent stock script), rss (peak memory of a
-`homeiq-trainer train` process at defaults on 2,000 examples). Prints a summary table and writes
+`homeiq-trainer train` process at defaults on 2,000 examples); on request only (`--only`), profile
+(torch's profiler over one epoch) and dropout (what flan-t5-small's dropout, which the stand-in
+model lacks, costs an epoch). Prints a summary table and writes
 `tests/benchmarks/PERF_RESULTS.md` when every part ran. Ratios are measured within one run, so a
 busy machine slows both sides alike; the absolute seconds are the machine's of the moment.
 
@@ -44,8 +46,12 @@ from tests.benchmarks.run import ROWS, Row, machine
 
 RESULTS_MD = Path(__file__).with_name("PERF_RESULTS.md")
 PARTS = ("padding", "mfu", "quality", "rss")
-EXTRA_PARTS = ("profile",)  # only with --only
+EXTRA_PARTS = ("profile", "dropout")  # only with --only
 PROFILE_ROWS = 15
+# google/flan-t5-small's config has dropout_rate 0.1; the stand-in model has none. The `dropout` part
+# measures what the real model's dropout costs an fp32 epoch, alternating the two, DROPOUT_REPEATS times.
+FLAN_T5_DROPOUT = 0.1
+DROPOUT_REPEATS = 5
 THREADS = [0]  # torch threads for every run (0: the cores this process may use); set by --threads
 REFERENCE_EPOCHS = 3
 REFERENCE_TIMED_EXAMPLES = 8  # padded reference steps timed, then multiplied out (every step has the same shape)
@@ -424,6 +430,37 @@ def bench_profile(bench: Bench) -> None:
         )
         print(table)
         NOTES.append(f"Profile, one {precision} epoch ({torch.get_num_threads()} threads):\n\n```\n{table}\n```")
+
+
+def bench_dropout(bench: Bench) -> None:
+    """One fp32 epoch of the stand-in as built (no dropout) and with flan-t5-small's dropout_rate 0.1."""
+    with_dropout = bench.work / "model-dropout"
+    if not with_dropout.exists():
+        shutil.copytree(bench.model_dir, with_dropout)
+        config = json.loads((with_dropout / "config.json").read_text())
+        (with_dropout / "config.json").write_text(json.dumps({**config, "dropout_rate": FLAN_T5_DROPOUT}))
+    times: dict[float, list[float]] = {0.0: [], FLAN_T5_DROPOUT: []}
+    losses: dict[float, float] = {}
+    for repeat in range(DROPOUT_REPEATS):
+        for rate, model_dir in ((0.0, bench.model_dir), (FLAN_T5_DROPOUT, with_dropout)):
+            log(f"dropout {rate}: one fp32 epoch ({repeat + 1} of {DROPOUT_REPEATS})")
+            run = train_ours(
+                dataclasses.replace(bench, model_dir=model_dir), f"dropout-{rate}-{repeat}", epochs=1, precision="fp32"
+            )
+            outcome = run["outcome"]
+            times[rate].append(outcome.train_runtime_s - sum(e["eval_s"] for e in outcome.eval_history))
+            losses[rate] = outcome.eval_loss or math.nan
+    median = {rate: sorted(values)[len(values) // 2] for rate, values in times.items()}
+    every = {rate: [round(t, 1) for t in values] for rate, values in times.items()}
+    row(
+        f"Model dropout {FLAN_T5_DROPOUT} (flan-t5-small's) vs none (the stand-in's), one fp32 epoch",
+        f"{median[FLAN_T5_DROPOUT] / median[0.0]:.2f}× the time (median of {DROPOUT_REPEATS}: "
+        f"{median[FLAN_T5_DROPOUT]:.1f} vs {median[0.0]:.1f} s; all: {every[FLAN_T5_DROPOUT]} vs {every[0.0]}); "
+        f"held-out loss {losses[FLAN_T5_DROPOUT]:.4f} vs {losses[0.0]:.4f}",
+        "report",
+        "-",
+        "reported",
+    )
 
 
 def rss_db(path: Path) -> Path:
