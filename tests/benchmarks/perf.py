@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -450,7 +451,7 @@ def bench_dropout(bench: Bench) -> None:
             outcome = run["outcome"]
             times[rate].append(outcome.train_runtime_s - sum(e["eval_s"] for e in outcome.eval_history))
             losses[rate] = outcome.eval_loss or math.nan
-    median = {rate: sorted(values)[len(values) // 2] for rate, values in times.items()}
+    median = {rate: statistics.median(values) for rate, values in times.items()}
     every = {rate: [round(t, 1) for t in values] for rate, values in times.items()}
     row(
         f"Model dropout {FLAN_T5_DROPOUT} (flan-t5-small's) vs none (the stand-in's), one fp32 epoch",
