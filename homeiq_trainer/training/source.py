@@ -91,7 +91,7 @@ class _PatientCursor(sqlite3.Cursor):
                 super().execute(sql, parameters)  # type: ignore[arg-type]
                 return self
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF not in _LOCKED or time.monotonic() >= deadline:
+                if (exc.sqlite_errorcode & 0xFF) not in _LOCKED or time.monotonic() >= deadline:
                     raise
             time.sleep(LOCK_POLL_S)
 
