@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, Index, Text, delete, event, inspect, text
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from homeiq_trainer.database import database_url, masked, postgres_connect_args, sqlite_path
@@ -112,6 +115,30 @@ def run_to_dict(run: TrainingRun) -> dict[str, Any]:
     return run_record(run).model_dump(mode="json")
 
 
+# What a database says when another process created the same table, index or column first.
+_CREATED_MEANWHILE = ("already exists", "duplicate column", "duplicate key")
+_SCHEMA_ATTEMPTS = 5
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _create_schema(engine: Engine) -> None:
+    """Our tables and any columns newer releases added, where missing; safe against a concurrent creator.
+
+    Creating is check-then-create: the daemon, `homeiq-trainer train` and a reader opening a new
+    history at the same moment can all find a table missing, and every CREATE but the first then
+    fails. Checking again finds what the other process made.
+    """
+    for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
+        try:
+            SQLModel.metadata.create_all(engine)
+            _add_missing_columns(engine)
+            return
+        except DBAPIError as exc:
+            if attempt == _SCHEMA_ATTEMPTS or not any(s in str(exc.orig).lower() for s in _CREATED_MEANWHILE):
+                raise
+            _LOGGER.debug("The history schema was being created by another process; checking again")
+
+
 def _add_missing_columns(engine: Engine) -> None:
     """Add columns newer releases introduced to an existing table (create_all only creates tables)."""
     table = TrainingRun.__table__  # type: ignore[attr-defined]
@@ -125,9 +152,19 @@ def _add_missing_columns(engine: Engine) -> None:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets HomeIQ's admin page read the history while a run writes it.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    # WAL lets HomeIQ's admin page read the history while a run writes it. Switching to it needs the
+    # file to itself, and where waiting could deadlock (another process opening a new history at the
+    # same moment) SQLite answers "database is locked" at once instead: so ask again for a while.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cursor.close()
 
 
@@ -205,8 +242,7 @@ class HistoryStore(_ServedAdapters):
                 pool_pre_ping=True,  # the server may have restarted between two runs
                 connect_args=postgres_connect_args(HISTORY_TIMEOUT_S, HISTORY_TIMEOUT_S, read_only=False),
             )
-        SQLModel.metadata.create_all(self._engine)
-        _add_missing_columns(self._engine)
+        _create_schema(self._engine)
         self._lock = threading.Lock()
         self._homeiq_runs = homeiq_runs
 

@@ -1,11 +1,19 @@
-"""The history store's pruning: the newest rows stay, and so does the served run's, however old."""
+"""The history store: pruning keeps the newest rows and the served run's; processes may open a new one together."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.messages import RunStatus
+
+from . import postgres
 
 
 def test_prune_keeps_the_newest_rows_and_the_served_run(tmp_path: Path) -> None:
@@ -21,3 +29,34 @@ def test_prune_keeps_the_newest_rows_and_the_served_run(tmp_path: Path) -> None:
     assert store.identifiers() == {names[0], *names[6:], open_run.run_identifier}
     assert store.prune(10, protect={names[0]}) == 0
     store.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_processes_opening_a_new_history_together_all_get_it(engine: str, tmp_path: Path) -> None:
+    # The daemon, `homeiq-trainer train` and a reader may open a history that does not exist yet at
+    # the same moment: each checks for the tables, then creates those missing, so the slower CREATE
+    # used to fail ("table training_runs already exists") and took its process down; and SQLite's
+    # switch to WAL answered "database is locked" without waiting.
+    script = (
+        "import sys, time\n"
+        "from homeiq_trainer.history import HistoryStore\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "HistoryStore(sys.argv[1]).close()\n"
+    )
+    for attempt in range(4):
+        with contextlib.ExitStack() as stack:
+            if engine == "sqlite":
+                target = str(tmp_path / f"history-{attempt}.db")
+            else:
+                name = stack.enter_context(postgres.throwaway_database())
+                target = postgres.sqlalchemy_url(name).render_as_string(hide_password=False)
+            start_at = f"{time.time() + 1.5:.3f}"  # after every process has imported (0.5 s each)
+            procs = [
+                subprocess.Popen([sys.executable, "-c", script, target, start_at], stderr=subprocess.PIPE, text=True)
+                for _ in range(4)
+            ]
+            failures = [err for p in procs if (err := p.communicate(timeout=60)[1]) and p.returncode != 0]
+            assert failures == [], "\n".join(failures)
+            store = HistoryStore(target)
+            assert store.served_stack() == []
+            store.close()
