@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -175,6 +176,41 @@ def test_early_stopping_keeps_the_adapter_with_the_best_held_out_loss(make_setti
     assert saved == pytest.approx(best["eval_loss"], rel=1e-4)  # held-out losses are fp32 in any precision
     # Peak memory is recorded in the metadata and the history.
     assert meta["peak_rss_mb"] > 50 and row.peak_rss_mb == meta["peak_rss_mb"] == result.peak_rss_mb
+
+
+def test_training_is_freed_before_evaluation_and_the_recorded_peak_covers_both(
+    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 4 GB box runs out at the run's highest point, which may come after training: the evaluation
+    # loads a base model of its own, and must not stack it on a trained one that is still alive.
+    from peft import PeftModel
+
+    from homeiq_trainer.training import evaluate
+    from homeiq_trainer.training.engine import peak_rss_mb
+
+    seen: dict[str, float] = {}
+    real_evaluate = evaluate.evaluate_adapters
+
+    def evaluate_adapters(*args: Any, **kwargs: Any) -> Any:
+        seen["trained_models_alive"] = sum(isinstance(o, PeftModel) for o in gc.get_objects())
+        # A high-water mark 64 MiB above the old one during evaluation, whatever earlier tests left in
+        # this process. (Linux counts resident pages per thread in batches, so readings are approximate.)
+        status = Path("/proc/self/status").read_text().splitlines()
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))}
+        seen["peak_before_evaluation"] = peak_rss_mb()
+        ballast = b"\x01" * ((kib["VmHWM"] - kib["VmRSS"]) * 1024 + 64 * 2**20)
+        del ballast
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_adapters", evaluate_adapters)
+    gc.disable()  # only the run's own collection may free the trained model
+    try:
+        _, row, result = run_job(make_settings())
+    finally:
+        gc.enable()
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert seen["trained_models_alive"] == 0
+    assert (result.peak_rss_mb or 0) >= seen["peak_before_evaluation"] + 32 and row.peak_rss_mb == result.peak_rss_mb
 
 
 def test_cancel_stops_at_a_step_and_keeps_latest(make_settings: SettingsFactory) -> None:

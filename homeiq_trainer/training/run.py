@@ -29,7 +29,7 @@ from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.artifacts import ArtifactError
 from homeiq_trainer.training.data import DataError, SourceOptions, load_examples
-from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver, TrainOutcome
+from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver, TrainOutcome, peak_rss_mb
 from homeiq_trainer.training.evaluate import split_examples
 
 if TYPE_CHECKING:
@@ -246,7 +246,8 @@ def execute_run(
             backend=settings.training.backend,
             cluster=cluster,
             steps=outcome.steps,
-            peak_rss_mb=outcome.peak_rss_mb,
+            # The run's largest process: this one, evaluation included, or a Ray worker.
+            peak_rss_mb=max(outcome.peak_rss_mb or 0.0, peak_rss_mb()),
             eval_history=outcome.eval_history,
             best_step=outcome.best_step,
             stopped_early=outcome.stopped_early,

@@ -7,7 +7,6 @@ training process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import random
 import threading
@@ -44,6 +43,7 @@ from homeiq_trainer.training.engine import (
     _LossMeter,
     evaluate_loss,
     feature_lengths,
+    return_freed_memory,
 )
 from homeiq_trainer.training.frozen_bf16 import FrozenBf16Weights
 
@@ -265,22 +265,16 @@ class _Progress(TrainerCallback):
 
 
 class _ReturnFreedMemory(TrainerCallback):
-    """Hands freed heap pages back to the system every TRIM_EVERY_STEPS steps (glibc's `malloc_trim`).
+    """Hands freed heap pages back to the system every TRIM_EVERY_STEPS steps.
 
     Batches of ever-changing shapes leave glibc's heap fragmented: freed activation memory stays
     resident and the process's peak creeps up with every new shape. Trimming after every step held
     that down but cost 23% of an epoch, as each step then faulted its pages back in.
     """
 
-    def __init__(self) -> None:
-        try:
-            self.trim: Any = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            self.trim = None
-
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.trim is not None and state.global_step % TRIM_EVERY_STEPS == 0:
-            self.trim(0)
+        if state.global_step % TRIM_EVERY_STEPS == 0:
+            return_freed_memory()
 
 
 class BestAdapter(TrainerCallback):
