@@ -118,7 +118,7 @@ def run_to_dict(run: TrainingRun) -> dict[str, Any]:
 # What a database says when another process created the same table, index or column first.
 _CREATED_MEANWHILE = ("already exists", "duplicate column", "duplicate key")
 _SCHEMA_ATTEMPTS = 5
-SQLITE_BUSY_TIMEOUT_MS = 10_000
+_SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
 def _create_schema(engine: Engine) -> None:
@@ -152,11 +152,11 @@ def _add_missing_columns(engine: Engine) -> None:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
     # WAL lets HomeIQ's admin page read the history while a run writes it. Switching to it needs the
     # file to itself, and where waiting could deadlock (another process opening a new history at the
     # same moment) SQLite answers "database is locked" at once instead: so ask again for a while.
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_MS / 1000
     while True:
         try:
             cursor.execute("PRAGMA journal_mode=WAL")

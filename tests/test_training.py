@@ -183,6 +183,7 @@ def test_training_is_freed_before_evaluation_and_the_recorded_peak_covers_both(
 ) -> None:
     # A 4 GB box runs out at the run's highest point, which may come after training: the evaluation
     # loads a base model of its own, and must not stack it on a trained one that is still alive.
+    import psutil
     from peft import PeftModel
 
     from homeiq_trainer.training import evaluate
@@ -195,10 +196,9 @@ def test_training_is_freed_before_evaluation_and_the_recorded_peak_covers_both(
         seen["trained_models_alive"] = sum(isinstance(o, PeftModel) for o in gc.get_objects())
         # A high-water mark 64 MiB above the old one during evaluation, whatever earlier tests left in
         # this process. (Linux counts resident pages per thread in batches, so readings are approximate.)
-        status = Path("/proc/self/status").read_text().splitlines()
-        kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))}
         seen["peak_before_evaluation"] = peak_rss_mb()
-        ballast = b"\x01" * ((kib["VmHWM"] - kib["VmRSS"]) * 1024 + 64 * 2**20)
+        resident_mib = psutil.Process().memory_info().rss / 2**20
+        ballast = b"\x01" * int((seen["peak_before_evaluation"] - resident_mib + 64) * 2**20)
         del ballast
         return real_evaluate(*args, **kwargs)
 
