@@ -6,7 +6,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -121,22 +121,27 @@ _SCHEMA_ATTEMPTS = 5
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
-def _create_schema(engine: Engine) -> None:
-    """Our tables and any columns newer releases added, where missing; safe against a concurrent creator.
+def create_safely(create: Callable[[], None]) -> None:
+    """Run `create`, a check-then-create of tables or columns, again where another process made them first.
 
-    Creating is check-then-create: the daemon, `homeiq-trainer train` and a reader opening a new
-    history at the same moment can all find a table missing, and every CREATE but the first then
-    fails. Checking again finds what the other process made.
+    The daemon, `homeiq-trainer train` and a reader opening a new (or older) history at the same
+    moment can all find a table or column missing, and every CREATE or ALTER but the first then
+    fails. Checking again finds what the other process made. Any other error rises at once.
     """
     for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
         try:
-            SQLModel.metadata.create_all(engine)
-            _add_missing_columns(engine)
+            create()
             return
         except DBAPIError as exc:
             if attempt == _SCHEMA_ATTEMPTS or not any(s in str(exc.orig).lower() for s in _CREATED_MEANWHILE):
                 raise
             _LOGGER.debug("The history schema was being created by another process; checking again")
+
+
+def _create_schema(engine: Engine) -> None:
+    """Our tables, and any columns newer releases added to an existing `training_runs`."""
+    SQLModel.metadata.create_all(engine)
+    _add_missing_columns(engine)
 
 
 def _add_missing_columns(engine: Engine) -> None:
@@ -242,7 +247,7 @@ class HistoryStore(_ServedAdapters):
                 pool_pre_ping=True,  # the server may have restarted between two runs
                 connect_args=postgres_connect_args(HISTORY_TIMEOUT_S, HISTORY_TIMEOUT_S, read_only=False),
             )
-        _create_schema(self._engine)
+        create_safely(lambda: _create_schema(self._engine))
         self._lock = threading.Lock()
         self._homeiq_runs = homeiq_runs
 

@@ -55,7 +55,8 @@ def test_processes_opening_a_new_history_together_all_get_it(engine: str, tmp_pa
                 subprocess.Popen([sys.executable, "-c", script, target, start_at], stderr=subprocess.PIPE, text=True)
                 for _ in range(4)
             ]
-            failures = [err for p in procs if (err := p.communicate(timeout=60)[1]) and p.returncode != 0]
+            errors = [p.communicate(timeout=60)[1] for p in procs]
+            failures = [f"exit {p.returncode}: {err}" for p, err in zip(procs, errors, strict=True) if p.returncode]
             assert failures == [], "\n".join(failures)
             store = HistoryStore(target)
             assert store.served_stack() == []

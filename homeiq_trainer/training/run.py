@@ -246,7 +246,7 @@ def execute_run(
             backend=settings.training.backend,
             cluster=cluster,
             steps=outcome.steps,
-            # The run's largest process: this one, evaluation included, or a Ray worker.
+            # The larger of this process (evaluation included) and, with Ray, the first worker.
             peak_rss_mb=max(outcome.peak_rss_mb or 0.0, peak_rss_mb()),
             eval_history=outcome.eval_history,
             best_step=outcome.best_step,
