@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -14,6 +18,28 @@ POSTGRES_DRIVER = "postgresql+psycopg"
 POSTGRES_DEFAULT_PORT = 5432
 # HomeIQ's services write `postgresql+asyncpg://`; every PostgreSQL spelling goes through psycopg 3.
 _POSTGRES_NAMES = frozenset({"postgres", "postgresql"})
+
+
+_T = TypeVar("_T")
+# SQLite's answers for a database another connection holds (primary codes: extended ones carry
+# them in the low byte).
+_SQLITE_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def sqlite_when_unlocked(statement: Callable[[], _T], timeout_s: float, poll_s: float) -> _T:
+    """`statement()`, asked again every `poll_s` while SQLite answers that the database is locked.
+
+    Gives up with SQLite's own error after `timeout_s`. For statements that take no lock and change
+    nothing when refused (a read, a journal-mode switch), so asking again is safe.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as exc:
+            if (exc.sqlite_errorcode & 0xFF) not in _SQLITE_LOCKED or time.monotonic() >= deadline:
+                raise
+        time.sleep(poll_s)
 
 
 class DatabaseUrlError(ValueError):

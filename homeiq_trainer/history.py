@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +14,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from homeiq_trainer.database import database_url, masked, postgres_connect_args, sqlite_path
+from homeiq_trainer.database import database_url, masked, postgres_connect_args, sqlite_path, sqlite_when_unlocked
 from homeiq_trainer.homeiq_runs import HomeIQRuns
 from homeiq_trainer.messages import Decision, RunRecord, RunStatus, utcnow
 
@@ -161,15 +159,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets HomeIQ's admin page read the history while a run writes it. Switching to it needs the
     # file to itself, and where waiting could deadlock (another process opening a new history at the
     # same moment) SQLite answers "database is locked" at once instead: so ask again for a while.
-    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            break
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    sqlite_when_unlocked(lambda: cursor.execute("PRAGMA journal_mode=WAL"), _SQLITE_BUSY_TIMEOUT_MS / 1000, 0.05)
     cursor.close()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +16,15 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import sqltypes
 
-from homeiq_trainer.database import is_postgres, postgres_connect_args, postgres_reason, scrub, sqlite_path, where
+from homeiq_trainer.database import (
+    is_postgres,
+    postgres_connect_args,
+    postgres_reason,
+    scrub,
+    sqlite_path,
+    sqlite_when_unlocked,
+    where,
+)
 
 TABLE = "ask_ai_queries"
 DEFAULT_SCHEMAS = ("automation", "public")
@@ -70,7 +77,6 @@ class SourceTable:
 
 LOCK_POLL_S = 0.001
 """How often a read asks again for a SQLite database that a writer holds locked."""
-_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary codes: extended ones carry them in the low byte
 
 
 class _PatientCursor(sqlite3.Cursor):
@@ -85,15 +91,11 @@ class _PatientCursor(sqlite3.Cursor):
     connection: _ReadOnlyConnection
 
     def execute(self, sql: str, parameters: object = (), /) -> _PatientCursor:
-        deadline = time.monotonic() + self.connection.busy_timeout_s
-        while True:
-            try:
-                super().execute(sql, parameters)  # type: ignore[arg-type]
-                return self
-            except sqlite3.OperationalError as exc:
-                if (exc.sqlite_errorcode & 0xFF) not in _LOCKED or time.monotonic() >= deadline:
-                    raise
-            time.sleep(LOCK_POLL_S)
+        def once() -> None:
+            sqlite3.Cursor.execute(self, sql, parameters)  # type: ignore[arg-type]
+
+        sqlite_when_unlocked(once, self.connection.busy_timeout_s, LOCK_POLL_S)
+        return self
 
 
 class _ReadOnlyConnection(sqlite3.Connection):
