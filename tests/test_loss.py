@@ -98,6 +98,7 @@ def test_cpu_bf16_detection_reads_the_flags(tmp_path: Path) -> None:
 def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     from homeiq_trainer.training import engine
 
+    monkeypatch.setattr(engine, "memory_limit_bytes", lambda: 64 * 2**30)
     monkeypatch.setattr(engine, "cpu_has_bf16_flags", lambda: True)
     monkeypatch.setattr(engine, "bf16_matmul_speedup", lambda: engine.BF16_MIN_MATMUL_SPEEDUP * 0.99)
     assert engine.pick_precision("cpu", "auto") == "fp32"  # flags without the speed (seen on a VM)
@@ -107,6 +108,53 @@ def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch: py
     monkeypatch.setattr(engine, "cpu_has_bf16_flags", lambda: False)
     assert engine.pick_precision("cpu", "auto") == "fp32"
     assert engine.pick_precision("cpu", "bf16") == "bf16"
+
+
+def test_auto_precision_keeps_fp32_where_memory_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    from homeiq_trainer.training import engine
+
+    monkeypatch.setattr(engine, "cpu_has_bf16_flags", lambda: True)
+    monkeypatch.setattr(engine, "bf16_matmul_speedup", lambda: 4.0)
+    monkeypatch.setattr(engine, "memory_limit_bytes", lambda: engine.BF16_MIN_MEMORY_BYTES - 1)
+    assert engine.pick_precision("cpu", "auto") == "fp32"
+    assert engine.pick_precision("cpu", "bf16") == "bf16"  # asked for, it is what the user gets
+    monkeypatch.setattr(engine, "memory_limit_bytes", lambda: engine.BF16_MIN_MEMORY_BYTES)
+    assert engine.pick_precision("cpu", "auto") == "bf16"
+    monkeypatch.setattr(engine, "memory_limit_bytes", lambda: None)  # unknown: the speed decides
+    assert engine.pick_precision("cpu", "auto") == "bf16"
+
+
+def test_memory_limit_is_the_lowest_of_the_machine_and_its_control_groups(tmp_path: Path) -> None:
+    from homeiq_trainer.training.engine import memory_limit_bytes
+
+    gib = 2**30
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal:       {32 * gib // 1024} kB\nMemFree:        1024 kB\n")
+    # cgroup v2, an add-on's container below a parent group: no limit anywhere yet.
+    (proc / "self" / "cgroup").write_text("0::/addons/homeiq\n")
+    group = cgroups / "addons" / "homeiq"
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text("max\n")
+    assert memory_limit_bytes(proc, cgroups) == 32 * gib
+    (group / "memory.max").write_text(f"{3 * gib}\n")
+    assert memory_limit_bytes(proc, cgroups) == 3 * gib
+    (group / "memory.max").write_text("max\n")
+    (group.parent / "memory.max").write_text(f"{2 * gib}\n")  # a parent's limit binds its children
+    assert memory_limit_bytes(proc, cgroups) == 2 * gib
+    # cgroup v1 reports "no limit" as a huge number; the machine's 4 GiB is then the limit.
+    (proc / "meminfo").write_text(f"MemTotal:       {4 * gib // 1024} kB\n")
+    (proc / "self" / "cgroup").write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n")
+    v1 = cgroups / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert memory_limit_bytes(proc, cgroups) == 4 * gib
+    (v1 / "memory.limit_in_bytes").write_text(f"{gib}\n")
+    assert memory_limit_bytes(proc, cgroups) == gib
+    assert memory_limit_bytes(tmp_path / "nothing", tmp_path / "nothing") is None
+    # This machine: some positive amount, at most what the kernel says it has.
+    here = memory_limit_bytes()
+    assert here is not None and 0 < here <= int(Path("/proc/meminfo").read_text().split()[1]) * 1024
 
 
 def test_bf16_probe_measures_a_real_ratio() -> None:
