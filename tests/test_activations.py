@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 
@@ -79,3 +80,57 @@ def test_frozen_bf16_copies_compute_exactly_what_autocast_would_and_give_the_fp3
     with pytest.raises(RuntimeError), shadow.swapped_in():
         model(torch.randn(4, 3))
     assert frozen.weight is full_weight
+
+
+def test_rounded_up_rows_multiply_few_shapes_and_give_the_same_numbers() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from homeiq_trainer.training.row_buckets import rows_rounded_up
+
+    multiplies = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+    class RowCounts(TorchDispatchMode):
+        """Rows of the left operand of every matrix multiply, forward and backward."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func in multiplies:
+                self.rows.append(args[-2].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    model = _model()
+
+    def run(x: torch.Tensor, multiple: int | None) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        model.zero_grad()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            if multiple is not None:
+                stack.enter_context(rows_rounded_up([model, model[0]], multiple))
+            counts = stack.enter_context(RowCounts())
+            out = model(x)
+            out.float().square().mean().backward()
+        assert out.shape == (*x.shape[:-1], 256)
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], counts.rows
+
+    for lead in ((3, 7), (5, 13), (64,)):
+        x = torch.randn(*lead, 256)
+        plain_out, plain_grads, plain_rows = run(x, None)
+        out, grads, rows = run(x, 16)
+        # Every multiply of activations (forward, and backward's input gradients) ran on a multiple of 16
+        # rows; a weight gradient's multiply has the weight's rows.
+        activation_rows = [r for r in rows if r not in (256, 384)]
+        assert activation_rows and all(r % 16 == 0 for r in activation_rows)
+        if math.prod(lead) % 16:
+            assert plain_rows != rows  # without it, the odd row count itself
+        # Zero rows change no other row and add nothing to a weight gradient: the same numbers.
+        torch.testing.assert_close(out, plain_out, rtol=1e-2, atol=1e-2)
+        assert len(grads) == len(plain_grads) == 3
+        for a, b in zip(grads, plain_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+    # The hooks go when the block ends, also when the forward pass fails inside it.
+    with pytest.raises(RuntimeError), rows_rounded_up([model], 16):
+        model(torch.randn(4, 3))
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in model.modules())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import threading
 from pathlib import Path
@@ -392,31 +393,42 @@ def test_history_from_an_older_release_gains_the_new_columns(tmp_path: Path) -> 
 def test_cpu_bf16_rounds_lengths_to_repeat_shapes_and_trains_without_flash_attention(
     make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # bf16 on a CPU: lengths padded to a multiple of 8 (oneDNN compiles a kernel per new bf16 shape) and
-    # the plain attention, whose bf16 backward is fast where flash attention's is not. fp32 keeps both.
+    # bf16 on a CPU: lengths padded to a multiple of 8 and linear layers' rows to a multiple of 64
+    # (oneDNN builds and keeps a kernel per new bf16 shape), and the plain attention, whose bf16 backward
+    # is fast where flash attention's is not. fp32 keeps all three as they are.
     import torch
 
-    from homeiq_trainer.training.session import CPU_BF16_PAD_MULTIPLE
+    from homeiq_trainer.training.session import CPU_BF16_PAD_MULTIPLE, CPU_BF16_ROW_MULTIPLE
 
-    attention = torch.nn.functional.scaled_dot_product_attention
+    attention, linear = torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.linear
     calls: list[tuple[int, int, bool]] = []  # (query length, key length, flash allowed) of training calls
+    rows: list[int] = []  # rows multiplied by linear layers in training forward passes
 
     def watched(query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if torch.is_grad_enabled():  # evaluations run forward passes in fp32, whatever the training's precision
             calls.append((query.shape[-2], key.shape[-2], torch.backends.cuda.flash_sdp_enabled()))
         return attention(query, key, *args, **kwargs)
 
+    def watched_linear(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            rows.append(math.prod(x.shape[:-1]))
+        return linear(x, *args, **kwargs)
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", watched)
+    monkeypatch.setattr(torch.nn.functional, "linear", watched_linear)
     seen = {}
     for precision in ("bf16", "fp32"):
         calls.clear()
+        rows.clear()
         settings = make_settings(training={"precision": precision}, data={"max_samples": 24})
         _, _, result = run_job(settings)
         assert result.status is RunStatus.COMPLETED, result.error
-        seen[precision] = list(calls)
-    bf16, fp32 = seen["bf16"], seen["fp32"]
+        seen[precision] = (list(calls), list(rows))
+    (bf16, bf16_rows), (fp32, fp32_rows) = seen["bf16"], seen["fp32"]
     assert bf16 and not any(flash for _, _, flash in bf16)
     assert {length % CPU_BF16_PAD_MULTIPLE for call in bf16 for length in call[:2]} == {0}
-    # fp32 trains on exact lengths, with flash attention allowed.
+    assert bf16_rows and {r % CPU_BF16_ROW_MULTIPLE for r in bf16_rows} == {0}
+    # fp32 trains on exact lengths and row counts, with flash attention allowed.
     assert fp32 and all(flash for _, _, flash in fp32)
     assert {length % CPU_BF16_PAD_MULTIPLE for call in fp32 for length in call[:2]} != {0}
+    assert fp32_rows and {r % CPU_BF16_ROW_MULTIPLE for r in fp32_rows} != {0}

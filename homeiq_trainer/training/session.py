@@ -46,6 +46,7 @@ from homeiq_trainer.training.engine import (
     return_freed_memory,
 )
 from homeiq_trainer.training.frozen_bf16 import FrozenBf16Weights
+from homeiq_trainer.training.row_buckets import rows_rounded_up
 
 # About this many points of loss history per run, whatever its length.
 HISTORY_POINTS = 50
@@ -56,6 +57,10 @@ TRIM_EVERY_STEPS = 10
 # repeat. Measured on a 2-core AMX Xeon: an epoch 10.1 -> 9.4 s. fp32 matmuls do not care, and pay for
 # the padding, so they keep exact lengths.
 CPU_BF16_PAD_MULTIPLE = 8
+# ... and every linear layer's rows (batch × length) to a multiple of this (see training/row_buckets.py).
+# Measured on a 2-core Zen 5 EPYC, 2,000 examples at defaults, one epoch: peak RSS 1,341-1,346 MiB
+# without, 1,165-1,185 with 32, in the same 96-100 s of training; 64 held 1,085-1,093 MiB but took 106 s.
+CPU_BF16_ROW_MULTIPLE = 32
 Features = Sequence[dict[str, list[int]]]
 
 
@@ -89,6 +94,8 @@ class _BatchedTrainer(Trainer):
             stack.enter_context(bf16_saved_activations(self.model))
         if self.frozen_bf16 is not None:
             stack.enter_context(self.frozen_bf16.swapped_in())
+        if self.cpu_bf16 and self.model is not None:
+            stack.enter_context(rows_rounded_up([self.model], CPU_BF16_ROW_MULTIPLE))
         return stack
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
