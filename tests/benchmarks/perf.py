@@ -191,6 +191,14 @@ def long_tailed_lengths(n: int, seed: int = 3) -> list[tuple[int, int]]:
     return [(s, 256) if i % 100 == 0 else (s, t) for i, (s, t) in enumerate(lengths)]
 
 
+def training_seconds(outcome: Any) -> tuple[float, float]:
+    """(wall, CPU) seconds of a run's training steps: its training time less its held-out evaluations'."""
+    return (
+        outcome.train_runtime_s - sum(e["eval_s"] for e in outcome.eval_history),
+        outcome.train_cpu_s - sum(e["eval_cpu_s"] for e in outcome.eval_history),
+    )
+
+
 _RUNS: dict[str, dict[str, Any]] = {}
 
 
@@ -269,8 +277,7 @@ def bench_mfu(bench: Bench) -> None:
     for name, run in (("fp32", fp32), ("bf16", bf16)):
         outcome = run["outcome"]
         flops = useful * outcome.steps / fp32["outcome"].steps  # both ran one epoch
-        wall_s = outcome.train_runtime_s - sum(e["eval_s"] for e in outcome.eval_history)
-        cpu_s = outcome.train_cpu_s - sum(e["eval_cpu_s"] for e in outcome.eval_history)
+        wall_s, cpu_s = training_seconds(outcome)
         fig[name] = {
             "wall": flops / wall_s / 1e9,
             "cpu": flops / cpu_s * threads / 1e9,
@@ -449,7 +456,7 @@ def bench_dropout(bench: Bench) -> None:
                 dataclasses.replace(bench, model_dir=model_dir), f"dropout-{rate}-{repeat}", epochs=1, precision="fp32"
             )
             outcome = run["outcome"]
-            times[rate].append(outcome.train_runtime_s - sum(e["eval_s"] for e in outcome.eval_history))
+            times[rate].append(training_seconds(outcome)[0])
             losses[rate] = outcome.eval_loss or math.nan
     median = {rate: statistics.median(values) for rate, values in times.items()}
     every = {rate: [round(t, 1) for t in values] for rate, values in times.items()}
