@@ -161,7 +161,7 @@ class TrainingSettings(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto`: bf16 on CUDA where supported, and on CPUs with avx512_bf16 or AMX where a 30 ms probe finds
     bf16 matrix multiplies at least 1.5× as fast as fp32 (bf16 autocast) and at least 6 GiB of memory is
-    there (a CPU bf16 run peaks about 0.5 GB higher); else fp32. `fp32` and `bf16` are taken as asked."""
+    there (a CPU bf16 run peaks about 0.3 GB higher); else fp32. `fp32` and `bf16` are taken as asked."""
     early_stopping_patience: int = Field(2, ge=0, le=1000)
     """Stop after this many held-out evaluations without a new best; 0 never stops early. The best adapter is kept."""
     eval_every_steps: int = Field(0, ge=0, le=1_000_000)

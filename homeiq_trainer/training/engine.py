@@ -40,8 +40,8 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # gain gave 1.5-1.6× per epoch).
 BF16_MIN_MATMUL_SPEEDUP = 1.5
 # ... and only where this process may use at least this much memory (the machine's, or its container's
-# limit): a CPU bf16 run peaks about 0.5 GB above fp32 (2,000 examples at defaults on a Zen 5 EPYC:
-# 1,358 MiB against 896), which a 4 GB box running Home Assistant beside it should not pay for speed.
+# limit): a CPU bf16 run peaks about 0.3 GB above fp32 (2,000 examples at defaults on a Zen 5 EPYC:
+# 1,164 MiB against 896), which a 4 GB box running Home Assistant beside it should not pay for speed.
 # 6 GiB: a 4 GB machine (about 3.8 GiB as the kernel counts it) keeps fp32, an 8 GB one takes bf16.
 BF16_MIN_MEMORY_BYTES = 6 * 2**30
 # The probe: (tokens, d_model) @ (d_model, d_ff), as in a training step, PROBE_INNER times, best of PROBE_REPEATS.
@@ -256,7 +256,7 @@ def memory_limit_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs
 def pick_precision(device: str, requested: str) -> str:
     """`bf16` or `fp32`: `auto` takes bf16 where the hardware does its matrix multiplies clearly faster.
 
-    On a CPU only where the memory is there too: bf16 costs a run about 0.5 GB more at its peak.
+    On a CPU only where the memory is there too: bf16 costs a run about 0.3 GB more at its peak.
     """
     if requested != "auto":
         return requested
@@ -269,7 +269,7 @@ def pick_precision(device: str, requested: str) -> str:
     memory = memory_limit_bytes()
     if memory is not None and memory < BF16_MIN_MEMORY_BYTES:
         _LOGGER.info(
-            "training in fp32: bf16 would raise the run's peak memory by about 0.5 GB, and this process may "
+            "training in fp32: bf16 would raise the run's peak memory by about 0.3 GB, and this process may "
             "use %.1f GiB (bf16 takes at least %.0f GiB; set training.precision to force it)",
             memory / 2**30,
             BF16_MIN_MEMORY_BYTES / 2**30,
