@@ -85,7 +85,7 @@ def test_frozen_bf16_copies_compute_exactly_what_autocast_would_and_give_the_fp3
 def test_rounded_up_rows_multiply_few_shapes_and_give_the_same_numbers() -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from homeiq_trainer.training.row_buckets import rows_rounded_up
+    from homeiq_trainer.training.row_buckets import RowRounding
 
     multiplies = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 
@@ -102,23 +102,27 @@ def test_rounded_up_rows_multiply_few_shapes_and_give_the_same_numbers() -> None
             return func(*args, **(kwargs or {}))
 
     model = _model()
+    rounding = RowRounding([model, model[0]], 16)
+    assert len(rounding) == 2  # a layer reachable twice is hooked once
 
-    def run(x: torch.Tensor, multiple: int | None) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    def run(x: torch.Tensor, rounded: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         model.zero_grad()
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-            if multiple is not None:
-                stack.enter_context(rows_rounded_up([model, model[0]], multiple))
+            if rounded:
+                stack.enter_context(rounding.applied())
             counts = stack.enter_context(RowCounts())
             out = model(x)
             out.float().square().mean().backward()
         assert out.shape == (*x.shape[:-1], 256)
         return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], counts.rows
 
+    plain_rows_of_21 = run(torch.randn(3, 7, 256), False)[2]
+    assert 21 in plain_rows_of_21
     for lead in ((3, 7), (5, 13), (64,)):
         x = torch.randn(*lead, 256)
-        plain_out, plain_grads, plain_rows = run(x, None)
-        out, grads, rows = run(x, 16)
+        plain_out, plain_grads, plain_rows = run(x, False)  # hooked, but outside `applied`
+        out, grads, rows = run(x, True)
         # Every multiply of activations (forward, and backward's input gradients) ran on a multiple of 16
         # rows; a weight gradient's multiply has the weight's rows.
         activation_rows = [r for r in rows if r not in (256, 384)]
@@ -130,7 +134,7 @@ def test_rounded_up_rows_multiply_few_shapes_and_give_the_same_numbers() -> None
         assert len(grads) == len(plain_grads) == 3
         for a, b in zip(grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
-    # The hooks go when the block ends, also when the forward pass fails inside it.
-    with pytest.raises(RuntimeError), rows_rounded_up([model], 16):
+    # Inactive again when the block ends, also when the forward pass fails inside it.
+    with pytest.raises(RuntimeError), rounding.applied():
         model(torch.randn(4, 3))
-    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in model.modules())
+    assert run(torch.randn(3, 7, 256), False)[2] == plain_rows_of_21

@@ -46,7 +46,7 @@ from homeiq_trainer.training.engine import (
     return_freed_memory,
 )
 from homeiq_trainer.training.frozen_bf16 import FrozenBf16Weights
-from homeiq_trainer.training.row_buckets import rows_rounded_up
+from homeiq_trainer.training.row_buckets import RowRounding
 
 # About this many points of loss history per run, whatever its length.
 HISTORY_POINTS = 50
@@ -71,6 +71,7 @@ class _BatchedTrainer(Trainer):
     cpu_bf16: bool = False
     bf16_activations: bool = False
     frozen_bf16: FrozenBf16Weights | None = None
+    row_rounding: RowRounding | None = None
 
     def get_train_dataloader(self) -> Any:
         from accelerate.data_loader import prepare_data_loader
@@ -94,8 +95,8 @@ class _BatchedTrainer(Trainer):
             stack.enter_context(bf16_saved_activations(self.model))
         if self.frozen_bf16 is not None:
             stack.enter_context(self.frozen_bf16.swapped_in())
-        if self.cpu_bf16 and self.model is not None:
-            stack.enter_context(rows_rounded_up([self.model], CPU_BF16_ROW_MULTIPLE))
+        if self.row_rounding is not None:
+            stack.enter_context(self.row_rounding.applied())
         return stack
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
@@ -195,6 +196,7 @@ class TrainingSession:
         if cpu_bf16:
             head = self.token_loss.head
             trainer.frozen_bf16 = FrozenBf16Weights([self.model] if head is None else [self.model, head])
+            trainer.row_rounding = RowRounding([self.model], CPU_BF16_ROW_MULTIPLE)
         # fp32 on a CPU: keep what backward needs in bf16 (under autocast most of it is bf16 already).
         trainer.bf16_activations = self.device == "cpu" and self.precision == "fp32"
         # With its tqdm bar off the Trainer prints raw metric dicts to stdout; our observer reports instead.
