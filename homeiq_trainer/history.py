@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Text, delete, event, inspect, text
+from sqlalchemy import JSON, Column, Index, Table, Text, delete, event, inspect, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
@@ -136,9 +136,22 @@ def create_safely(create: Callable[[], None]) -> None:
             _LOGGER.debug("The history schema was being created by another process; checking again")
 
 
+def create_tables(engine: Engine, tables: Sequence[Table] | None = None) -> None:
+    """`tables` (default: all of ours) and each of their indexes, every one made where it is missing.
+
+    `create_all` makes a table's indexes only together with the table, so where another process
+    made the table first (see `create_safely`), or an older release made it without a newer index,
+    they are made here. An index name that another table holds already is an error, never skipped.
+    """
+    SQLModel.metadata.create_all(engine, tables=tables)
+    for table in SQLModel.metadata.sorted_tables if tables is None else tables:
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
+
+
 def _create_schema(engine: Engine) -> None:
-    """Our tables, and any columns newer releases added to an existing `training_runs`."""
-    SQLModel.metadata.create_all(engine)
+    """Our tables and their indexes, and any columns newer releases added to an existing `training_runs`."""
+    create_tables(engine)
     _add_missing_columns(engine)
 
 

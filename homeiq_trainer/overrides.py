@@ -20,7 +20,7 @@ from sqlalchemy import JSON, Column
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
-from homeiq_trainer.history import create_safely
+from homeiq_trainer.history import create_safely, create_tables
 from homeiq_trainer.messages import utcnow
 from homeiq_trainer.settings import Settings, describe_validation_error
 
@@ -51,7 +51,7 @@ class OverridesStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         table = SettingOverride.__table__  # type: ignore[attr-defined]
-        create_safely(lambda: SQLModel.metadata.create_all(engine, tables=[table]))
+        create_safely(lambda: create_tables(engine, [table]))
         self._lock = threading.Lock()
 
     def load(self) -> dict[str, Any]:

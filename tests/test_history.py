@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import DBAPIError
 
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.messages import RunStatus
@@ -61,3 +64,47 @@ def test_processes_opening_a_new_history_together_all_get_it(engine: str, tmp_pa
             store = HistoryStore(target)
             assert store.served_stack() == []
             store.close()
+
+
+def _index_names(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return {index["name"] for index in inspect(engine).get_indexes("training_runs")}
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_an_index_missing_from_an_existing_history_is_made_again(engine: str, tmp_path: Path) -> None:
+    # create_all makes a table's indexes only with the table: a process that found the table made by
+    # another one a moment earlier (or a history from a release without the index) went on without it.
+    with contextlib.ExitStack() as stack:
+        if engine == "sqlite":
+            target = str(tmp_path / "history.db")
+            url = f"sqlite:///{target}"
+        else:
+            name = stack.enter_context(postgres.throwaway_database())
+            target = url = postgres.sqlalchemy_url(name).render_as_string(hide_password=False)
+        HistoryStore(target).close()
+        full = _index_names(url)
+        assert {"idx_training_runs_run_identifier", "idx_training_runs_status"} <= full
+        dropper = create_engine(url)
+        with dropper.begin() as connection:
+            connection.execute(text("DROP INDEX idx_training_runs_run_identifier"))
+        dropper.dispose()
+        assert "idx_training_runs_run_identifier" not in _index_names(url)
+        HistoryStore(target).close()
+        assert _index_names(url) == full
+
+
+def test_an_index_name_another_table_holds_is_an_error_not_skipped(tmp_path: Path) -> None:
+    # SQLite's index names are global: an index left on an old, renamed table would make CREATE INDEX
+    # fail with "already exists", which must not pass for another process having made it.
+    path = tmp_path / "history.db"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE training_runs_old (id INTEGER)")
+    connection.execute("CREATE INDEX idx_training_runs_status ON training_runs_old (id)")
+    connection.commit()
+    connection.close()
+    with pytest.raises(DBAPIError, match="idx_training_runs_status already exists"):
+        HistoryStore(path)
