@@ -134,6 +134,11 @@ def test_rounded_up_rows_multiply_few_shapes_and_give_the_same_numbers() -> None
         assert len(grads) == len(plain_grads) == 3
         for a, b in zip(grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+    # A call that fails between the two hooks leaves nothing behind for the next call of that layer.
+    with rounding.applied():
+        with pytest.raises(RuntimeError):
+            model[0](torch.randn(3, 5, 7))  # 15 rows, padded, then the multiply fails
+        assert model[0](torch.randn(2, 16, 256)).shape == (2, 16, 384)  # 32 rows: no padding, no cut
     # Inactive again when the block ends, also when the forward pass fails inside it.
     with pytest.raises(RuntimeError), rounding.applied():
         model(torch.randn(4, 3))

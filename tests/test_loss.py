@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -151,10 +152,33 @@ def test_memory_limit_is_the_lowest_of_the_machine_and_its_control_groups(tmp_pa
     assert memory_limit_bytes(proc, cgroups) == 4 * gib
     (v1 / "memory.limit_in_bytes").write_text(f"{gib}\n")
     assert memory_limit_bytes(proc, cgroups) == gib
+    # A v1 container whose group path is the host's, absent under its own mount: the mount's limit.
+    (proc / "self" / "cgroup").write_text("4:memory:/host/path/not/mounted\n")
+    (cgroups / "memory" / "memory.limit_in_bytes").write_text(f"{3 * gib}\n")
+    assert memory_limit_bytes(proc, cgroups) == 3 * gib
+    # A v2 container with its own cgroup namespace sees itself as the root: the limit is at the mount.
+    (proc / "self" / "cgroup").write_text("0::/\n")
+    (cgroups / "memory.max").write_text(f"{gib // 2}\n")
+    assert memory_limit_bytes(proc, cgroups) == gib // 2
+    (proc / "self" / "cgroup").write_text("garbage\n0::\n::\n")  # odd lines are skipped, not fatal
+    assert memory_limit_bytes(proc, cgroups) == gib // 2
     assert memory_limit_bytes(tmp_path / "nothing", tmp_path / "nothing") is None
     # This machine: some positive amount, at most what the kernel says it has.
     here = memory_limit_bytes()
     assert here is not None and 0 < here <= int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+
+
+def test_a_distributed_run_trains_in_bf16_only_where_every_worker_chose_it() -> None:
+    from homeiq_trainer.training.engine import agreed_precision
+
+    def with_other_worker(choice: str) -> Callable[[list[float]], list[float]]:
+        # The sum over this worker and one other that chose `choice`.
+        return lambda values: [values[0] + (choice == "bf16"), values[1] + 1.0]
+
+    assert agreed_precision("bf16", with_other_worker("bf16")) == "bf16"
+    assert agreed_precision("bf16", with_other_worker("fp32")) == "fp32"
+    assert agreed_precision("fp32", with_other_worker("bf16")) == "fp32"
+    assert agreed_precision("bf16", lambda values: values) == "bf16"  # alone
 
 
 def test_bf16_probe_measures_a_real_ratio() -> None:

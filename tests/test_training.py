@@ -393,7 +393,7 @@ def test_history_from_an_older_release_gains_the_new_columns(tmp_path: Path) -> 
 def test_cpu_bf16_rounds_lengths_to_repeat_shapes_and_trains_without_flash_attention(
     make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # bf16 on a CPU: lengths padded to a multiple of 8 and linear layers' rows to a multiple of 64
+    # bf16 on a CPU: lengths padded to a multiple of 8 and linear layers' rows to a multiple of 32
     # (oneDNN builds and keeps a kernel per new bf16 shape), and the plain attention, whose bf16 backward
     # is fast where flash attention's is not. fp32 keeps all three as they are.
     import torch

@@ -280,6 +280,15 @@ def pick_precision(device: str, requested: str) -> str:
     return "bf16" if speedup >= BF16_MIN_MATMUL_SPEEDUP else "fp32"
 
 
+def agreed_precision(mine: str, sum_across_workers: SumAcrossWorkers) -> str:
+    """One precision for a distributed run: bf16 only where every worker's `auto` chose it.
+
+    Each worker decides on its own machine (its probe, its memory), and one run must not train in two.
+    """
+    chose_bf16, workers = sum_across_workers([1.0 if mine == "bf16" else 0.0, 1.0])
+    return "bf16" if chose_bf16 == workers else "fp32"
+
+
 def cpu_threads(requested: int) -> int:
     """Threads for torch: the requested number, else the cores this process may run on."""
     if requested > 0:
@@ -519,6 +528,8 @@ def train_adapter(
     if device == "cpu":
         torch.set_num_threads(cpu_threads(hp.threads))
     precision = pick_precision(device, hp.precision)  # measured at the run's own thread count
+    if sum_across_workers is not None and hp.precision == "auto":
+        precision = agreed_precision(precision, sum_across_workers)
     with _denormals_flushed(device):
         outcome = _train(
             examples, hp, save_dir, watcher, stopper, resume_adapter, sum_across_workers, device, precision
