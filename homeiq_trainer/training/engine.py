@@ -41,7 +41,7 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 BF16_MIN_MATMUL_SPEEDUP = 1.5
 # ... and only where this process may use at least this much memory (the machine's, or its container's
 # limit): a CPU bf16 run peaks about 0.3 GB above fp32 (2,000 examples at defaults on a Zen 5 EPYC:
-# 1,159-1,164 MiB against 896), which a 4 GB box running Home Assistant beside it should not pay for speed.
+# 1,152-1,164 MiB against 896), which a 4 GB box running Home Assistant beside it should not pay for speed.
 # 6 GiB: a 4 GB machine (about 3.8 GiB as the kernel counts it) keeps fp32, an 8 GB one takes bf16.
 BF16_MIN_MEMORY_BYTES = 6 * 2**30
 # The probe: (tokens, d_model) @ (d_model, d_ff), as in a training step, PROBE_INNER times, best of PROBE_REPEATS.
