@@ -16,23 +16,30 @@ from collections.abc import Iterable, Iterator
 import torch
 
 
+def plain_linear_layers(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Linear]:
+    """Every layer of `modules` that is exactly `nn.Linear`, once each.
+
+    Exactly: a subclass, such as peft's LoRA layer, may use its weight or input otherwise.
+    """
+    layers: dict[int, torch.nn.Linear] = {}
+    for root in modules:
+        for layer in root.modules():
+            if type(layer) is torch.nn.Linear:
+                layers.setdefault(id(layer), layer)
+    return list(layers.values())
+
+
 class FrozenBf16Weights:
     """The frozen fp32 `nn.Linear` weights of `modules`, with their bf16 copies to swap in."""
 
     def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
         self._swaps: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []
-        seen: set[int] = set()
-        for root in modules:
-            for layer in root.modules():
-                # Exactly nn.Linear: a subclass may compute with its weight otherwise.
-                if not isinstance(layer, torch.nn.Linear) or type(layer) is not torch.nn.Linear or id(layer) in seen:
-                    continue
-                weight = layer.weight
-                if weight.requires_grad or weight.dtype != torch.float32:
-                    continue
-                seen.add(id(layer))
-                low = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
-                self._swaps.append((layer, weight, low))
+        for layer in plain_linear_layers(modules):
+            weight = layer.weight
+            if weight.requires_grad or weight.dtype != torch.float32:
+                continue
+            low = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+            self._swaps.append((layer, weight, low))
 
     def __len__(self) -> int:
         return len(self._swaps)

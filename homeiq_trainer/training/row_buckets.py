@@ -7,9 +7,9 @@ a 2,000-example bf16 run on a Zen 5 EPYC peaked at 995-1,012 MiB of anonymous me
 538. While `RowRounding.applied`, each plain `nn.Linear` flattens its input to rows, adds zero rows up
 to the multiple, multiplies, and drops them again: the same numbers up to bf16 rounding (a zero
 row changes no other row, nor any weight gradient; another row count may get another kernel), from
-far fewer kernels. Rounded to 32 rows that run peaked at
-805-818 MiB of anonymous memory in the same time; to 64, at 740-748 MiB, but 8-10% slower (more
-padded rows). fp32 multiplies (MKL's) build nothing per shape and would only pay for the padding.
+far fewer kernels. Rounded to 32 rows that run peaked at 805-818 MiB of anonymous memory in the
+same time; to 64, at 740-748 MiB, but 8-10% slower (more padded rows). fp32 multiplies (MKL's)
+build nothing per shape and would only pay for the padding.
 
 Only forward passes inside `applied` are rounded; backward replays what they recorded. Activation
 checkpointing, which runs a forward pass again during backward (outside `applied`), is not used.
@@ -22,6 +22,8 @@ import math
 from collections.abc import Iterable, Iterator
 
 import torch
+
+from homeiq_trainer.training.frozen_bf16 import plain_linear_layers
 
 
 class RowRounding:
@@ -36,19 +38,13 @@ class RowRounding:
         self._active = False
         # Leading shape of each layer's input between its two hooks (a linear layer never calls itself).
         self._leading: dict[int, torch.Size] = {}
-        self._hooked = 0
-        seen: set[int] = set()
-        for root in modules:
-            for layer in root.modules():
-                # Exactly nn.Linear: a subclass (peft's LoRA layer) may use its input otherwise.
-                if type(layer) is torch.nn.Linear and id(layer) not in seen:
-                    seen.add(id(layer))
-                    layer.register_forward_pre_hook(self._pad)
-                    layer.register_forward_hook(self._unpad)
-                    self._hooked += 1
+        self._layers = plain_linear_layers(modules)
+        for layer in self._layers:
+            layer.register_forward_pre_hook(self._pad)
+            layer.register_forward_hook(self._unpad)
 
     def __len__(self) -> int:
-        return self._hooked
+        return len(self._layers)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
