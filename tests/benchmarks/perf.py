@@ -1,6 +1,7 @@
 """Issue 12's training-performance figures in one run: `python -m tests.benchmarks.perf [--only PART ...]`.
 
-Parts: padding, mfu (fp32 and bf16 runs: MFU, bf16 speed-up and loss parity), quality (time to
+Parts: padding, mfu (fp32 and bf16 runs: MFU, bf16 speed-up and loss parity; the bf16 runs only on a
+CPU with avx512_bf16 or AMX, where the target applies), quality (time to
 HomeIQ-pipeline quality, and one epoch against a competent stock script), rss (peak memory of a
 `homeiq-trainer train` process at defaults on 2,000 examples); on request only (`--only`), profile
 (torch's profiler over one epoch) and dropout (what flan-t5-small's dropout, which the stand-in
@@ -449,7 +450,9 @@ def bench_profile(bench: Bench) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    for precision in ("fp32", "bf16"):
+    from homeiq_trainer.training.engine import cpu_has_bf16_flags
+
+    for precision in ("fp32", "bf16") if cpu_has_bf16_flags() else ("fp32",):
         log(f"profiling one {precision} epoch")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             train_ours(bench, f"profile-{precision}", epochs=1, precision=precision)
