@@ -279,6 +279,12 @@ def bench_mfu(bench: Bench) -> None:
     peak = {dtype: tuple(sum(v[k] for v in values) / len(values) for k in (0, 1)) for dtype, values in peaks.items()}
     useful = useful_flops(config, bench_lengths(bench), 16)
     threads = torch.get_num_threads()
+    measured = ", ".join(f"{'bf16' if dtype == 'bfloat16' else 'fp32'} {values}" for dtype, values in peaks.items())
+    NOTES.append(
+        f"Matmul peaks ({MATMUL_SIZE}² square, best of {MATMUL_REPEATS}, before and after the runs; wall / CPU-time "
+        f"basis, GFLOP/s): {measured}. Useful FLOPs per epoch: {useful / 1e12:.3f} TFLOP (formula in "
+        f"`useful_flops`); training time excludes the held-out evaluations. {threads} torch threads."
+    )
     fig: dict[str, dict[str, float]] = {}
     for name, run in (("fp32", fp32), ("bf16", bf16)):
         if run is None:
@@ -315,11 +321,6 @@ def bench_mfu(bench: Bench) -> None:
             "-",
             "does not apply",
         )
-        NOTES.append(
-            f"Matmul peak ({MATMUL_SIZE}² square, best of {MATMUL_REPEATS}, before and after the runs; wall / "
-            f"CPU-time basis, GFLOP/s): fp32 {peaks['float32']}. Useful FLOPs per epoch: {useful / 1e12:.3f} TFLOP "
-            f"(formula in `useful_flops`); training time excludes the held-out evaluations. {threads} torch threads."
-        )
         return
     f16 = fig["bf16"]
     row(
@@ -352,12 +353,6 @@ def bench_mfu(bench: Bench) -> None:
         f"bf16 speed-up over fp32, same CPU, a default run ({epochs} epochs, evaluations included)",
         full["fp32"],
         full["bf16"],
-    )
-    NOTES.append(
-        f"Matmul peaks ({MATMUL_SIZE}² square, best of {MATMUL_REPEATS}, before and after the runs; wall / CPU-time "
-        f"basis, GFLOP/s): fp32 {peaks['float32']}, bf16 {peaks['bfloat16']}. Useful FLOPs per epoch: "
-        f"{useful / 1e12:.3f} TFLOP (formula in `useful_flops`); training time excludes the held-out evaluations. "
-        f"{threads} torch threads."
     )
 
 
