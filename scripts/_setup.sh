@@ -14,10 +14,14 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# Extra arguments: more tools to install where missing, each a Debian package of the same name.
 ensure_os_packages() {
-    local missing=()
+    local missing=() tool
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
     if [ "${#missing[@]}" -gt 0 ]; then
         echo "installing OS packages: ${missing[*]}"
         as_root apt-get update -qq

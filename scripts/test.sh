@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: install (PostgreSQL too, where none answers on 127.0.0.1:5432,
-# or PG_TEST_PORT), lint, type-check, then the tests (the slow reliability tests too, unless FAST=1).
+# or PG_TEST_PORT; shellcheck), lint, type-check, then the tests (the slow reliability tests too, unless FAST=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_setup.sh
-ensure_os_packages
+ensure_os_packages shellcheck  # the add-on's run.sh is checked with it
 ensure_postgres
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:$PG_TEST_PORT/postgres}"
 ensure_venv "[test,ray]"
