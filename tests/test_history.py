@@ -34,6 +34,18 @@ def test_prune_keeps_the_newest_rows_and_the_served_run(tmp_path: Path) -> None:
     store.close()
 
 
+def _new_history_target(engine: str, sqlite_path: Path, stack: contextlib.ExitStack) -> tuple[str, str]:
+    """(what `HistoryStore` opens, its SQLAlchemy URL) for a history that does not exist yet.
+
+    PostgreSQL: a throwaway database, dropped when `stack` closes.
+    """
+    if engine == "sqlite":
+        return str(sqlite_path), f"sqlite:///{sqlite_path}"
+    name = stack.enter_context(postgres.throwaway_database())
+    url = postgres.sqlalchemy_url(name).render_as_string(hide_password=False)
+    return url, url
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 def test_processes_opening_a_new_history_together_all_get_it(engine: str, tmp_path: Path) -> None:
     # The daemon, `homeiq-trainer train` and a reader may open a history that does not exist yet at
@@ -48,11 +60,7 @@ def test_processes_opening_a_new_history_together_all_get_it(engine: str, tmp_pa
     )
     for attempt in range(4):
         with contextlib.ExitStack() as stack:
-            if engine == "sqlite":
-                target = str(tmp_path / f"history-{attempt}.db")
-            else:
-                name = stack.enter_context(postgres.throwaway_database())
-                target = postgres.sqlalchemy_url(name).render_as_string(hide_password=False)
+            target, _ = _new_history_target(engine, tmp_path / f"history-{attempt}.db", stack)
             start_at = f"{time.time() + 1.5:.3f}"  # after every process has imported (0.5 s each)
             procs = [
                 subprocess.Popen([sys.executable, "-c", script, target, start_at], stderr=subprocess.PIPE, text=True)
@@ -79,12 +87,7 @@ def test_an_index_missing_from_an_existing_history_is_made_again(engine: str, tm
     # create_all makes a table's indexes only with the table: a process that found the table made by
     # another one a moment earlier (or a history from a release without the index) went on without it.
     with contextlib.ExitStack() as stack:
-        if engine == "sqlite":
-            target = str(tmp_path / "history.db")
-            url = f"sqlite:///{target}"
-        else:
-            name = stack.enter_context(postgres.throwaway_database())
-            target = url = postgres.sqlalchemy_url(name).render_as_string(hide_password=False)
+        target, url = _new_history_target(engine, tmp_path / "history.db", stack)
         HistoryStore(target).close()
         full = _index_names(url)
         assert {"idx_training_runs_run_identifier", "idx_training_runs_status"} <= full
