@@ -50,7 +50,10 @@ CHANNEL_TIMEOUT_S = 30.0
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM")
 INSTALL_HINT = "pip install 'homeiq-trainer[ray]'"
 # Ray's words when the head's per-client server died while starting: worth asking again, briefly.
+# It says so plainly when the process exits before the head looks at it, and with a psutil error
+# raised in `start_specific_server` when it exits while the head looks (a zombie, or already gone).
 CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+CLIENT_SERVER_DIED = (CLIENT_SERVER_FAILED, "in start_specific_server")
 CONNECT_ATTEMPTS = 3
 CONNECT_RETRY_PAUSE_S = 2.0
 
@@ -346,7 +349,7 @@ def connect(ray: Any, cluster: RaySettings) -> None:
         if error is None:
             return
         again = attempt < CONNECT_ATTEMPTS and time.monotonic() + CONNECT_RETRY_PAUSE_S < deadline
-        if not (again and CLIENT_SERVER_FAILED in str(error)):
+        if not (again and any(words in str(error) for words in CLIENT_SERVER_DIED)):
             raise ClusterError(f"cannot connect to the Ray cluster at {cluster.address}: {_last_line(error)}")
         _LOGGER.warning("the Ray head could not start a client server (attempt %d); asking again", attempt)
         time.sleep(CONNECT_RETRY_PAUSE_S)
