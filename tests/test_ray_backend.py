@@ -166,6 +166,12 @@ def test_a_client_server_that_fails_to_start_is_asked_for_again(error: str, monk
     assert head.calls == 1
 
 
+def test_jobs_started_in_the_same_second_get_their_own_folders_on_the_cluster() -> None:
+    names = {ray_backend.job_name() for _ in range(100)}
+    assert len(names) == 100
+    assert all(name.startswith("homeiq-trainer-") for name in names)
+
+
 def test_idle_daemon_imports_neither_torch_nor_ray() -> None:
     # Everything the daemon imports, including the run's bookkeeping and the Ray backend module itself.
     code = (

@@ -16,6 +16,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -401,6 +402,12 @@ def _cluster_temp_dir() -> str:
     return str(Path(tempfile.gettempdir()) / "homeiq-trainer-ray")
 
 
+def job_name() -> str:
+    """Ray Train's name for a job, and its folder on the cluster: unique even when several daemons
+    (`instance_id`) start jobs on one cluster in the same second."""
+    return f"homeiq-trainer-{int(time.time())}-{uuid.uuid4().hex[:8]}"
+
+
 def _trainer(cluster: RaySettings, config: dict[str, Any], storage_path: str) -> Any:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -414,7 +421,7 @@ def _trainer(cluster: RaySettings, config: dict[str, Any], storage_path: str) ->
             resources_per_worker=dict(cluster.resources_per_worker) or None,
         ),
         run_config=RunConfig(
-            name=f"homeiq-trainer-{int(time.time())}",
+            name=job_name(),
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cluster.max_failures),
         ),
