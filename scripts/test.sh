@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: install (PostgreSQL too, where none answers on 127.0.0.1:5432,
-# or PG_TEST_PORT; shellcheck), lint, type-check, then the tests (the slow reliability tests too, unless FAST=1).
+# or PG_TEST_PORT; shellcheck), lint, type-check, then the tests (the slow reliability tests too, unless FAST=1),
+# on TEST_WORKERS pytest-xdist workers (default: one per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_setup.sh
@@ -12,9 +13,12 @@ export HF_HUB_OFFLINE=1
 "$VENV/bin/ruff" check homeiq_trainer tests
 "$VENV/bin/ruff" format --check homeiq_trainer tests
 "$VENV/bin/mypy"
-"$VENV/bin/pytest" "$@"
+# The slow reliability tests (soak, fuzz, broker flapping, crashes: minutes, not seconds) run in
+# the same session unless FAST=1 (an empty -m lifts pyproject's `not slow`). One pytest-xdist worker
+# per core, each pinned to its own (tests/conftest.py): most of a test's time is a training process
+# importing torch on one core, so two workers nearly halve the suite on two cores.
+marks="not slow"
 if [ "${FAST:-0}" != "1" ]; then
-    # Soak, fuzz, broker flapping and crash tests: minutes, not seconds. Exit code 5 means the
-    # selection found nothing to run, which is not a failure here.
-    "$VENV/bin/pytest" -m slow "$@" || [ $? -eq 5 ]
+    marks=""
 fi
+"$VENV/bin/pytest" -n "${TEST_WORKERS:-auto}" --dist worksteal -m "$marks" "$@"

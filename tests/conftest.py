@@ -26,6 +26,28 @@ from homeiq_trainer.settings import Settings, load_settings  # noqa: E402
 from tests import postgres  # noqa: E402
 from tests.mqtt_client import Watcher  # noqa: E402
 
+# Every core this session may use, read before a pytest-xdist worker pins itself to its share.
+ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _own_cores_under_xdist()
+
+
+def _own_cores_under_xdist() -> None:
+    """Under pytest-xdist (scripts/test.sh runs one worker per core), pin each worker to its own cores.
+
+    Every process a test starts inherits the pinning, so a training process sizes torch's thread
+    pool to its worker's share (`cpu_threads`) instead of each of two runs taking every core and
+    both spinning on the same ones.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    index = int(worker.removeprefix("gw"))
+    os.sched_setaffinity(0, ALL_CORES[index::count] or [ALL_CORES[index % len(ALL_CORES)]])
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -94,6 +116,8 @@ class Broker:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:  # its port was taken, say by another test worker's broker
+                raise RuntimeError(f"mosquitto exited with code {self.proc.returncode} on port {self.port}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
@@ -145,3 +169,46 @@ def pg_database() -> Iterator[str]:
         pytest.fail(f"PostgreSQL does not answer at {postgres.admin_url()} ({exc}); scripts/test.sh starts one")
     with postgres.throwaway_database() as name:
         yield name
+
+
+# --- figures for the README's Reliability section ---------------------------------------------------
+
+FIGURES: dict[str, Any] = {}
+_FIGURE = "reliability figure"
+_UNREPORTED: list[tuple[str, Any, bool]] = []
+
+
+def record(name: str, value: Any) -> None:
+    """Keep a figure from this run; printed at the end of the session."""
+    _UNREPORTED.append((name, value, False))
+
+
+def tally(name: str, count: int) -> None:
+    """Add to a count that several tests share; the sum is printed at the end of the session."""
+    _UNREPORTED.append((name, count, True))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    # Figures travel in the test's report: under pytest-xdist the summary is printed by the
+    # controller, which never sees a worker's module globals (and collects nothing, so these hooks
+    # live in this top-level conftest, the only one it loads).
+    report = yield
+    if report.when == "teardown":
+        report.user_properties.extend((_FIGURE, figure) for figure in _UNREPORTED)
+        _UNREPORTED.clear()
+    return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for key, figure in report.user_properties:
+        if key == _FIGURE:
+            name, value, add = figure
+            FIGURES[name] = FIGURES.get(name, 0) + value if add else value
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from .conftest import free_port
+from .conftest import ALL_CORES, free_port
 
 HEAD_START_TIMEOUT_S = 120
 
@@ -59,7 +59,11 @@ class RayHead:
         for flag, port in ports.items():
             command += [flag, str(port)]
         log = (self.temp_dir / "head.log").open("wb")
-        self.proc = psutil.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # A cluster is a machine of its own: its head and workers may use every core, not only the
+        # share of the pytest-xdist worker that started it (a dozen processes on one core take minutes).
+        self.proc = psutil.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_use_every_core if ALL_CORES else None
+        )
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -108,3 +112,7 @@ class RayHead:
         _, alive = psutil.wait_procs(procs, timeout=15)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         assert not alive, f"Ray processes outlived the cluster: {alive}"
+
+
+def _use_every_core() -> None:
+    os.sched_setaffinity(0, ALL_CORES)

@@ -238,20 +238,3 @@ def remount(path: Path, options: str) -> None:
 
 def free_ports(n: int) -> list[int]:
     return [free_port() for _ in range(n)]
-
-
-# --- figures for the README's Reliability section ---------------------------------------------------
-
-FIGURES: dict[str, Any] = {}
-
-
-def record(name: str, value: Any) -> None:
-    """Keep a figure from this run; printed at the end of the session."""
-    FIGURES[name] = value
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if FIGURES:
-        terminalreporter.section("reliability figures")
-        for name, value in FIGURES.items():
-            terminalreporter.write_line(f"{name}: {value}")

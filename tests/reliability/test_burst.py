@@ -10,8 +10,8 @@ from collections import Counter
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import HistoryStore
 
-from ..conftest import Broker
-from .conftest import CMD, RESP, STATE, Client, is_done, record
+from ..conftest import Broker, record
+from .conftest import CMD, RESP, STATE, Client, is_done
 
 CLIENTS = 10
 PER_CLIENT = 20

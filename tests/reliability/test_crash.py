@@ -19,9 +19,9 @@ from homeiq_trainer.history import INTERRUPTED_MESSAGE, HistoryStore
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 
-from ..conftest import Broker, SettingsFactory
+from ..conftest import Broker, SettingsFactory, record
 from ..mqtt_client import Watcher
-from .conftest import AVAILABILITY, CMD, MODEL, RESP, STATE, Daemon, daemon_settings, is_done, record, settings_env
+from .conftest import AVAILABILITY, CMD, MODEL, RESP, STATE, Daemon, daemon_settings, is_done, settings_env
 
 
 def _start_daemon(settings: Settings, watcher: Watcher, log: Path, pause: tuple[str, float] | None = None) -> Daemon:

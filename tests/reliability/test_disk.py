@@ -14,9 +14,9 @@ from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.training import artifacts
 
-from ..conftest import Broker, SettingsFactory
+from ..conftest import Broker, SettingsFactory, record
 from ..mqtt_client import Watcher
-from .conftest import CMD, LAST_RUN, MODEL, RESP, STATE, daemon_settings, is_done, record, remount, tmpfs
+from .conftest import CMD, LAST_RUN, MODEL, RESP, STATE, daemon_settings, is_done, remount, tmpfs
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.runner import SubprocessLauncher
 
-from ..conftest import Broker, SettingsFactory
+from ..conftest import Broker, SettingsFactory, record
 from ..mqtt_client import Watcher
 from .conftest import (
     AVAILABILITY,
@@ -28,7 +28,6 @@ from .conftest import (
     Client,
     daemon_settings,
     is_done,
-    record,
     wait_until,
 )
 

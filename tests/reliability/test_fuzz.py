@@ -19,11 +19,12 @@ from homeiq_trainer.history import run_to_dict
 from homeiq_trainer.messages import PLAIN_COMMANDS
 from homeiq_trainer.parameters import PARAMETERS
 
-from ..conftest import Broker, SettingsFactory
+from ..conftest import Broker, SettingsFactory, record, tally
 from ..fakes import RefusingLauncher
-from .conftest import CMD, RESP, Client, daemon_settings, record
+from .conftest import CMD, RESP, Client, daemon_settings
 
-FIGURES: dict[str, int] = {}
+IN_PROCESS = "payloads fuzzed in-process"
+
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.:@/+-]{1,128}")  # matched whole (fullmatch): no trailing newline
 FUZZ = settings(
     deadline=None,
@@ -346,7 +347,8 @@ def fuzz_app(request: pytest.FixtureRequest, make_settings: SettingsFactory) -> 
     app.stop()
 
 
-def _fuzz(app: TrainerApp, strategy: st.SearchStrategy[bytes], examples: int, name: str) -> None:
+def _fuzz(app: TrainerApp, strategy: st.SearchStrategy[bytes], examples: int) -> int:
+    """Feed `examples` payloads to the handler; returns how many it checked."""
     seen = [0]
 
     @settings(FUZZ, max_examples=examples)
@@ -357,10 +359,7 @@ def _fuzz(app: TrainerApp, strategy: st.SearchStrategy[bytes], examples: int, na
 
     check()
     assert seen[0] >= examples
-    FIGURES[name] = FIGURES.get(name, 0) + seen[0]
-    in_process = sum(v for k, v in FIGURES.items() if k in ("json", "bytes", "deep"))
-    if in_process:
-        record("payloads fuzzed in-process", in_process)
+    return seen[0]
 
 
 def _mixed(app: TrainerApp) -> st.SearchStrategy[bytes]:
@@ -379,24 +378,24 @@ def test_fuzz_quick(make_settings: SettingsFactory) -> None:
     app = TrainerApp(make_settings(), launcher=RefusingLauncher())
     app.start(connect=False)
     before = snapshot(app)
-    _fuzz(app, _mixed(app), 1000, "quick")
+    _fuzz(app, _mixed(app), 1000)
     assert snapshot(app) == before
     app.stop()
 
 
 @pytest.mark.slow
 def test_fuzz_json_commands(fuzz_app: TrainerApp) -> None:
-    _fuzz(fuzz_app, json_payloads(fuzz_app.settings.allowed_base_models()), 3000, "json")
+    tally(IN_PROCESS, _fuzz(fuzz_app, json_payloads(fuzz_app.settings.allowed_base_models()), 3000))
 
 
 @pytest.mark.slow
 def test_fuzz_random_bytes_and_invalid_utf8(fuzz_app: TrainerApp) -> None:
-    _fuzz(fuzz_app, st.one_of(raw_bytes, invalid_utf8), 1500, "bytes")
+    tally(IN_PROCESS, _fuzz(fuzz_app, st.one_of(raw_bytes, invalid_utf8), 1500))
 
 
 @pytest.mark.slow
 def test_fuzz_deep_and_huge_json(fuzz_app: TrainerApp) -> None:
-    _fuzz(fuzz_app, deep_or_huge(fuzz_app.settings.daemon.max_payload_bytes), 500, "deep")
+    tally(IN_PROCESS, _fuzz(fuzz_app, deep_or_huge(fuzz_app.settings.daemon.max_payload_bytes), 500))
 
 
 def test_oversized_payload_costs_nothing_to_refuse(make_settings: SettingsFactory) -> None:

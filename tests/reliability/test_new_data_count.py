@@ -13,9 +13,9 @@ import pytest
 
 from homeiq_trainer.demo import create_source_db
 
-from ..conftest import Broker, SettingsFactory
+from ..conftest import Broker, SettingsFactory, record
 from ..mqtt_client import Watcher
-from .conftest import AVAILABILITY, CMD, RESP, Daemon, daemon_settings, record, settings_env
+from .conftest import AVAILABILITY, CMD, RESP, Daemon, daemon_settings, settings_env
 
 ROWS = 200_000
 STATUS_MAX_S = 1.0

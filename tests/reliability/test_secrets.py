@@ -18,9 +18,9 @@ import pytest
 
 from homeiq_trainer.settings import Settings
 
-from ..conftest import Broker, SettingsFactory, free_port
+from ..conftest import Broker, SettingsFactory, free_port, record
 from ..supervisor import FakeSupervisor
-from .conftest import AVAILABILITY, CMD, RESP, STATE, Client, Daemon, is_done, record, settings_env
+from .conftest import AVAILABILITY, CMD, RESP, STATE, Client, Daemon, is_done, settings_env
 
 PASSWORD = "pw-" + secrets.token_hex(12)
 TOKEN = "tok-" + secrets.token_hex(16)

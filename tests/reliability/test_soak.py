@@ -10,7 +10,7 @@ import pytest
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.training import artifacts
 
-from ..conftest import Broker, SettingsFactory
+from ..conftest import Broker, SettingsFactory, record
 from ..mqtt_client import Watcher
 from .conftest import (
     AVAILABILITY,
@@ -24,7 +24,6 @@ from .conftest import (
     Daemon,
     daemon_settings,
     is_done,
-    record,
     settings_env,
 )
 

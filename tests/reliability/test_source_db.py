@@ -18,9 +18,9 @@ from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.demo import create_source_db
 from homeiq_trainer.training.data import DataError, load_examples
 
-from ..conftest import Broker, SettingsFactory
+from ..conftest import Broker, SettingsFactory, record
 from ..mqtt_client import Watcher
-from .conftest import CMD, RESP, STATE, daemon_settings, is_done, record
+from .conftest import CMD, RESP, STATE, daemon_settings, is_done
 
 ROOT = Path(__file__).resolve().parents[2]
 READ_FOR_S = 3.0
