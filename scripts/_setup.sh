@@ -51,7 +51,7 @@ ensure_postgres() {
     # Debian's package may have created a cluster on the port (stopped, or just made by the install).
     read -r version name _ < <(pg_lsclusters -h 2>/dev/null | awk -v port="$PG_TEST_PORT" '$3 == port' | head -n1) || true
     if [ -z "$version" ]; then
-        version="$(ls /usr/lib/postgresql | sort -V | tail -n1)"
+        version="$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n1)"
         name=homeiq_test
         echo "creating PostgreSQL cluster $version/$name on port $PG_TEST_PORT (trust on 127.0.0.1)"
         as_root pg_createcluster "$version" "$name" --port "$PG_TEST_PORT" -- --auth-local=trust --auth-host=trust >/dev/null

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_setup.sh
+# shellcheck disable=SC2119  # its arguments are extra tools, and the demo needs none
 ensure_os_packages
 ensure_venv ""
 export HF_HUB_OFFLINE=1

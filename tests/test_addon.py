@@ -203,8 +203,10 @@ def test_run_script_passes_bash_syntax_check() -> None:
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
-def test_run_script_passes_shellcheck() -> None:
-    subprocess.run(["shellcheck", str(ADDON / "run.sh")], check=True)
+def test_shell_scripts_pass_shellcheck() -> None:
+    # The add-on's entry point, and the scripts that install and run everything here and in CI.
+    scripts = [ADDON / "run.sh", *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+    subprocess.run(["shellcheck", *map(str, scripts)], check=True, cwd=ROOT)
 
 
 # --- options -> settings -----------------------------------------------------------------------------
