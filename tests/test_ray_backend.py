@@ -128,6 +128,12 @@ CLIENT_SERVER_ZOMBIE = (
     "psutil.ZombieProcess: PID still exists but it's a zombie (pid=13774)"
 )
 
+RUNTIME_ENV_REFUSED = (
+    '  File "/usr/lib/python3/site-packages/ray/util/client/server/proxier.py", line 352, in start_specific_server\n'
+    "    serialized_runtime_env_context = self._create_runtime_env(\n"
+    "RuntimeError: Failed to create runtime_env for Ray client server: No module named 'homeiq_trainer'"
+)
+
 
 class FlakyHead:
     """Stands in for the `ray` module: its head fails to start this many client servers, then connects."""
@@ -159,11 +165,13 @@ def test_a_client_server_that_fails_to_start_is_asked_for_again(error: str, monk
         ray_backend.connect(head, cluster)
     assert head.calls == ray_backend.CONNECT_ATTEMPTS
 
-    # Any other refusal (a wrong token, another Ray version) is final at once.
-    head = FlakyHead(failures=1, error="RuntimeError: Authentication failed")
-    with pytest.raises(ClusterError, match="Authentication failed"):
-        ray_backend.connect(head, cluster)
-    assert head.calls == 1
+    # Any other refusal (a wrong token, another Ray version, a runtime_env the head cannot build,
+    # even one raised inside start_specific_server) is final at once.
+    for refusal in ("RuntimeError: Authentication failed", RUNTIME_ENV_REFUSED):
+        head = FlakyHead(failures=1, error=refusal)
+        with pytest.raises(ClusterError, match=re.escape(refusal.splitlines()[-1][:40])):
+            ray_backend.connect(head, cluster)
+        assert head.calls == 1
 
 
 def test_jobs_started_in_the_same_second_get_their_own_folders_on_the_cluster() -> None:

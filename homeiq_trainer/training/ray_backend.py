@@ -51,10 +51,10 @@ CHANNEL_TIMEOUT_S = 30.0
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM")
 INSTALL_HINT = "pip install 'homeiq-trainer[ray]'"
 # Ray's words when the head's per-client server died while starting: worth asking again, briefly.
-# It says so plainly when the process exits before the head looks at it, and with a psutil error
-# raised in `start_specific_server` when it exits while the head looks (a zombie, or already gone).
+# It says so plainly when the process exits before the head looks at it, and with psutil's error
+# when it exits while the head reads its command line (a zombie, or already gone).
 CLIENT_SERVER_FAILED = "Starting Ray client server failed"
-CLIENT_SERVER_DIED = (CLIENT_SERVER_FAILED, "in start_specific_server")
+CLIENT_SERVER_DIED = (CLIENT_SERVER_FAILED, "psutil.ZombieProcess", "psutil.NoSuchProcess")
 CONNECT_ATTEMPTS = 3
 CONNECT_RETRY_PAUSE_S = 2.0
 
