@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: install (PostgreSQL too, where none answers on 127.0.0.1:5432,
 # or PG_TEST_PORT; shellcheck), lint, type-check, then the tests (the slow reliability tests too, unless FAST=1),
-# on TEST_WORKERS pytest-xdist workers (default: one per core).
+# on TEST_WORKERS pytest-xdist workers (default: one per core; 0 runs them in this process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_setup.sh
-ensure_os_packages shellcheck  # the add-on's run.sh is checked with it
+ensure_os_packages shellcheck  # the add-on's run.sh and these scripts are checked with it
 ensure_postgres
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:$PG_TEST_PORT/postgres}"
 ensure_venv "[test,ray]"
@@ -21,4 +21,5 @@ marks="not slow"
 if [ "${FAST:-0}" != "1" ]; then
     marks=""
 fi
-"$VENV/bin/pytest" -n "${TEST_WORKERS:-auto}" --dist worksteal -m "$marks" "$@"
+# nproc counts the cores this process may use, as tests/conftest.py does (-n auto counts the host's).
+"$VENV/bin/pytest" -n "${TEST_WORKERS:-$(nproc)}" --dist worksteal -m "$marks" "$@"

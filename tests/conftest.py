@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -97,12 +98,13 @@ class Broker:
 
     def __init__(self, directory: Path, port: int | None = None, extra_config: str = "") -> None:
         self.directory = directory
+        self._own_port = port is None  # chosen here, and free to change until the broker first runs
         self.port = port or free_port()
         self.extra_config = extra_config
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = directory / "mosquitto.conf"
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self.extra_config:
             listener = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
@@ -117,13 +119,25 @@ class Broker:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:  # its port was taken, say by another test worker's broker
-                raise RuntimeError(f"mosquitto exited with code {self.proc.returncode} on port {self.port}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                if self._own_port and not self.extra_config and attempts > 1:
+                    self.port = free_port()
+                    self.start(attempts - 1)
                     return
-            except OSError:
-                time.sleep(0.05)
+                raise RuntimeError(f"mosquitto exited with code {self.proc.returncode} on port {self.port}")
+            if self._listening():
+                self._own_port = False  # clients know it now: a restart keeps it
+                return
+            time.sleep(0.05)
         raise RuntimeError("mosquitto did not start")
+
+    def _listening(self) -> bool:
+        """Whether this mosquitto itself listens on the port (a connect could reach another process)."""
+        assert self.proc is not None
+        try:
+            sockets = psutil.Process(self.proc.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(s.status == psutil.CONN_LISTEN and s.laddr.port == self.port for s in sockets)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

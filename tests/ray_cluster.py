@@ -61,9 +61,10 @@ class RayHead:
         log = (self.temp_dir / "head.log").open("wb")
         # A cluster is a machine of its own: its head and workers may use every core, not only the
         # share of the pytest-xdist worker that started it (a dozen processes on one core take minutes).
-        self.proc = psutil.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_use_every_core if ALL_CORES else None
-        )
+        taskset = shutil.which("taskset")
+        if taskset and ALL_CORES:
+            command = [taskset, "-c", ",".join(map(str, ALL_CORES)), *command]
+        self.proc = psutil.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -112,7 +113,3 @@ class RayHead:
         _, alive = psutil.wait_procs(procs, timeout=15)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         assert not alive, f"Ray processes outlived the cluster: {alive}"
-
-
-def _use_every_core() -> None:
-    os.sched_setaffinity(0, ALL_CORES)

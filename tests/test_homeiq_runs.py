@@ -18,15 +18,22 @@ from tests.postgres import suggestion
 from .conftest import SettingsFactory
 
 PASSWORD = "runs-s3cret-pw"
-ROLE = "homeiq_trainer_t"
-# The README's read-only role, plus the INSERT that storage.homeiq_runs needs (README, same words).
-README_ROLE_SQL = f"""
-CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
-ALTER ROLE {ROLE} SET default_transaction_read_only = on;
-GRANT USAGE ON SCHEMA automation TO {ROLE};
-GRANT SELECT ON automation.ask_ai_queries TO {ROLE};
-GRANT INSERT ON automation.training_runs TO {ROLE};
-GRANT USAGE ON SEQUENCE automation.training_runs_id_seq TO {ROLE};
+
+
+def role(dbname: str) -> str:
+    """The README's role for this test database: roles are server-wide, and test workers share the server."""
+    return f"homeiq_trainer_t_{dbname[-8:]}"
+
+
+def readme_role_sql(name: str) -> str:
+    """The README's read-only role, plus the INSERT that storage.homeiq_runs needs (README, same words)."""
+    return f"""
+CREATE ROLE {name} LOGIN PASSWORD '{PASSWORD}';
+ALTER ROLE {name} SET default_transaction_read_only = on;
+GRANT USAGE ON SCHEMA automation TO {name};
+GRANT SELECT ON automation.ask_ai_queries TO {name};
+GRANT INSERT ON automation.training_runs TO {name};
+GRANT USAGE ON SEQUENCE automation.training_runs_id_seq TO {name};
 """
 
 
@@ -40,16 +47,17 @@ def homeiq_db(pg_database: str) -> Iterator[str]:
     ]
     postgres.insert_current(pg_database, rows)
     with postgres.connect(pg_database) as conn:
-        conn.execute(f"DROP ROLE IF EXISTS {ROLE}")
-        conn.execute(README_ROLE_SQL)
+        conn.execute(f"DROP ROLE IF EXISTS {role(pg_database)}")
+        conn.execute(readme_role_sql(role(pg_database)))
     yield pg_database
     with postgres.connect(pg_database) as conn:
-        conn.execute(f"DROP OWNED BY {ROLE}")
-        conn.execute(f"DROP ROLE {ROLE}")
+        conn.execute(f"DROP OWNED BY {role(pg_database)}")
+        conn.execute(f"DROP ROLE {role(pg_database)}")
 
 
 def role_url(dbname: str) -> str:
-    return postgres.sqlalchemy_url(dbname).set(username=ROLE, password=PASSWORD).render_as_string(hide_password=False)
+    url = postgres.sqlalchemy_url(dbname).set(username=role(dbname), password=PASSWORD)
+    return url.render_as_string(hide_password=False)
 
 
 def train(settings: Settings) -> RunResult:
@@ -100,7 +108,7 @@ def test_refused_write_is_logged_once_and_the_run_completes(
     homeiq_db: str, make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     with postgres.connect(homeiq_db) as conn:
-        conn.execute(f"REVOKE INSERT ON automation.training_runs FROM {ROLE}")
+        conn.execute(f"REVOKE INSERT ON automation.training_runs FROM {role(homeiq_db)}")
     settings = make_settings(data={"source": role_url(homeiq_db)}, storage={"homeiq_runs": True})
     caplog.set_level(logging.WARNING)
     result = train(settings)
