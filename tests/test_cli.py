@@ -39,6 +39,7 @@ def test_train_then_runs(make_settings: SettingsFactory, tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert "completed: 60 examples (" in done.stdout and "; served (promoted: no adapter was in use)" in done.stdout
     assert "step " in done.stderr  # plain progress lines when not on a terminal
+    assert "Warning" not in done.stderr  # no library's deprecation notes in a user's terminal
     assert hashlib.sha256(settings.data.source_db.read_bytes()).hexdigest() == source_hash
 
     listed = cli("runs", "--json", env=env_of(settings))
@@ -67,6 +68,7 @@ def test_promote_rollback_and_generate(make_settings: SettingsFactory) -> None:
     assert unknown.returncode == 1 and "no run run_20990101_000000" in unknown.stderr
     said = cli("generate", "Turn on the porch light at sunset", "--run", first, env=env)
     assert said.returncode == 0 and said.stdout.endswith("\n"), said.stderr
+    assert "Warning" not in said.stderr
     assert cli("generate", "x", "--run", "run_20990101_000000", env=env).returncode == 1
 
 

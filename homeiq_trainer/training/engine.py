@@ -15,6 +15,7 @@ import os
 import resource
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,13 @@ if TYPE_CHECKING:
     from homeiq_trainer.training.data import Example
 
 _LOGGER = logging.getLogger(__name__)
+
+# peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model, so every
+# run and every `generate` printed that FutureWarning (peft 0.21, transformers 5): a note for peft's
+# authors, not for our users. Only that one is silenced.
+warnings.filterwarnings(
+    "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module="transformers"
+)
 
 LABEL_PAD = -100
 # Tokenization reports progress after each this many examples, so a huge set never looks hung.
