@@ -6,16 +6,16 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     SecretStr,
     SerializationInfo,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -34,6 +34,15 @@ from homeiq_trainer.parameters import parameter
 CONFIG_ENV = "HOMEIQ_CONFIG"
 REVEAL_SECRETS = "reveal_secrets"
 """`model_dump(context={REVEAL_SECRETS: True})` writes secrets that a training process needs in clear."""
+
+
+def _reveal_if_asked(value: SecretStr, info: SerializationInfo) -> str:
+    return value.get_secret_value() if (info.context or {}).get(REVEAL_SECRETS) else str(value)
+
+
+Secret = Annotated[SecretStr, PlainSerializer(_reveal_if_asked, when_used="json")]
+"""A secret setting: masked in repr and in JSON dumps, in clear only in a JSON dump with `REVEAL_SECRETS`
+(the daemon's to its training process, which reads the database URLs and the Ray token from it)."""
 DEFAULT_BASE_MODEL = "google/flan-t5-small"
 
 
@@ -44,11 +53,11 @@ class _Section(BaseModel):
 class DataSettings(_Section):
     """Where the training examples come from."""
 
-    source: SecretStr = SecretStr("")
+    source: Secret = SecretStr("")
     """HomeIQ's database as a SQLAlchemy URL or SQLite path; wins over `source_db` when set. Opened read-only."""
     source_db: Path = Path("data/ai_automation.db")
     """HomeIQ's SQLite database holding `ask_ai_queries`; opened read-only."""
-    source_password: SecretStr = SecretStr("")
+    source_password: Secret = SecretStr("")
     """Password for a `source` URL that carries none (the add-on's password field)."""
     source_schema: str = Field("", pattern=r"^([A-Za-z_][A-Za-z0-9_]{0,62})?$")
     """PostgreSQL schema of `ask_ai_queries`; empty: `automation`, then `public`."""
@@ -81,13 +90,13 @@ class DataSettings(_Section):
 class StorageSettings(_Section):
     """Where homeiq-trainer keeps what it writes."""
 
-    history: SecretStr = SecretStr("")
+    history: Secret = SecretStr("")
     """homeiq-trainer's own history as a SQLAlchemy URL or SQLite path; wins over `history_db`."""
     history_db: Path = Path("data/homeiq_trainer.db")
     """homeiq-trainer's own SQLite database with the `training_runs` table."""
     homeiq_runs: bool = False
     """Also record each finished run in HomeIQ's own `automation.training_runs` (its admin page)."""
-    homeiq_runs_url: SecretStr = SecretStr("")
+    homeiq_runs_url: Secret = SecretStr("")
     """PostgreSQL URL for `homeiq_runs` (a role with INSERT there); empty: the source's database."""
     output_dir: Path = Path("data/ask_ai_soft_prompt")
     """Run directories and the `latest` symlink go here."""
@@ -185,7 +194,7 @@ class RaySettings(_Section):
     """How often a run is restarted from the beginning after a worker died, before it fails."""
     connect_timeout_s: float = Field(15.0, gt=0, le=600)
     """How long to wait for the cluster to accept and answer a connection, in seconds."""
-    auth_token: SecretStr | None = None
+    auth_token: Secret | None = None
     """The cluster's token (`ray get-auth-token` on the head); never logged or published."""
 
     @field_validator("address")
@@ -202,12 +211,6 @@ class RaySettings(_Section):
         if any(not name.strip() or amount <= 0 for name, amount in value.items()):
             raise ValueError("needs resource names with amounts above 0")
         return value
-
-    @field_serializer("auth_token", when_used="json")
-    def _masked_unless_asked(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
-        if value is None:
-            return None
-        return value.get_secret_value() if (info.context or {}).get(REVEAL_SECRETS) else str(value)
 
 
 class EvaluationSettings(_Section):
@@ -248,7 +251,7 @@ class MqttSettings(_Section):
     """Broker TCP port."""
     username: str | None = None
     """User name, if the broker wants one."""
-    password: SecretStr | None = None
+    password: Secret | None = None
     """Password; never logged or published."""
     tls: bool = False
     """Connect with TLS."""

@@ -406,3 +406,32 @@ def test_training_run_on_the_legacy_shape_in_postgres(legacy_db: str, make_setti
     assert result.data.skipped == {SKIP_INVALID_JSON: 1, SKIP_EMPTY_LIST: 1, SKIP_EMPTY_QUERY: 1}
     assert (Path(result.run_dir or "") / "adapter_model.safetensors").is_file()
     assert postgres.checksum(legacy_db) == before
+
+
+def test_the_daemon_trains_from_postgres_and_publishes_no_password(
+    current_db: str, make_settings, broker, watcher, caplog
+) -> None:
+    """The daemon hands the source URL to its training process in clear (it once sent asterisks), to no one else."""
+    from homeiq_trainer.app import TrainerApp
+
+    good = [
+        (f"Close blind {i} at {i % 24}:15", [suggestion(f"Blind {i} closes at {i % 24}:15")], "complete")
+        for i in range(50)
+    ]
+    postgres.insert_current(current_db, good)
+    url = postgres.sqlalchemy_url(current_db, PASSWORD).render_as_string(hide_password=False)
+    assert PASSWORD in url
+    mqtt = {"host": "127.0.0.1", "port": broker.port, "client_id": "homeiq-trainer-pg-test"}
+    caplog.set_level("DEBUG")
+    app = TrainerApp(make_settings(data={"source": url}, mqtt=mqtt))
+    app.start()
+    try:
+        assert app.link.wait_connected(10)
+        watcher.publish("homeiq/trainer/command", "start")
+        state = watcher.wait_for("homeiq/trainer/state", lambda s: s["state"] in ("completed", "failed"), timeout=120)
+    finally:
+        app.stop()
+    assert state["state"] == "completed", state
+    assert watcher.json("homeiq/trainer/last_run")["dataset_size"] == 50
+    published = b"".join(payload for _, _, payload in watcher.log)
+    assert PASSWORD.encode() not in published and PASSWORD not in caplog.text
