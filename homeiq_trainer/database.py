@@ -42,6 +42,10 @@ def sqlite_when_unlocked(statement: Callable[[], _T], timeout_s: float, poll_s: 
         time.sleep(poll_s)
 
 
+# libpq connection parameters that are secrets when a URL carries them in its query.
+SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+
+
 class DatabaseUrlError(ValueError):
     """A source or history address that is not a SQLite path or a SQLite/PostgreSQL URL."""
 
@@ -55,7 +59,7 @@ def database_url(value: str | Path | URL, password: str | None = None) -> URL:
     else:
         try:
             url = make_url(value)
-        except ArgumentError:
+        except (ArgumentError, ValueError):  # ValueError: a bad port, whose message quotes the text after it
             raise DatabaseUrlError("not a database URL (expected sqlite:///path or postgresql://host/db)") from None
     backend = url.get_backend_name()
     if backend in _POSTGRES_NAMES:
@@ -84,11 +88,13 @@ def sqlite_path(url: URL) -> Path | None:
 
 
 def masked(url: URL) -> str:
-    """The URL as it may be shown: the password replaced by ***."""
+    """The URL as it may be shown: the password, in its place or in the query (`?password=`), replaced by ***."""
     path = sqlite_path(url)
     if path is not None:
         return str(path)
-    return url.render_as_string(hide_password=True)
+    hidden = {key: "***" for key in url.query if key.lower() in SECRET_QUERY_KEYS}
+    # Rendering quotes query values: the mask would read %2A%2A%2A there.
+    return url.update_query_dict(hidden).render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
 
 
 def server(url: URL) -> str:
@@ -113,8 +119,12 @@ def same_database(a: URL, b: URL) -> bool:
 
 
 def secret_words(url: URL) -> list[str]:
-    """The URL's password, for scrubbing driver messages that might quote it."""
-    return [url.password] if isinstance(url.password, str) and url.password else []
+    """The URL's passwords (in its place and in the query), for scrubbing driver messages that might quote them."""
+    words = [url.password] if isinstance(url.password, str) else []
+    for key, value in url.query.items():
+        if key.lower() in SECRET_QUERY_KEYS:
+            words += [value] if isinstance(value, str) else list(value)
+    return [word for word in words if word]
 
 
 def scrub(text: str, url: URL) -> str:

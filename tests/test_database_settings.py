@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from homeiq_trainer.database import database_url, masked, same_database, where
+from homeiq_trainer.database import database_url, masked, same_database, scrub, where
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.settings import ConfigError, load_settings
 from tests import postgres
@@ -37,6 +37,8 @@ def test_urls_are_normalised(given: str, expected: str) -> None:
         ("mysql://u:pw@h/db", "unsupported database 'mysql'"),
         ("postgresql://u:pw@h", "needs a database name"),
         ("sqlite://", "needs a file"),
+        # An unencoded @ in the password: the port is read from the rest of it, and its error quoted it.
+        ("postgresql://u:p@ss:pw@h/db", "not a database URL"),
     ],
 )
 def test_unusable_source_names_the_key_never_the_password(given: str, message: str) -> None:
@@ -58,6 +60,13 @@ def test_password_option_fills_a_url_without_one(monkeypatch: pytest.MonkeyPatch
     # A URL's own password wins.
     monkeypatch.setenv("HOMEIQ_DATA__SOURCE", "postgresql://homeiq:own@postgres/homeiq")
     assert load_settings().data.source_url().password == "own"
+
+
+def test_a_password_in_the_query_is_masked_too() -> None:
+    url = database_url(f"postgresql://homeiq@postgres/homeiq?sslmode=require&password={PASSWORD}")
+    assert url.query["password"] == PASSWORD  # still what the driver gets
+    assert masked(url) == "postgresql+psycopg://homeiq@postgres/homeiq?password=***&sslmode=require"
+    assert scrub(f"FATAL: password {PASSWORD} rejected", url) == "FATAL: password *** rejected"
 
 
 def test_source_db_still_works_and_source_wins(tmp_path: Path) -> None:
