@@ -172,10 +172,15 @@ def test_docs_explain_every_option(config: dict[str, Any]) -> None:
 
 
 def test_build_uses_the_debian_base_images(config: dict[str, Any]) -> None:
-    build = _yaml(ADDON / "build.yaml")
-    assert set(build["build_from"]) == set(config["arch"])
-    for arch, image in build["build_from"].items():
-        assert image == f"ghcr.io/home-assistant/{arch}-base-debian:bookworm"
+    # The base comes from BUILD_ARCH, which every Supervisor passes; build.yaml is deprecated, and
+    # without one an older Supervisor passes a BUILD_FROM naming the Alpine base (no PyTorch wheels).
+    assert not (ADDON / "build.yaml").exists()
+    instructions = _dockerfile_instructions()
+    assert not [rest for _, rest in instructions if "BUILD_FROM" in rest]
+    images = [rest for keyword, rest in instructions if keyword == "FROM"]
+    assert len(images) == 1
+    for arch in config["arch"]:
+        assert images[0].replace("${BUILD_ARCH}", arch) == f"ghcr.io/home-assistant/{arch}-base-debian:bookworm"
 
 
 def test_repository_file_names_the_repository() -> None:
@@ -560,8 +565,8 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_follows_the_add_on_pattern(config: dict[str, Any]) -> None:
     instructions = _dockerfile_instructions()
     keywords = [keyword for keyword, _ in instructions]
-    assert instructions[0] == ("ARG", "BUILD_FROM=ghcr.io/home-assistant/amd64-base-debian:bookworm")
-    assert instructions[1] == ("FROM", "${BUILD_FROM}")
+    assert instructions[0] == ("ARG", "BUILD_ARCH=amd64")
+    assert instructions[1] == ("FROM", "ghcr.io/home-assistant/${BUILD_ARCH}-base-debian:bookworm")
     assert ("CMD", '["/run.sh"]') in instructions
     assert ("COPY", "run.sh /run.sh") in instructions
     assert "ENTRYPOINT" not in keywords  # the base image's s6 /init stays PID 1 (init: false)
