@@ -21,6 +21,7 @@ from homeiq_trainer.training.data import (
     SKIP_EMPTY_LIST,
     SKIP_EMPTY_QUERY,
     SKIP_INVALID_JSON,
+    SKIP_INVALID_TEXT,
     SKIP_NO_DESCRIPTION,
     SKIP_NOT_A_LIST,
     DataError,
@@ -98,6 +99,30 @@ def test_highest_confidence_wins_missing_and_string_confidences() -> None:
     # Ties keep the first, as HomeIQ's max() did; missing counts as 0.
     tie = json.dumps([{"description": "first"}, {"description": "second", "confidence": None}])
     assert example_from_row("q", tie) == ("q", "first")
+
+
+def test_odd_but_valid_json_skips_or_keeps_the_row_and_never_raises() -> None:
+    listed_source = json.dumps([{"description": "Lamp on", "source": ["llm"], "confidence": 0.9}])
+    assert example_from_row("q", listed_source, {"keyword_match"}) == ("q", "Lamp on")
+    # JSON integers have any length; beyond float's range the confidence counts as missing.
+    huge = '[{"description": "huge", "confidence": 1' + "0" * 400 + '}, {"description": "fine", "confidence": 0.5}]'
+    assert example_from_row("q", huge) == ("q", "fine")
+    assert example_from_row("q", '[{"description": "Lamp on \\ud800"}]') == SKIP_INVALID_TEXT
+    assert example_from_row("Lamp \ud800", good("on")) == SKIP_INVALID_TEXT
+
+
+def test_a_row_that_is_not_utf8_is_skipped_not_fatal(tmp_path: Path) -> None:
+    db = make_db(tmp_path / "u.db", [(f"q{i}", good(f"a{i}")) for i in range(3)])
+    conn = sqlite3.connect(db)
+    latin1 = "Licht aus in der Küche".encode("latin-1")
+    conn.execute(
+        "UPDATE ask_ai_queries SET original_query = CAST(? AS TEXT) WHERE query_id = 'query-000001'", (latin1,)
+    )
+    conn.commit()
+    conn.close()
+    examples, report = load_examples(db, max_samples=10)
+    assert [e.instruction for e in examples] == ["q0", "q2"]
+    assert report.skipped == {SKIP_INVALID_TEXT: 1}
 
 
 def test_non_ascii_and_long_text_survive() -> None:

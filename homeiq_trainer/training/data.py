@@ -50,6 +50,9 @@ SKIP_EMPTY_QUERY = "empty_query"
 SKIP_DUPLICATE = "duplicate"
 SKIP_EXCLUDED_SOURCE = "excluded_source"
 SKIP_NOT_COMPLETE = "not_complete"
+# Text that is not Unicode: bytes a SQLite row holds that do not decode as UTF-8, or a lone surrogate
+# (`\ud800`) in JSON. Such text cannot be tokenized, and one such row failed the whole run.
+SKIP_INVALID_TEXT = "invalid_text"
 COMPLETE_STATUS = "complete"
 
 
@@ -88,7 +91,10 @@ def _confidence(suggestion: dict) -> float:
     if isinstance(value, bool):
         return 0.0
     if isinstance(value, int | float):
-        return float(value) if value == value else 0.0  # NaN counts as missing
+        try:
+            return float(value) if value == value else 0.0  # NaN counts as missing
+        except OverflowError:  # an integer beyond float's range (JSON allows any length)
+            return 0.0
     if isinstance(value, str):
         try:
             parsed = float(value.strip())
@@ -123,7 +129,7 @@ def example_from_row(
     if not candidates:
         return SKIP_EMPTY_LIST
     excluded = frozenset(exclude_sources)
-    allowed = [s for s in candidates if s.get("source") not in excluded] if excluded else candidates
+    allowed = [s for s in candidates if not _excluded(s.get("source"), excluded)] if excluded else candidates
     if not allowed:
         return SKIP_EXCLUDED_SOURCE
     # max() keeps the first of equal confidences, as HomeIQ's script did.
@@ -132,7 +138,21 @@ def example_from_row(
     response = description.strip() if isinstance(description, str) else ""
     if not response:
         return SKIP_NO_DESCRIPTION
+    if not (_unicode(instruction) and _unicode(response)):
+        return SKIP_INVALID_TEXT
     return instruction, response
+
+
+def _excluded(source: object, excluded: frozenset[str]) -> bool:
+    return isinstance(source, str) and source in excluded  # a list or object as `source` is no known source
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _since_clause(src: SourceTable, since: datetime | None, postgres: bool) -> list:

@@ -116,6 +116,9 @@ def connect_read_only(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         raise DataError(f"cannot read source database {path}: {exc}") from None
     conn.busy_timeout_s = busy_timeout_s
+    # Bytes that are not UTF-8 come back as lone surrogates, and that row is skipped as `invalid_text`;
+    # the default decoder raised instead, and one such row made the whole source unreadable.
+    conn.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
     # No probe statement here: the table lookup that follows is the first read, and under a busy
     # rollback-journal writer every statement is one more wait for the shared lock.
     conn.execute("PRAGMA query_only = 1")
