@@ -13,6 +13,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import annotated_types
@@ -99,8 +100,8 @@ def select_options(control: Control, configured: Settings) -> list[str]:
     return [str(option) for option in typing.get_args(annotation)]
 
 
-def number_limits(control: Control) -> dict[str, float]:
-    """`min`, `max` and `step` of a number control, from the schema's bounds."""
+def number_limits(control: Control, configured: Settings) -> dict[str, float]:
+    """`min`, `max` and `step` of a number control: the schema's bounds, narrowed by `limits.*` where they apply."""
     field = field_info(control.path)
     assert field is not None
     whole = field.annotation is int or set(typing.get_args(field.annotation)) == {int, type(None)}
@@ -114,7 +115,18 @@ def number_limits(control: Control) -> dict[str, float]:
             limits["max"] = bound.le  # type: ignore[assignment]
         elif isinstance(bound, annotated_types.Lt):
             limits["max"] = bound.lt  # type: ignore[assignment]
+    low, high = configured.limits.range_of(control.name)
+    if low is not None:
+        limits["min"] = max(limits.get("min", low), low)
+    if high is not None:
+        limits["max"] = min(limits.get("max", high), high)
     return limits
+
+
+def beyond_limits(control: Control, value: Any, configured: Settings) -> str | None:
+    """Which `limits.*` a value of this control breaks, or None: Home Assistant's settings are MQTT
+    input too, and a plain `start` trains with them, so they get the ceilings a `start` gets."""
+    return configured.limits.refusal(SimpleNamespace(**{control.name: value}))
 
 
 def apply_log_level(level: str) -> None:
@@ -161,6 +173,13 @@ class SettingsPanel:
                 # Chosen when it was allowed; the configuration has taken it off the list since.
                 ignored[control.path] = f"{value!r} is no longer one of the choices"
                 del stored[control.path]
+            elif (
+                control.platform == "number"
+                and value is not None
+                and (beyond := beyond_limits(control, value, configured))
+            ):
+                ignored[control.path] = beyond  # set before the limit was lowered (or before limits applied here)
+                del stored[control.path]
         self.effective, refused = apply_overrides(configured, stored, self.pinned)
         ignored.update(refused)
         for path, why in ignored.items():
@@ -200,6 +219,8 @@ class SettingsPanel:
                 options = self.options(control)
                 if str(_jsonable(new_value)) not in options:
                     raise SettingRefused(f"invalid setting: {control.path}: must be one of {', '.join(options)}")
+            elif beyond := beyond_limits(control, new_value, self.configured):
+                raise SettingRefused(f"invalid setting: {control.path}: {beyond}")
             self.store.set(control.path, _jsonable(new_value))
             self.effective = changed
         _LOGGER.info("%s set to %s from Home Assistant", control.path, new_value)

@@ -454,7 +454,7 @@ def control_entity(control: Control, settings: Settings, topics: Topics) -> tupl
     }
     if control.platform == "number":
         # Box mode: a slider cannot reach 0.0003 or 200,000, and a box takes scientific notation.
-        options.update(number_limits(control), mode="box", unit_of_measurement=control.unit)
+        options.update(number_limits(control, settings), mode="box", unit_of_measurement=control.unit)
     else:
         options["options"] = select_options(control, settings)
     return control.name, control.platform, control.label, options

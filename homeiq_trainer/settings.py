@@ -317,20 +317,32 @@ class LimitsSettings(_Section):
             raise ValueError("min_learning_rate must not be above max_learning_rate")
         return self
 
+    def range_of(self, parameter: str) -> tuple[float | None, float | None]:
+        """(lowest, highest) value of a run parameter (`epochs`, ...) that MQTT may ask for; None: no limit."""
+        low, high = _LIMITED.get(parameter, (None, None))
+        return (getattr(self, low) if low else None, getattr(self, high) if high else None)
+
     def refusal(self, params: Any) -> str | None:
         """Which limit a command's parameters break (the first one), or None."""
-        checks = (
-            ("epochs", "max_epochs", lambda v: v <= self.max_epochs),
-            ("max_samples", "max_samples", lambda v: v <= self.max_samples),
-            ("batch_size", "max_batch_size", lambda v: v <= self.max_batch_size),
-            ("learning_rate", "max_learning_rate", lambda v: v <= self.max_learning_rate),
-            ("learning_rate", "min_learning_rate", lambda v: v >= self.min_learning_rate),
-        )
-        for field, limit, within in checks:
+        for field, names in _LIMITED.items():
             value = getattr(params, field, None)
-            if value is not None and not within(value):
-                return f"{field} {value:g} is beyond limits.{limit} ({getattr(self, limit):g})"
+            if value is None:
+                continue
+            low, high = self.range_of(field)
+            if high is not None and value > high:
+                return f"{field} {value:g} is beyond limits.{names[1]} ({high:g})"
+            if low is not None and value < low:
+                return f"{field} {value:g} is beyond limits.{names[0]} ({low:g})"
         return None
+
+
+# The run parameters `limits` bounds: (its field for the lowest value, for the highest), None where unbounded.
+_LIMITED: dict[str, tuple[str | None, str | None]] = {
+    "epochs": (None, "max_epochs"),
+    "max_samples": (None, "max_samples"),
+    "batch_size": (None, "max_batch_size"),
+    "learning_rate": ("min_learning_rate", "max_learning_rate"),
+}
 
 
 class DaemonSettings(_Section):

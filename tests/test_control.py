@@ -171,9 +171,14 @@ def test_select_choices_from_a_literal_or_an_enum(monkeypatch: pytest.MonkeyPatc
 
 def test_entity_ranges_and_choices_come_from_the_schema() -> None:
     by_name = {control.name: control for control in active_controls()}
-    assert number_limits(by_name["epochs"]) == {"step": 1, "min": 1, "max": 100}
-    assert number_limits(by_name["learning_rate"]) == {"step": 0.001, "min": 1e-06, "max": 1.0}
     settings = load_settings(None, {"training": {"allowed_base_models": ["google/flan-t5-base"]}})
+    # The schema's bounds, narrowed by the limits an MQTT `start` gets.
+    assert number_limits(by_name["epochs"], settings) == {"step": 1, "min": 1, "max": 10}
+    assert number_limits(by_name["learning_rate"], settings) == {"step": 0.001, "min": 1e-06, "max": 0.01}
+    assert number_limits(by_name["batch_tokens"], settings) == {"step": 1, "min": 64, "max": 1_048_576}
+    unlimited = load_settings(None, {"limits": {"max_epochs": 100, "max_learning_rate": 1.0}})
+    assert number_limits(by_name["epochs"], unlimited) == {"step": 1, "min": 1, "max": 100}
+    assert number_limits(by_name["learning_rate"], unlimited) == {"step": 0.001, "min": 1e-06, "max": 1.0}
     assert select_options(by_name["base_model"], settings) == ["google/flan-t5-small", "google/flan-t5-base"]
     assert select_options(by_name["log_level"], settings) == ["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -201,6 +206,27 @@ def test_panel_changes_refuses_and_logs_a_pinned_refusal_once(
     assert store.load() == {"training.learning_rate": 0.001, "training.base_model": "google/flan-t5-base"}
     # The allow-list is the configured one: choosing another model does not drop the configured one.
     assert panel.change("base_model", b"google/flan-t5-small")[1] == "google/flan-t5-small"
+
+
+def test_settings_from_home_assistant_get_the_limits_a_start_gets(
+    history: HistoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = OverridesStore(history.engine)
+    store.set("training.batch_size", 512)  # stored before the limit applied here
+    caplog.set_level(logging.WARNING)
+    panel = SettingsPanel(load_settings(), store, {})
+    assert panel.effective.training.batch_size == 64
+    assert "training.batch_size: batch_size 512 is beyond limits.max_batch_size (64)" in caplog.text
+    for name, payload, limit in (
+        ("epochs", b"100", "limits.max_epochs (10)"),
+        ("learning_rate", b"1.0", "limits.max_learning_rate (0.01)"),
+        ("max_samples", b"1000000", "limits.max_samples (5000)"),
+    ):
+        with pytest.raises(SettingRefused, match=re.escape(limit)):
+            panel.change(name, payload)
+    assert panel.effective.training.epochs == 3 and "training.epochs" not in store.load()
+    assert panel.change("epochs", b"10")[1] == 10
+    assert panel.change("batch_tokens", b"1048576")[1] == 1_048_576  # no limit on it
 
 
 def test_stored_choice_taken_off_the_allow_list_is_ignored(
