@@ -11,6 +11,7 @@ from homeiq_trainer.messages import (
     RunResult,
     RunStatus,
     TriggerEvent,
+    known,
 )
 from homeiq_trainer.promotion import METRICS, offered
 from homeiq_trainer.settings import Settings
@@ -54,7 +55,7 @@ def decision_payload(store: HistoryStore) -> DecisionInfo:
     if decided is None:
         return DecisionInfo()
     return DecisionInfo(
-        decision=Decision(decided.decision) if decided.decision else None,
+        decision=known(Decision, decided.decision),
         reason=decided.decision_reason,
         run_id=decided.run_identifier,
         promoted=decided.promoted,

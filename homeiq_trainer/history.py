@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -9,20 +10,47 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Table, Text, delete, event, inspect, text
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy import JSON, Column, Index, Table, Text, TypeDecorator, delete, event, inspect, text
+from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from homeiq_trainer.database import database_url, masked, postgres_connect_args, sqlite_path, sqlite_when_unlocked
 from homeiq_trainer.homeiq_runs import HomeIQRuns
-from homeiq_trainer.messages import Decision, RunRecord, RunStatus, utcnow
+from homeiq_trainer.messages import Decision, RunRecord, RunStatus, known, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
 ERROR_TAIL_CHARS = 5000
 HISTORY_TIMEOUT_S = 10.0
 INTERRUPTED_MESSAGE = "interrupted: the process running it stopped before the run finished"
+
+
+def lenient_json(text: str) -> Any:
+    """A JSON column's stored text as a value, or None where it is not JSON.
+
+    The history is our own database, yet a row edited by hand, damaged, or written by a newer version
+    must not stop the daemon from starting (every start reads the newest rows and the stored settings).
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        _LOGGER.warning("Ignoring a value in the history database that is not JSON")
+        return None
+
+
+class JsonOf(TypeDecorator[Any]):
+    """A JSON column that reads as None unless its value has the expected shape (an object, a list)."""
+
+    impl = JSON
+    cache_ok = True
+
+    def __init__(self, shape: type) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return value if isinstance(value, self.shape) else None
 
 
 class TrainingRun(SQLModel, table=True):
@@ -48,16 +76,16 @@ class TrainingRun(SQLModel, table=True):
     error_message: str | None = Field(default=None, sa_column=Column(Text))
     metadata_path: str | None = None
     triggered_by: str = "admin"
-    iteration_history_json: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
+    iteration_history_json: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JsonOf(list)))
     # Ours:
     eval_loss: float | None = None
     request_id: str | None = None
-    parameters_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    data_report_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    parameters_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JsonOf(dict)))
+    data_report_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JsonOf(dict)))
     promoted: bool | None = None
     decision: str | None = Field(default=None, max_length=32)
     decision_reason: str | None = Field(default=None, sa_column=Column(Text))
-    evaluation_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    evaluation_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JsonOf(dict)))
     peak_rss_mb: float | None = None
 
 
@@ -88,7 +116,7 @@ def run_record(run: TrainingRun) -> RunRecord:
     return RunRecord(
         id=run.id,
         run_id=run.run_identifier,
-        status=RunStatus(run.status),
+        status=known(RunStatus, run.status),
         triggered_by=run.triggered_by,
         started_at=_aware(run.started_at),
         finished_at=_aware(run.finished_at),
@@ -99,7 +127,7 @@ def run_record(run: TrainingRun) -> RunRecord:
         eval_loss=run.eval_loss,
         error=run.error_message,
         promoted=run.promoted,
-        decision=Decision(run.decision) if run.decision else None,
+        decision=known(Decision, run.decision),
         decision_reason=run.decision_reason,
         evaluation={k: v for k, v in (run.evaluation_json or {}).items() if k != "samples"} or None,
         samples=(run.evaluation_json or {}).get("samples") or [],
@@ -242,12 +270,15 @@ class HistoryStore(_ServedAdapters):
         """Where the history is, as it may be shown."""
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._engine: Engine = create_engine(url, connect_args={"check_same_thread": False})
+            self._engine: Engine = create_engine(
+                url, connect_args={"check_same_thread": False}, json_deserializer=lenient_json
+            )
             event.listen(self._engine, "connect", _sqlite_pragmas)
         else:
             self._engine = create_engine(
                 url,
                 pool_pre_ping=True,  # the server may have restarted between two runs
+                json_deserializer=lenient_json,
                 connect_args=postgres_connect_args(HISTORY_TIMEOUT_S, HISTORY_TIMEOUT_S, read_only=False),
             )
         create_safely(lambda: _create_schema(self._engine))

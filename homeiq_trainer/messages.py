@@ -11,7 +11,7 @@ import math
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,6 +39,17 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(item) for item in value]
     return value
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+def known(kind: type[E], value: str | None) -> E | None:
+    """`value` as a member of `kind`; None when empty or none of them (a stored row from a newer version)."""
+    try:
+        return kind(value) if value else None
+    except ValueError:
+        return None
 
 
 class RunStatus(StrEnum):

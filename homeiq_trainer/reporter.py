@@ -28,6 +28,7 @@ from homeiq_trainer.messages import (
     StatePayload,
     StatusAnswer,
     TriggerEvent,
+    known,
 )
 from homeiq_trainer.publisher import Publisher
 from homeiq_trainer.settings import Settings
@@ -80,7 +81,10 @@ class RunReporter:
                 if any(r.id == run.id for r in interrupted)
                 else f"last run {run.status}"
             )
-            self._publish_state(State(run.status), run.run_identifier, None, message)
+            state = known(State, run.status)
+            if state is None:  # written by a newer version, or by hand
+                state, message = State.IDLE, f"last run {run.status!r}, a status this version does not know"
+            self._publish_state(state, run.run_identifier, None, message)
         else:
             self._publish_state(State.IDLE, None, None, "no run yet")
         self._publish_progress(ProgressPayload())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import pytest
 
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.overrides import OverridesStore
 from homeiq_trainer.settings import Settings
 
 from .conftest import Broker, SettingsFactory
@@ -385,3 +387,37 @@ def test_full_queue_answers_overloaded_and_routes_run_on_the_command_thread(
     finally:
         release.set()
         a.stop()
+
+
+def test_broken_rows_in_its_own_history_do_not_stop_the_daemon(
+    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+) -> None:
+    """A row edited by hand, damaged, or written by a newer version: the daemon starts and serves."""
+    settings = daemon_settings(make_settings, broker)
+    store = HistoryStore(settings.storage.history_db)
+    OverridesStore(store.engine)  # creates its table
+    store.close()
+    with sqlite3.connect(settings.storage.history_db) as conn:
+        conn.execute(
+            "INSERT INTO training_runs (training_type, status, started_at, finished_at, run_identifier, triggered_by,"
+            " decision, parameters_json, evaluation_json, iteration_history_json) VALUES ('soft_prompt', 'weird', "
+            "'2026-01-01 00:00:00', '2026-01-01 00:10:00', 'run_20260101_000000', 'admin', 'maybe', '{bad', '[1]', "
+            "'5')"
+        )
+        conn.execute(
+            "INSERT INTO trainer_setting_overrides (key, value, updated_at) VALUES ('training.epochs', '{bad', "
+            "'2026-01-01 00:00:00')"
+        )
+    app = TrainerApp(settings)
+    app.start()
+    try:
+        assert app.link.wait_connected(10)
+        state = watcher.wait_for(STATE)
+        assert state["state"] == "idle" and "'weird', a status this version does not know" in state["message"]
+        run = watcher.wait_for(f"{BASE}/runs")["runs"][0]
+        assert run["run_id"] == "run_20260101_000000" and run["status"] is None and run["decision"] is None
+        assert watcher.wait_for(f"{BASE}/last_run")["evaluation"] is None
+        assert watcher.request(CMD, RESP, {"action": "status"})["status"] == "ok"
+        assert watcher.wait_for(f"{BASE}/settings")["epochs"] == 1  # the configured value: the stored one is not JSON
+    finally:
+        app.stop()
