@@ -43,6 +43,7 @@ def _reveal_if_asked(value: SecretStr, info: SerializationInfo) -> str:
 Secret = Annotated[SecretStr, PlainSerializer(_reveal_if_asked, when_used="json")]
 """A secret setting: masked in repr and in JSON dumps, in clear only in a JSON dump with `REVEAL_SECRETS`
 (the daemon's to its training process, which reads the database URLs and the Ray token from it)."""
+
 DEFAULT_BASE_MODEL = "google/flan-t5-small"
 
 
