@@ -84,3 +84,23 @@ ensure_venv() {
     fi
     "$VENV/bin/pip" install -q -e ".${extras}"
 }
+
+# HomeIQ's own Python packages, as its Ask AI service pins them (transformers below 5), in a venv of
+# their own: the tests load a served adapter there the way HomeIQ does, so a format only
+# transformers 5 reads cannot pass unnoticed.
+HOMEIQ_VENV="${HOMEIQ_VENV:-.venv-homeiq}"
+HOMEIQ_PACKAGES=("transformers>=4.46.1,<5.0.0" "peft>=0.12.0,<1.0.0" sentencepiece)
+
+ensure_homeiq_venv() {
+    if [ ! -x "$HOMEIQ_VENV/bin/python" ]; then
+        "$PYTHON" -m venv "$HOMEIQ_VENV"
+    fi
+    if ! "$HOMEIQ_VENV/bin/python" -c "import peft, torch, transformers" >/dev/null 2>&1; then
+        if [ -n "${TORCH_INDEX_URL:-}" ]; then
+            "$HOMEIQ_VENV/bin/pip" install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+        else
+            "$HOMEIQ_VENV/bin/pip" install -q "$TORCH_SPEC"
+        fi
+        "$HOMEIQ_VENV/bin/pip" install -q "${HOMEIQ_PACKAGES[@]}"
+    fi
+}

@@ -9,6 +9,7 @@ ensure_os_packages shellcheck  # the add-on's run.sh and these scripts are check
 ensure_postgres
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:$PG_TEST_PORT/postgres}"
 ensure_venv "[test,ray]"
+ensure_homeiq_venv  # HomeIQ's transformers 4, for the test that loads an adapter as HomeIQ does
 export HF_HUB_OFFLINE=1
 "$VENV/bin/ruff" check homeiq_trainer tests
 "$VENV/bin/ruff" format --check homeiq_trainer tests

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import json
 import logging
 import os
 import resource
@@ -488,6 +489,30 @@ def _save(model: Any, tokenizer: Any, save_dir: Path) -> None:
         # Its I/O errors (a full disk) are not OSErrors; make them one, so they fail the run in one line.
         raise OSError(str(exc)) from exc
     tokenizer.save_pretrained(str(save_dir))
+    readable_by_transformers_4(save_dir / "tokenizer_config.json")
+
+
+def readable_by_transformers_4(config_file: Path) -> None:
+    """Rewrite what transformers 5 writes into `tokenizer_config.json` that transformers 4 cannot read.
+
+    HomeIQ pins transformers below 5 and loads the adapter folder with `AutoTokenizer`; where that
+    fails, it goes on without the adapter. transformers 5 writes T5's 100 `<extra_id_*>` tokens as a
+    list under `extra_special_tokens`, where 4.x expects a mapping, and names a plain fast tokenizer
+    `TokenizersBackend`, a class 4.x does not have. Under 4.x's key (`additional_special_tokens`) and
+    name (`PreTrainedTokenizerFast`, which 5.x reads as the same class) both load the same tokens with
+    the same ids.
+    """
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    before = dict(config)
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list) and all(isinstance(token, str) for token in extra):
+        del config["extra_special_tokens"]
+        named = config.get("additional_special_tokens") or []
+        config["additional_special_tokens"] = list(dict.fromkeys([*named, *extra]))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if config != before:
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 @contextlib.contextmanager
