@@ -252,14 +252,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_serving(args: argparse.Namespace) -> int:
     """`promote RUN` or `rollback`: switch the served adapter (with the daemon stopped; else use MQTT)."""
     from homeiq_trainer import promotion
-    from homeiq_trainer.history import HistoryStore
-    from homeiq_trainer.jobs import InstanceLock
+    from homeiq_trainer.jobs import InstanceLock, open_history
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
     lock = InstanceLock(settings)
     lock.acquire()
-    store = HistoryStore(settings.storage.history_db)
+    store = open_history(settings)  # `storage.history` where set, as `serve` and `train` do
     try:
         promotion.reconcile(store, settings.storage.output_dir)
         if args.command == "promote":

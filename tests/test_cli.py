@@ -54,6 +54,8 @@ def test_train_then_runs(make_settings: SettingsFactory, tmp_path: Path) -> None
 def test_promote_rollback_and_generate(make_settings: SettingsFactory) -> None:
     settings = make_settings()
     env = env_of(settings) | {"HOMEIQ_PROMOTION__POLICY": "always", "HOMEIQ_EVALUATION__MAX_NEW_TOKENS": "8"}
+    # A history given as a URL wins over history_db, for every command (promote and rollback once did not).
+    env["HOMEIQ_STORAGE__HISTORY"] = f"sqlite:///{settings.storage.history_db.with_name('by-url.db')}"
     for _ in range(2):
         assert cli("train", "--epochs", "1", "--max-samples", "40", env=env).returncode == 0
     first, second = sorted(row["run_id"] for row in json.loads(cli("runs", "--json", env=env).stdout))
@@ -70,6 +72,7 @@ def test_promote_rollback_and_generate(make_settings: SettingsFactory) -> None:
     assert said.returncode == 0 and said.stdout.endswith("\n"), said.stderr
     assert "Warning" not in said.stderr
     assert cli("generate", "x", "--run", "run_20990101_000000", env=env).returncode == 1
+    assert not settings.storage.history_db.exists()
 
 
 def test_failures_exit_non_zero_with_one_line(make_settings: SettingsFactory, tmp_path: Path) -> None:
