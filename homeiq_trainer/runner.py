@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -344,6 +345,13 @@ class Runner:
             if job.cancel_requested.is_set() and result.status is RunStatus.FAILED:
                 # Killed because we asked it to stop: that is a cancellation, not a failure.
                 result = result.model_copy(update={"status": RunStatus.CANCELLED, "error": None})
+            elif job.cancel_requested.is_set() and result.status is RunStatus.COMPLETED:
+                # The cancel was answered `ok` as the run was moving its directory into place: too late
+                # for the process to stop, so the run is taken back here, never served.
+                if result.run_dir:
+                    shutil.rmtree(result.run_dir, ignore_errors=True)
+                cancelled = {"status": RunStatus.CANCELLED, "run_dir": None, "decision": None, "decision_reason": None}
+                result = result.model_copy(update=cancelled)
             try:
                 finished = conclude(self.store, self.settings, run, result)
                 result = result.model_copy(update={"promoted": bool(finished.promoted)})

@@ -40,6 +40,17 @@ class FakeProcess:
                 status = RunStatus.CANCELLED if self.terminated.is_set() else RunStatus.COMPLETED
                 yield RunResult(run_identifier=self.run.run_identifier, status=status, base_model="m", final_loss=1.5)
                 continue
+            if isinstance(item, tuple) and item[0] == "completed anyway":  # finished despite a terminate
+                run_dir = item[1] / self.run.run_identifier
+                run_dir.mkdir(parents=True)
+                yield RunResult(
+                    run_identifier=self.run.run_identifier,
+                    status=RunStatus.COMPLETED,
+                    base_model="m",
+                    final_loss=1.5,
+                    run_dir=str(run_dir),
+                )
+                continue
             yield item
         self.code = 0
 

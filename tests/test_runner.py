@@ -91,6 +91,22 @@ def test_busy_then_cancel(settings: Settings) -> None:
         runner.cancel()
 
 
+def test_a_run_that_completes_after_a_cancel_is_taken_back(settings: Settings) -> None:
+    output_dir = settings.storage.output_dir
+    script = [PhaseEvent(phase=Phase.SAVING), "hang", ("completed anyway", output_dir)]
+    runner, listener, launcher, store = make_runner(settings, script)
+    run = runner.submit(JobRequest(params=TrainParams()))
+    deadline = time.monotonic() + 5
+    while not launcher.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runner.cancel()
+    assert listener.done.wait(10)
+    assert listener.finished[0].status is RunStatus.CANCELLED and not listener.finished[0].promoted
+    row = store.by_identifier(run.run_identifier)
+    assert row.status == "cancelled" and not row.promoted
+    assert not (output_dir / run.run_identifier).exists() and not (output_dir / "latest").exists()
+
+
 def test_process_death_fails_the_run_with_its_reason(settings: Settings) -> None:
     runner, listener, _, store = make_runner(settings, [PhaseEvent(phase=Phase.TRAINING), "die"])
     run = runner.submit(JobRequest(params=TrainParams()))

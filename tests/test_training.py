@@ -233,6 +233,24 @@ def test_cancel_stops_at_a_step_and_keeps_latest(make_settings: SettingsFactory)
     assert torch.tensor([1e-40]).item() != 0.0
 
 
+def test_cancel_while_the_run_is_written_up_keeps_nothing(
+    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(data={"max_samples": 40})
+    stop = threading.Event()
+    write_metadata = artifacts.write_metadata
+
+    def then_cancel(run_dir: Path, metadata: Any) -> Path:
+        written = write_metadata(run_dir, metadata)
+        stop.set()  # the cancel arrives after evaluation, before the directory is moved into place
+        return written
+
+    monkeypatch.setattr(artifacts, "write_metadata", then_cancel)
+    _, row, result = run_job(settings, stop=stop)
+    assert result.status is RunStatus.CANCELLED and row.status == "cancelled" and not row.promoted
+    assert list(settings.storage.output_dir.iterdir()) == []  # no run directory, no staging, no `latest`
+
+
 def test_resume_from_latest_and_refusals(make_settings: SettingsFactory) -> None:
     settings = make_settings()
     _, first, ok = run_job(settings, TrainParams(lora_r=8))

@@ -264,6 +264,8 @@ def execute_run(
             trainer_version=__version__,
         )
         artifacts.write_metadata(staging, metadata)
+        if stop.is_set():  # asked to stop while the run was being written up: none of it is kept
+            return result.model_copy(update={"status": RunStatus.CANCELLED})
         # Only the staged directory is ours to write: the daemon (or `train`) records the result
         # and only then points `latest` at it.
         final_dir = artifacts.finalize(staging, output_dir, run_identifier)
