@@ -183,6 +183,11 @@ def reconcile(store: HistoryStore, output_dir: Path) -> str | None:
             # Promoted before the history kept a served list (or by hand): adopt it.
             stack = [store.serve(on_disk, action="adopt", triggered_by="recovery")]
         if not stack:
+            # Nothing servable is left: `latest` and `current.json` must not name a run that is gone.
+            if (output_dir / artifacts.LATEST).is_symlink():
+                (output_dir / artifacts.LATEST).unlink()
+            if artifacts.read_current(output_dir).run_id is not None:
+                artifacts.write_current(output_dir, None)
             return None
         target = stack[0].run_identifier
         if target != on_disk:

@@ -97,6 +97,10 @@ def test_restart_finishes_a_switch_a_crash_interrupted(make_settings: SettingsFa
 
     shutil.rmtree(out / "run_20250102_000000")
     assert reconcile(store, out) == "run_20250101_000000" == artifacts.latest_run(out)
+    # The last one gone too: nothing is served, and neither `latest` nor `current.json` says otherwise.
+    shutil.rmtree(out / "run_20250101_000000")
+    assert reconcile(store, out) is None and store.served_stack() == []
+    assert not (out / "latest").is_symlink() and artifacts.read_current(out).run_id is None
     store.close()
 
 
