@@ -188,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{run.run_identifier} completed: {result.data.examples} examples "
             f"({result.train_examples} train / {result.eval_examples} eval), "
             f"final loss {_fmt(result.final_loss)}, eval loss {_fmt(result.eval_loss)}, "
-            f"adapter {result.run_dir}; {'served' if run.promoted else 'not served'} ({result.decision_reason})"
+            f"adapter {result.run_dir}; {'served' if run.promoted else 'not served'} ({run.decision_reason})"
         )
         return EXIT_OK
     if result.status is RunStatus.CANCELLED:

@@ -1,11 +1,13 @@
 """Which adapter is served: the decision after a run, promote, roll back, and finishing a half-done switch.
 
-The history leads and `latest` follows: every switch is recorded first and only then made, so a
-crash in between leaves a history that `reconcile` can finish at the next start.
+`latest` and `current.json` move first and the history records the switch after: a disk that refuses
+(full, read-only) then leaves `latest` where it was and the history untouched, and a crash in between
+leaves a history that `reconcile` makes them agree with again at the next start (the history wins).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping
@@ -83,9 +85,23 @@ def current_record(output_dir: Path, run_identifier: str, promoted_at: str) -> S
     )
 
 
-def _switch(output_dir: Path, run_identifier: str, promoted_at: str) -> None:
-    artifacts.promote(output_dir, run_identifier)
-    artifacts.write_current(output_dir, current_record(output_dir, run_identifier, promoted_at))
+def _switch(output_dir: Path, run_identifier: str, promoted_at: str, restore: str | None) -> None:
+    """Point `latest` and `current.json` at a run, before the history records it.
+
+    On a disk that refuses (full, read-only) `latest` goes back to `restore` and PromotionError
+    (`io_error`) rises, so the history never says one adapter is served while `latest` serves another.
+    A crash between this and the history's record is mended at the next start (`reconcile`).
+    """
+    try:
+        artifacts.promote(output_dir, run_identifier)
+        artifacts.write_current(output_dir, current_record(output_dir, run_identifier, promoted_at))
+    except OSError as exc:
+        if restore is not None:
+            with contextlib.suppress(OSError, artifacts.ArtifactError):
+                artifacts.promote(output_dir, restore)
+        raise PromotionError(
+            "io_error", f"cannot serve {run_identifier} in {output_dir}: {exc.strerror or exc}"
+        ) from None
     _LOGGER.info("Serving %s", run_identifier)
 
 
@@ -96,15 +112,23 @@ def protected_runs(store: HistoryStore) -> set[str]:
 
 
 def conclude(store: HistoryStore, settings: Settings, run: TrainingRun, result: RunResult) -> TrainingRun:
-    """Record how a run ended; if it was chosen, only then switch `latest` to it."""
+    """Switch `latest` to a run that was chosen, then record how it ended (kept out where the disk refuses)."""
     from homeiq_trainer.jobs import record_result
 
     output_dir = settings.storage.output_dir
     serve = result.status is RunStatus.COMPLETED and result.decision is Decision.PROMOTED
     with _SWITCH_LOCK:
-        finished = record_result(store, settings, run, result, serve=serve)
         if serve:
-            _switch(output_dir, run.run_identifier, utcnow().isoformat())
+            stack = store.served_stack()
+            try:
+                _switch(
+                    output_dir, run.run_identifier, utcnow().isoformat(), stack[0].run_identifier if stack else None
+                )
+            except PromotionError as exc:
+                serve = False
+                _LOGGER.error("Run %s was chosen but cannot be served: %s", run.run_identifier, exc)
+                result = result.model_copy(update={"decision": Decision.KEPT_CURRENT, "decision_reason": str(exc)})
+        finished = record_result(store, settings, run, result, serve=serve)
         artifacts.apply_retention(output_dir, settings.storage.keep_runs, protected_runs(store))
     return finished
 
@@ -123,8 +147,8 @@ def promote(store: HistoryStore, settings: Settings, run_identifier: str, trigge
         stack = store.served_stack()
         if stack and stack[0].run_identifier == run_identifier:
             raise PromotionError("already_served", f"run {run_identifier} is already served")
-        served = store.serve(run_identifier, action="promote", triggered_by=triggered_by)
-        _switch(output_dir, run_identifier, served.served_at.isoformat())
+        _switch(output_dir, run_identifier, utcnow().isoformat(), stack[0].run_identifier if stack else None)
+        store.serve(run_identifier, action="promote", triggered_by=triggered_by)
     return store.by_identifier(run_identifier) or run
 
 
@@ -165,8 +189,8 @@ def rollback(store: HistoryStore, settings: Settings, triggered_by: str) -> str:
         previous = stack[1].run_identifier
         if not artifacts.is_complete(output_dir / previous):
             raise PromotionError("not_promotable", f"the previous adapter {previous} is gone from {output_dir}")
+        _switch(output_dir, previous, utcnow().isoformat(), stack[0].run_identifier)
         store.withdraw(stack[0].id, triggered_by=triggered_by)  # type: ignore[arg-type]
-        _switch(output_dir, previous, utcnow().isoformat())
     return previous
 
 
@@ -180,8 +204,12 @@ def reconcile(store: HistoryStore, output_dir: Path) -> str | None:
             store.withdraw(stack[0].id, triggered_by="recovery")  # type: ignore[arg-type]
             stack = store.served_stack()
         if not stack and on_disk is not None:
-            # Promoted before the history kept a served list (or by hand): adopt it.
-            stack = [store.serve(on_disk, action="adopt", triggered_by="recovery")]
+            row = store.by_identifier(on_disk)
+            if row is None or row.status == RunStatus.COMPLETED.value:
+                # Promoted before the history kept a served list (or by hand): adopt it.
+                stack = [store.serve(on_disk, action="adopt", triggered_by="recovery")]
+            else:  # switched to as its run ended, and the process died before the history recorded the end
+                _LOGGER.warning("Run %s was never recorded as completed; not serving it", on_disk)
         if not stack:
             # Nothing servable is left: `latest` and `current.json` must not name a run that is gone.
             if (output_dir / artifacts.LATEST).is_symlink():
@@ -193,5 +221,5 @@ def reconcile(store: HistoryStore, output_dir: Path) -> str | None:
         if target != on_disk:
             _LOGGER.warning("Finishing a promotion a crash interrupted: serving %s (latest was %s)", target, on_disk)
         if target != on_disk or artifacts.read_current(output_dir).run_id != target:
-            _switch(output_dir, target, stack[0].served_at.isoformat())
+            _switch(output_dir, target, stack[0].served_at.isoformat(), on_disk)
         return target

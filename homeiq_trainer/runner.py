@@ -24,7 +24,7 @@ from typing import Protocol
 
 from homeiq_trainer.history import HistoryStore, TrainingRun
 from homeiq_trainer.jobs import JobRequest, crash_result, open_run
-from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus
+from homeiq_trainer.messages import Decision, Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus, known
 from homeiq_trainer.promotion import conclude
 from homeiq_trainer.settings import REVEAL_SECRETS, Settings
 
@@ -354,7 +354,9 @@ class Runner:
                 result = result.model_copy(update=cancelled)
             try:
                 finished = conclude(self.store, self.settings, run, result)
-                result = result.model_copy(update={"promoted": bool(finished.promoted)})
+                # As recorded: a run chosen but not servable (a disk that refuses) was kept out.
+                decided = {"decision": known(Decision, finished.decision), "decision_reason": finished.decision_reason}
+                result = result.model_copy(update={"promoted": bool(finished.promoted), **decided})
             except Exception:
                 _LOGGER.exception("Could not record the end of run %s", run.run_identifier)
                 finished = run

@@ -1,6 +1,7 @@
-"""`homeiq-trainer` that holds before every switch of `latest`: `python -m tests.paused_switch <s> train ...`.
+"""`homeiq-trainer` that holds after every switch of `latest`: `python -m tests.paused_switch <s> train ...`.
 
-The run is recorded as served first; the pause lets a test kill the process before `latest` moves.
+`latest` and `current.json` move first and the history records the run after; the pause lets a test
+kill the process in between.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from homeiq_trainer import cli
 from homeiq_trainer.training import artifacts
@@ -15,13 +17,13 @@ from homeiq_trainer.training import artifacts
 
 def main() -> int:
     seconds = float(sys.argv[1])
-    switch = artifacts.promote
+    write_current = artifacts.write_current
 
-    def pause_then_switch(output_dir: Path, run_identifier: str) -> Path:
+    def switch_then_pause(output_dir: Path, record: Any) -> None:
+        write_current(output_dir, record)
         time.sleep(seconds)
-        return switch(output_dir, run_identifier)
 
-    artifacts.promote = pause_then_switch  # type: ignore[assignment]
+    artifacts.write_current = switch_then_pause  # type: ignore[assignment]
     return cli.main(sys.argv[2:])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -14,8 +15,8 @@ import pytest
 
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.jobs import recover
-from homeiq_trainer.messages import Decision, RunMetadata, RunStatus, TrainParams
-from homeiq_trainer.promotion import PromotionError, promote, protected_runs, reconcile, rollback
+from homeiq_trainer.messages import Decision, RunMetadata, RunResult, RunStatus, TrainParams
+from homeiq_trainer.promotion import PromotionError, conclude, promote, protected_runs, reconcile, rollback
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.run import execute_run
@@ -135,7 +136,7 @@ def test_every_file_is_fsynced_before_the_rename(make_settings: SettingsFactory,
     assert not (out / "latest").exists()
 
 
-def test_a_kill_between_recording_and_switching_is_consistent_after_restart(
+def test_a_kill_between_switching_and_recording_is_consistent_after_restart(
     make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
     settings = make_settings(data={"max_samples": 64})
@@ -158,27 +159,23 @@ def test_a_kill_between_recording_and_switching_is_consistent_after_restart(
     )
     try:
         deadline = time.monotonic() + 180
-        served = []
-        while time.monotonic() < deadline and not served and proc.poll() is None:
+        while time.monotonic() < deadline and artifacts.read_current(out).run_id is None and proc.poll() is None:
             time.sleep(0.5)
-            if settings.storage.history_db.exists():
-                store = HistoryStore(settings.storage.history_db)
-                served = store.served_stack()
-                store.close()
-        assert served, "the run was never recorded as served"
+        run_id = artifacts.read_current(out).run_id
+        assert run_id is not None, "latest never moved"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    run_id = served[0].run_identifier
-    assert artifacts.latest_run(out) is None and artifacts.is_complete(out / run_id)
+    assert artifacts.latest_run(out) == run_id
     store = HistoryStore(settings.storage.history_db)
+    assert store.served_stack() == [] and store.by_identifier(run_id).status == "running"
     recover(store, settings)  # what the daemon and `train` do at start
-    assert artifacts.latest_run(out) == run_id == store.served_stack()[0].run_identifier
-    current = json.loads((out / "current.json").read_text())
-    assert current["run_id"] == run_id and current["directory"] == str((out / run_id).resolve())
-    assert store.by_identifier(run_id).status == "completed"
+    # The run never ended in the history, so it is not served: `latest` and `current.json` agree.
+    assert store.by_identifier(run_id).status == "failed" and store.served_stack() == []
+    assert artifacts.latest_run(out) is None and not (out / "latest").is_symlink()
+    assert not (out / "current.json").exists()
     store.close()
 
 
@@ -200,3 +197,53 @@ def test_run_files_round_trip_and_foreign_or_broken_ones_read_as_unknown(tmp_pat
     (tmp_path / artifacts.CURRENT_FILE).write_text(json.dumps({"run_id": 7}))
     assert artifacts.read_current(tmp_path).run_id is None
     assert artifacts.read_metadata(tmp_path / "absent").base_model is None
+
+
+def test_a_disk_that_refuses_the_switch_changes_nothing(
+    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings()
+    out = settings.storage.output_dir
+    store = HistoryStore(settings.storage.history_db)
+    first, second, third = "run_20250101_000000", "run_20250102_000000", "run_20250103_000000"
+    _fake_run(store, settings, first, Decision.PROMOTED, serve=True)
+    _fake_run(store, settings, second, Decision.KEPT_CURRENT)
+    reconcile(store, out)
+    write_current = artifacts.write_current
+
+    def refuse(*_args: object) -> None:  # `latest` has moved by then: it must move back
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def served() -> list[str]:
+        return [row.run_identifier for row in store.served_stack()]
+
+    monkeypatch.setattr(artifacts, "write_current", refuse)
+    with pytest.raises(PromotionError, match="Read-only file system") as refused:
+        promote(store, settings, second, triggered_by="test")
+    assert refused.value.code == "io_error"
+    assert artifacts.latest_run(out) == first and served() == [first] and not store.by_identifier(second).promoted
+
+    monkeypatch.setattr(artifacts, "write_current", write_current)
+    promote(store, settings, second, triggered_by="test")
+    monkeypatch.setattr(artifacts, "write_current", refuse)
+    with pytest.raises(PromotionError, match="Read-only file system"):
+        rollback(store, settings, triggered_by="test")
+    assert artifacts.latest_run(out) == second and served() == [second, first]
+
+    # A run the gate chose is recorded as kept out, not as served.
+    _fake_run(store, settings, third, Decision.PROMOTED)
+    row = store.by_identifier(third)
+    result = RunResult(
+        run_identifier=third,
+        status=RunStatus.COMPLETED,
+        base_model="tiny",
+        decision=Decision.PROMOTED,
+        decision_reason="promoted: better",
+        run_dir=str(out / third),
+    )
+    finished = conclude(store, settings, row, result)
+    assert not finished.promoted and finished.decision == Decision.KEPT_CURRENT.value
+    assert "cannot serve run_20250103_000000" in (finished.decision_reason or "")
+    assert artifacts.latest_run(out) == second and served() == [second, first]
+    assert artifacts.read_current(out).run_id == second
+    store.close()

@@ -266,8 +266,8 @@ def execute_run(
         artifacts.write_metadata(staging, metadata)
         if stop.is_set():  # asked to stop while the run was being written up: none of it is kept
             return result.model_copy(update={"status": RunStatus.CANCELLED})
-        # Only the staged directory is ours to write: the daemon (or `train`) records the result
-        # and only then points `latest` at it.
+        # Only the staged directory is ours to write: the daemon (or `train`) points `latest` at it,
+        # if it is chosen, and records the result.
         final_dir = artifacts.finalize(staging, output_dir, run_identifier)
         reported = metadata.model_dump(include=REPORTED_FIELDS)  # the result and the file agree
         return result.model_copy(update={"status": RunStatus.COMPLETED, "run_dir": str(final_dir), **reported})
