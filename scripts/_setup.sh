@@ -70,18 +70,24 @@ ensure_postgres() {
     return 1
 }
 
-ensure_venv() {
-    local extras="${1:-}"
-    if [ ! -x "$VENV/bin/python" ]; then
-        "$PYTHON" -m venv "$VENV"
+# A virtual environment at $1 with the CPU build of torch (installed before anything that needs it).
+_venv_with_torch() {
+    local venv="$1"
+    if [ ! -x "$venv/bin/python" ]; then
+        "$PYTHON" -m venv "$venv"
     fi
-    if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
         if [ -n "${TORCH_INDEX_URL:-}" ]; then
-            "$VENV/bin/pip" install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+            "$venv/bin/pip" install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
         else
-            "$VENV/bin/pip" install -q "$TORCH_SPEC"
+            "$venv/bin/pip" install -q "$TORCH_SPEC"
         fi
     fi
+}
+
+ensure_venv() {
+    local extras="${1:-}"
+    _venv_with_torch "$VENV"
     "$VENV/bin/pip" install -q -e ".${extras}"
 }
 
@@ -92,15 +98,8 @@ HOMEIQ_VENV="${HOMEIQ_VENV:-.venv-homeiq}"
 HOMEIQ_PACKAGES=("transformers>=4.46.1,<5.0.0" "peft>=0.12.0,<1.0.0" sentencepiece)
 
 ensure_homeiq_venv() {
-    if [ ! -x "$HOMEIQ_VENV/bin/python" ]; then
-        "$PYTHON" -m venv "$HOMEIQ_VENV"
-    fi
-    if ! "$HOMEIQ_VENV/bin/python" -c "import peft, torch, transformers" >/dev/null 2>&1; then
-        if [ -n "${TORCH_INDEX_URL:-}" ]; then
-            "$HOMEIQ_VENV/bin/pip" install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
-        else
-            "$HOMEIQ_VENV/bin/pip" install -q "$TORCH_SPEC"
-        fi
+    _venv_with_torch "$HOMEIQ_VENV"
+    if ! "$HOMEIQ_VENV/bin/python" -c "import peft, transformers" >/dev/null 2>&1; then
         "$HOMEIQ_VENV/bin/pip" install -q "${HOMEIQ_PACKAGES[@]}"
     fi
 }

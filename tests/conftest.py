@@ -87,6 +87,24 @@ def make_settings(tmp_path: Path, tiny_model: Path, source_db: Path) -> Settings
     return factory
 
 
+def train_and_serve(settings: Settings) -> Path:
+    """One run trained at `settings` and served, as the daemon does it; returns `<output_dir>/latest`."""
+    from homeiq_trainer.history import HistoryStore
+    from homeiq_trainer.jobs import JobRequest, open_run, recover
+    from homeiq_trainer.messages import RunStatus, TrainParams
+    from homeiq_trainer.promotion import conclude
+    from homeiq_trainer.training.run import execute_run
+
+    store = HistoryStore(settings.storage.history_db)
+    recover(store, settings)
+    row = open_run(store, settings, JobRequest(params=TrainParams(), triggered_by="test"))
+    result = execute_run(settings, TrainParams(), row.run_identifier)
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert conclude(store, settings, row, result).promoted
+    store.close()
+    return settings.storage.output_dir / "latest"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

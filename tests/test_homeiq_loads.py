@@ -17,13 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from homeiq_trainer.history import HistoryStore
-from homeiq_trainer.jobs import JobRequest, open_run, recover
-from homeiq_trainer.messages import RunStatus, TrainParams
-from homeiq_trainer.promotion import conclude
-from homeiq_trainer.training.run import execute_run
-
-from .conftest import SettingsFactory
+from .conftest import SettingsFactory, train_and_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 HOMEIQ_PYTHON = ROOT / os.environ.get("HOMEIQ_VENV", ".venv-homeiq") / "bin" / "python"
@@ -86,15 +80,7 @@ def test_homeiq_on_transformers_4_loads_the_served_adapter_and_answers_as_we_do(
 
     base = tmp_path / "base-saved-by-transformers-4"
     homeiq(BUILD_BASE, str(tiny_model), str(base))
-    settings = make_settings(data={"max_samples": 60}, training={"base_model": str(base)})
-    store = HistoryStore(settings.storage.history_db)
-    recover(store, settings)
-    row = open_run(store, settings, JobRequest(params=TrainParams(), triggered_by="test"))
-    result = execute_run(settings, TrainParams(), row.run_identifier)
-    assert result.status is RunStatus.COMPLETED, result.error
-    assert conclude(store, settings, row, result).promoted
-    store.close()
-    latest = settings.storage.output_dir / "latest"
+    latest = train_and_serve(make_settings(data={"max_samples": 60}, training={"base_model": str(base)}))
 
     loaded = json.loads(homeiq(HOMEIQ_LOADER, str(latest), QUERY).stdout.splitlines()[-1])
     assert loaded["version"].startswith("4.") and loaded["adapter"] == ["default"] and loaded["answer"].strip()

@@ -8,14 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from homeiq_trainer.history import HistoryStore
-from homeiq_trainer.jobs import JobRequest, open_run, recover
-from homeiq_trainer.messages import RunStatus, TrainParams
-from homeiq_trainer.promotion import conclude
 from homeiq_trainer.training.evaluate import answer
-from homeiq_trainer.training.run import execute_run
 
-from .conftest import SettingsFactory
+from .conftest import SettingsFactory, train_and_serve
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SNIPPET_PATH = "data/ask_ai_soft_prompt/latest"
@@ -32,14 +27,7 @@ def test_serving_snippet_loads_latest_and_answers(make_settings: SettingsFactory
     code = _snippet()
     assert len(code.strip().splitlines()) <= 10 and SNIPPET_PATH in code
     settings = make_settings(data={"max_samples": 60})
-    store = HistoryStore(settings.storage.history_db)
-    recover(store, settings)
-    row = open_run(store, settings, JobRequest(params=TrainParams(), triggered_by="test"))
-    result = execute_run(settings, TrainParams(), row.run_identifier)
-    assert result.status is RunStatus.COMPLETED, result.error
-    assert conclude(store, settings, row, result).promoted
-    store.close()
-    latest = settings.storage.output_dir / "latest"
+    latest = train_and_serve(settings)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", code.replace(SNIPPET_PATH, str(latest))], env=env, capture_output=True, text=True
