@@ -120,14 +120,20 @@ def conclude(store: HistoryStore, settings: Settings, run: TrainingRun, result: 
     with _SWITCH_LOCK:
         if serve:
             stack = store.served_stack()
-            try:
-                _switch(
-                    output_dir, run.run_identifier, utcnow().isoformat(), stack[0].run_identifier if stack else None
-                )
-            except PromotionError as exc:
+            in_use = stack[0].run_identifier if stack else None
+            compared = (result.evaluation or {}).get("compared_with", in_use)
+            if compared != in_use:  # promoted or rolled back by hand while the run was being decided
                 serve = False
-                _LOGGER.error("Run %s was chosen but cannot be served: %s", run.run_identifier, exc)
-                result = result.model_copy(update={"decision": Decision.KEPT_CURRENT, "decision_reason": str(exc)})
+                reason = f"offered, not served: {in_use} was put in use after it was compared with {compared or 'none'}"
+                result = result.model_copy(update={"decision": Decision.AWAITING_APPROVAL, "decision_reason": reason})
+            else:
+                try:
+                    _switch(output_dir, run.run_identifier, utcnow().isoformat(), in_use)
+                except PromotionError as exc:
+                    serve = False
+                    _LOGGER.error("Run %s was chosen but cannot be served: %s", run.run_identifier, exc)
+                    update = {"decision": Decision.KEPT_CURRENT, "decision_reason": str(exc)}
+                    result = result.model_copy(update=update)
         finished = record_result(store, settings, run, result, serve=serve)
         artifacts.apply_retention(output_dir, settings.storage.keep_runs, protected_runs(store))
     return finished

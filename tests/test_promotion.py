@@ -16,7 +16,15 @@ import pytest
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.jobs import recover
 from homeiq_trainer.messages import Decision, RunMetadata, RunResult, RunStatus, TrainParams
-from homeiq_trainer.promotion import PromotionError, conclude, promote, protected_runs, reconcile, rollback
+from homeiq_trainer.promotion import (
+    PromotionError,
+    conclude,
+    offered,
+    promote,
+    protected_runs,
+    reconcile,
+    rollback,
+)
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.run import execute_run
@@ -246,4 +254,34 @@ def test_a_disk_that_refuses_the_switch_changes_nothing(
     assert "cannot serve run_20250103_000000" in (finished.decision_reason or "")
     assert artifacts.latest_run(out) == second and served() == [second, first]
     assert artifacts.read_current(out).run_id == second
+    store.close()
+
+
+def test_a_run_decided_against_an_adapter_no_longer_in_use_is_offered_not_served(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings()
+    out = settings.storage.output_dir
+    store = HistoryStore(settings.storage.history_db)
+    first, second, third = "run_20250101_000000", "run_20250102_000000", "run_20250103_000000"
+    _fake_run(store, settings, first, Decision.PROMOTED, serve=True)
+    _fake_run(store, settings, second, Decision.KEPT_CURRENT)
+    _fake_run(store, settings, third, Decision.PROMOTED)
+    reconcile(store, out)
+    # `third` was compared with `first` and found better; meanwhile `second` is served by hand.
+    promote(store, settings, second, triggered_by="test")
+    result = RunResult(
+        run_identifier=third,
+        status=RunStatus.COMPLETED,
+        base_model="tiny",
+        decision=Decision.PROMOTED,
+        decision_reason=f"promoted: better than {first}",
+        run_dir=str(out / third),
+        evaluation={"compared_with": first},
+    )
+    finished = conclude(store, settings, store.by_identifier(third), result)
+    assert not finished.promoted and finished.decision == Decision.AWAITING_APPROVAL.value
+    assert f"{second} was put in use after it was compared with {first}" in (finished.decision_reason or "")
+    assert artifacts.latest_run(out) == second and [row.run_identifier for row in store.served_stack()][0] == second
+    assert offered(store, settings).run_identifier == third  # the update entity offers it
     store.close()

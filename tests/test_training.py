@@ -324,6 +324,12 @@ def test_promote_refuses_incomplete_and_identifiers_unique(tmp_path: Path) -> No
 
     now = datetime(2025, 1, 1, tzinfo=UTC)
     assert artifacts.new_run_identifier({"run_20250101_000000"}, out, now) == "run_20250101_000000_1"
+    # A clock set back: the new run still sorts after every run there is, so retention keeps it.
+    (out / "run_20250301_120000_2").mkdir()
+    earlier = artifacts.new_run_identifier({"run_20250101_000000"}, out, now)
+    assert earlier == "run_20250301_120000_3"
+    (out / earlier).mkdir()
+    assert artifacts.apply_retention(out, 1) == ["run_20250301_120000_2", "run_20250101_000000"]
     with pytest.raises(artifacts.ArtifactError):
         artifacts.resolve_run_dir(out, "../../etc")
 

@@ -34,10 +34,21 @@ class ArtifactError(Exception):
 
 
 def new_run_identifier(taken: Iterable[str], output_dir: Path, now: datetime | None = None) -> str:
-    """`run_YYYYMMDD_HHMMSS` (UTC), with a suffix when that second is taken already."""
-    base = (now or utcnow()).strftime("run_%Y%m%d_%H%M%S")
+    """`run_YYYYMMDD_HHMMSS` (UTC), with a suffix when that second is taken already.
+
+    Never sorting below a run that exists: after the clock was set back (a Raspberry Pi without a
+    battery-backed clock, before NTP answers) the new run takes the newest one's time and the next
+    suffix, as retention keeps the newest by identifier and would delete the new run first.
+    """
     used = set(taken)
+    if output_dir.is_dir():
+        used.update(path.name for path in output_dir.iterdir())
+    base = (now or utcnow()).strftime("run_%Y%m%d_%H%M%S")
     candidate, n = base, 1
+    newest = max((name for name in used if _RUN_ID.match(name)), key=_run_sort_key, default=None)
+    if newest is not None and _run_sort_key(newest) > (base, 0):
+        base, n = newest[:19], _run_sort_key(newest)[1] + 1
+        candidate = f"{base}_{n}"
     while candidate in used or (output_dir / candidate).exists():
         candidate = f"{base}_{n}"
         n += 1

@@ -76,6 +76,8 @@ class Evaluation:
     served: AdapterScores | None = None
     served_note: str | None = None
     samples: list[dict[str, str | None]] = field(default_factory=list)
+    in_use: str | None = None
+    """The run `latest` served when the evaluation began (scored as `served` if it shares the base model)."""
 
     def record(self) -> dict[str, Any]:
         """As written to `training_run.json` and the history."""

@@ -215,7 +215,8 @@ def execute_run(
             return result.model_copy(update={"status": RunStatus.CANCELLED})
         if evaluation is not None and not _all_finite(evaluation.candidate.eval_loss):
             return _diverged(result)
-        served_run = artifacts.latest_run(output_dir)
+        # The adapter the evaluation scored beside this one (`latest` may have moved since, by a promote).
+        served_run = evaluation.in_use if evaluation is not None else artifacts.latest_run(output_dir)
         candidate_metrics: dict[str, float | None]
         served_metrics: dict[str, float | None] | None
         if evaluation is None:  # nothing held out: nothing to compare with whatever is in use
@@ -224,7 +225,11 @@ def execute_run(
             candidate_metrics = evaluation.candidate.metrics()
             served_metrics = evaluation.served.metrics() if evaluation.served else None
         decision, reason = decide(settings.promotion, candidate_metrics, served_metrics, served_run)
-        evaluation_record = {"metric": settings.promotion.metric, **(evaluation.record() if evaluation else {})}
+        evaluation_record = {
+            "metric": settings.promotion.metric,
+            "compared_with": served_run,
+            **(evaluation.record() if evaluation else {}),
+        }
         final_dir = output_dir / run_identifier
         metadata = RunMetadata(
             run_id=run_identifier,
@@ -297,9 +302,8 @@ def _diverged(result: RunResult) -> RunResult:
     )
 
 
-def _served_adapter(output_dir: Path, base_model: str) -> tuple[tuple[str, Path] | None, str | None]:
-    """(the adapter `latest` serves, if it shares the base model; a note when it does not)."""
-    name = artifacts.latest_run(output_dir)
+def _served_adapter(output_dir: Path, name: str | None, base_model: str) -> tuple[tuple[str, Path] | None, str | None]:
+    """(the adapter in use, `name`, if it shares the base model; a note when it does not)."""
     if name is None:
         return None, None
     base = artifacts.read_metadata(output_dir / name).base_model
@@ -323,9 +327,10 @@ def _evaluate(
     _, eval_set = split_examples(examples, hp.eval_fraction, hp.min_eval_examples)
     if not eval_set:
         return None
-    served, note = _served_adapter(settings.storage.output_dir, hp.base_model)
+    in_use = artifacts.latest_run(settings.storage.output_dir)
+    served, note = _served_adapter(settings.storage.output_dir, in_use, hp.base_model)
     evaluation = evaluate_adapters(eval_set, hp, settings.evaluation, (run_identifier, staging), served, observer, stop)
-    evaluation.served_note = note
+    evaluation.served_note, evaluation.in_use = note, in_use
     return evaluation
 
 
