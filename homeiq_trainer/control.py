@@ -116,16 +116,20 @@ def number_limits(control: Control, configured: Settings) -> dict[str, float]:
         elif isinstance(bound, annotated_types.Lt):
             limits["max"] = bound.lt  # type: ignore[assignment]
     low, high = configured.limits.range_of(control.name)
+    own = value_at(configured, control.path)  # the configured value may lie beyond them: it stays showable
     if low is not None:
-        limits["min"] = max(limits.get("min", low), low)
+        limits["min"] = min(max(limits.get("min", low), low), own)
     if high is not None:
-        limits["max"] = min(limits.get("max", high), high)
+        limits["max"] = max(min(limits.get("max", high), high), own)
     return limits
 
 
 def beyond_limits(control: Control, value: Any, configured: Settings) -> str | None:
     """Which `limits.*` a value of this control breaks, or None: Home Assistant's settings are MQTT
-    input too, and a plain `start` trains with them, so they get the ceilings a `start` gets."""
+    input too, and a plain `start` trains with them, so they get the ceilings a `start` gets. The
+    configured value itself (the owner's, as the CLI's) passes; what is not a number is the schema's to refuse."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value == value_at(configured, control.path):
+        return None
     return configured.limits.refusal(SimpleNamespace(**{control.name: value}))
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from homeiq_trainer.parameters import parameter
 
-RUN_ID_PATTERN = r"^run_\d{8}_\d{6}(_\d{1,3})?$"
+RUN_ID_PATTERN = r"^run_\d{8}_\d{6}(_\d{1,6})?$"  # the suffix: same-second runs, or a clock set back
 RESUME_FROM_PATTERN = rf"^(latest|{RUN_ID_PATTERN[1:-1]})$"
 # One rule for request ids everywhere (commands, answers to refused commands, the idempotency memory):
 # printable ASCII only, so every answer serialises whatever a sender put in the id.

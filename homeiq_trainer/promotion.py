@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from homeiq_trainer.history import HistoryStore, TrainingRun
+from homeiq_trainer.history import ServedAdapter as ServedAdapterRow
 from homeiq_trainer.messages import Decision, RunResult, RunStatus, ServedAdapter, utcnow
 from homeiq_trainer.settings import PromotionSettings, Settings
 from homeiq_trainer.training import artifacts
@@ -85,24 +86,43 @@ def current_record(output_dir: Path, run_identifier: str, promoted_at: str) -> S
     )
 
 
-def _switch(output_dir: Path, run_identifier: str, promoted_at: str, restore: str | None) -> None:
-    """Point `latest` and `current.json` at a run, before the history records it.
+def _switch(output_dir: Path, run_identifier: str, promoted_at: str) -> None:
+    artifacts.promote(output_dir, run_identifier)
+    artifacts.write_current(output_dir, current_record(output_dir, run_identifier, promoted_at))
+    _LOGGER.info("Serving %s", run_identifier)
 
-    On a disk that refuses (full, read-only) `latest` goes back to `restore` and PromotionError
-    (`io_error`) rises, so the history never says one adapter is served while `latest` serves another.
-    A crash between this and the history's record is mended at the next start (`reconcile`).
+
+def _put_back(output_dir: Path, served: ServedAdapterRow | None) -> None:
+    """Best effort: `latest` and `current.json` as they were, serving `served` (or nothing)."""
+    with contextlib.suppress(OSError, artifacts.ArtifactError):
+        if served is None:
+            (output_dir / artifacts.LATEST).unlink(missing_ok=True)
+            artifacts.write_current(output_dir, None)
+        else:
+            _switch(output_dir, served.run_identifier, served.served_at.isoformat())
+
+
+@contextlib.contextmanager
+def _switched(output_dir: Path, run_identifier: str, served: ServedAdapterRow | None) -> Iterator[None]:
+    """`latest` and `current.json` point at a run while the block records it in the history.
+
+    Both move before the history records the switch, and are put back when either fails: a disk that
+    refuses (full, read-only: PromotionError `io_error`) or a history that cannot be written. The
+    history never says one adapter is served while `latest` serves another; a crash between the
+    switch and the record is mended at the next start (`reconcile`, where the history wins).
     """
     try:
-        artifacts.promote(output_dir, run_identifier)
-        artifacts.write_current(output_dir, current_record(output_dir, run_identifier, promoted_at))
+        _switch(output_dir, run_identifier, utcnow().isoformat())
     except OSError as exc:
-        if restore is not None:
-            with contextlib.suppress(OSError, artifacts.ArtifactError):
-                artifacts.promote(output_dir, restore)
+        _put_back(output_dir, served)
         raise PromotionError(
             "io_error", f"cannot serve {run_identifier} in {output_dir}: {exc.strerror or exc}"
         ) from None
-    _LOGGER.info("Serving %s", run_identifier)
+    try:
+        yield
+    except BaseException:
+        _put_back(output_dir, served)
+        raise
 
 
 def protected_runs(store: HistoryStore) -> set[str]:
@@ -118,23 +138,24 @@ def conclude(store: HistoryStore, settings: Settings, run: TrainingRun, result: 
     output_dir = settings.storage.output_dir
     serve = result.status is RunStatus.COMPLETED and result.decision is Decision.PROMOTED
     with _SWITCH_LOCK:
+        stack = store.served_stack() if serve else []
+        in_use = stack[0] if stack else None
+        in_use_id = in_use.run_identifier if in_use else None
+        compared = (result.evaluation or {}).get("compared_with", in_use_id)
+        if serve and compared != in_use_id:  # promoted or rolled back by hand while the run was being decided
+            serve = False
+            reason = f"offered, not served: {in_use_id} was put in use after it was compared with {compared or 'none'}"
+            result = result.model_copy(update={"decision": Decision.AWAITING_APPROVAL, "decision_reason": reason})
         if serve:
-            stack = store.served_stack()
-            in_use = stack[0].run_identifier if stack else None
-            compared = (result.evaluation or {}).get("compared_with", in_use)
-            if compared != in_use:  # promoted or rolled back by hand while the run was being decided
+            try:
+                with _switched(output_dir, run.run_identifier, in_use):
+                    finished = record_result(store, settings, run, result, serve=True)
+            except PromotionError as exc:
                 serve = False
-                reason = f"offered, not served: {in_use} was put in use after it was compared with {compared or 'none'}"
-                result = result.model_copy(update={"decision": Decision.AWAITING_APPROVAL, "decision_reason": reason})
-            else:
-                try:
-                    _switch(output_dir, run.run_identifier, utcnow().isoformat(), in_use)
-                except PromotionError as exc:
-                    serve = False
-                    _LOGGER.error("Run %s was chosen but cannot be served: %s", run.run_identifier, exc)
-                    update = {"decision": Decision.KEPT_CURRENT, "decision_reason": str(exc)}
-                    result = result.model_copy(update=update)
-        finished = record_result(store, settings, run, result, serve=serve)
+                _LOGGER.error("Run %s was chosen but cannot be served: %s", run.run_identifier, exc)
+                result = result.model_copy(update={"decision": Decision.KEPT_CURRENT, "decision_reason": str(exc)})
+        if not serve:
+            finished = record_result(store, settings, run, result, serve=False)
         artifacts.apply_retention(output_dir, settings.storage.keep_runs, protected_runs(store))
     return finished
 
@@ -153,8 +174,8 @@ def promote(store: HistoryStore, settings: Settings, run_identifier: str, trigge
         stack = store.served_stack()
         if stack and stack[0].run_identifier == run_identifier:
             raise PromotionError("already_served", f"run {run_identifier} is already served")
-        _switch(output_dir, run_identifier, utcnow().isoformat(), stack[0].run_identifier if stack else None)
-        store.serve(run_identifier, action="promote", triggered_by=triggered_by)
+        with _switched(output_dir, run_identifier, stack[0] if stack else None):
+            store.serve(run_identifier, action="promote", triggered_by=triggered_by)
     return store.by_identifier(run_identifier) or run
 
 
@@ -195,8 +216,8 @@ def rollback(store: HistoryStore, settings: Settings, triggered_by: str) -> str:
         previous = stack[1].run_identifier
         if not artifacts.is_complete(output_dir / previous):
             raise PromotionError("not_promotable", f"the previous adapter {previous} is gone from {output_dir}")
-        _switch(output_dir, previous, utcnow().isoformat(), stack[0].run_identifier)
-        store.withdraw(stack[0].id, triggered_by=triggered_by)  # type: ignore[arg-type]
+        with _switched(output_dir, previous, stack[0]):
+            store.withdraw(stack[0].id, triggered_by=triggered_by)  # type: ignore[arg-type]
     return previous
 
 
@@ -227,5 +248,5 @@ def reconcile(store: HistoryStore, output_dir: Path) -> str | None:
         if target != on_disk:
             _LOGGER.warning("Finishing a promotion a crash interrupted: serving %s (latest was %s)", target, on_disk)
         if target != on_disk or artifacts.read_current(output_dir).run_id != target:
-            _switch(output_dir, target, stack[0].served_at.isoformat(), on_disk)
+            _switch(output_dir, target, stack[0].served_at.isoformat())
         return target

@@ -345,9 +345,10 @@ class Runner:
             if job.cancel_requested.is_set() and result.status is RunStatus.FAILED:
                 # Killed because we asked it to stop: that is a cancellation, not a failure.
                 result = result.model_copy(update={"status": RunStatus.CANCELLED, "error": None})
-            elif job.cancel_requested.is_set() and result.status is RunStatus.COMPLETED:
-                # The cancel was answered `ok` as the run was moving its directory into place: too late
-                # for the process to stop, so the run is taken back here, never served.
+            elif job.cancel_requested.is_set() and self._accepting and result.status is RunStatus.COMPLETED:
+                # A user's cancel was answered `ok` as the run was moving its directory into place: too
+                # late for the process to stop, so the run is taken back here, never served. (A shutdown
+                # cancels too; a run that finished meanwhile is kept as it is.)
                 if result.run_dir:
                     shutil.rmtree(result.run_dir, ignore_errors=True)
                 cancelled = {"status": RunStatus.CANCELLED, "run_dir": None, "decision": None, "decision_reason": None}

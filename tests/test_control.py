@@ -228,6 +228,18 @@ def test_settings_from_home_assistant_get_the_limits_a_start_gets(
     assert panel.change("epochs", b"10")[1] == 10
     assert panel.change("batch_tokens", b"1048576")[1] == 1_048_576  # no limit on it
 
+    # A stored value that is no number is ignored like any invalid one, and the daemon starts.
+    store.set("training.epochs", "five")
+    assert SettingsPanel(load_settings(), store, {}).effective.training.epochs == 3
+    # The owner's configured value may lie beyond a limit: Home Assistant may show and set it, no more.
+    owner = load_settings(None, {"training": {"batch_size": 128}})
+    by_name = {control.name: control for control in active_controls()}
+    assert number_limits(by_name["batch_size"], owner)["max"] == 128
+    panel = SettingsPanel(owner, store, {})
+    assert panel.change("batch_size", b"128")[1] == 128
+    with pytest.raises(SettingRefused, match=re.escape("limits.max_batch_size (64)")):
+        panel.change("batch_size", b"100")
+
 
 def test_stored_choice_taken_off_the_allow_list_is_ignored(
     history: HistoryStore, caplog: pytest.LogCaptureFixture

@@ -238,6 +238,20 @@ def test_a_disk_that_refuses_the_switch_changes_nothing(
         rollback(store, settings, triggered_by="test")
     assert artifacts.latest_run(out) == second and served() == [second, first]
 
+    # A history that cannot record the switch: `latest` goes back too.
+    monkeypatch.setattr(artifacts, "write_current", write_current)
+
+    def history_gone(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("the history database went away")
+
+    monkeypatch.setattr(store, "withdraw", history_gone)
+    with pytest.raises(RuntimeError, match="went away"):
+        rollback(store, settings, triggered_by="test")
+    assert artifacts.latest_run(out) == second == artifacts.read_current(out).run_id
+    assert served() == [second, first]
+    monkeypatch.undo()
+    monkeypatch.setattr(artifacts, "write_current", refuse)
+
     # A run the gate chose is recorded as kept out, not as served.
     _fake_run(store, settings, third, Decision.PROMOTED)
     row = store.by_identifier(third)
@@ -284,4 +298,25 @@ def test_a_run_decided_against_an_adapter_no_longer_in_use_is_offered_not_served
     assert f"{second} was put in use after it was compared with {first}" in (finished.decision_reason or "")
     assert artifacts.latest_run(out) == second and [row.run_identifier for row in store.served_stack()][0] == second
     assert offered(store, settings).run_identifier == third  # the update entity offers it
+    store.close()
+
+
+def test_a_refused_first_switch_leaves_nothing_served(
+    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings()
+    out = settings.storage.output_dir
+    store = HistoryStore(settings.storage.history_db)
+    _fake_run(store, settings, "run_20250101_000000", Decision.KEPT_CURRENT)
+
+    def refuse(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts, "write_current", refuse)
+    with pytest.raises(PromotionError, match="No space left") as refused:
+        promote(store, settings, "run_20250101_000000", triggered_by="test")
+    assert refused.value.code == "io_error"
+    assert not (out / "latest").is_symlink() and store.served_stack() == []
+    monkeypatch.undo()
+    assert reconcile(store, out) is None  # nothing for the next start to adopt either
     store.close()

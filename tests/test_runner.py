@@ -107,6 +107,21 @@ def test_a_run_that_completes_after_a_cancel_is_taken_back(settings: Settings) -
     assert not (output_dir / run.run_identifier).exists() and not (output_dir / "latest").exists()
 
 
+def test_a_shutdown_keeps_a_run_that_completes_meanwhile(settings: Settings) -> None:
+    output_dir = settings.storage.output_dir
+    script = [PhaseEvent(phase=Phase.SAVING), "hang", ("completed anyway", output_dir)]
+    runner, listener, launcher, store = make_runner(settings, script)
+    run = runner.submit(JobRequest(params=TrainParams()))
+    deadline = time.monotonic() + 5
+    while not launcher.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runner.shutdown(timeout_s=5)
+    assert listener.done.wait(10)
+    assert listener.finished[0].status is RunStatus.COMPLETED
+    assert store.by_identifier(run.run_identifier).status == "completed"
+    assert (output_dir / run.run_identifier).is_dir()
+
+
 def test_process_death_fails_the_run_with_its_reason(settings: Settings) -> None:
     runner, listener, _, store = make_runner(settings, [PhaseEvent(phase=Phase.TRAINING), "die"])
     run = runner.submit(JobRequest(params=TrainParams()))

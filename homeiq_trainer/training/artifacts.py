@@ -49,7 +49,7 @@ def new_run_identifier(taken: Iterable[str], output_dir: Path, now: datetime | N
     if newest is not None and _run_sort_key(newest) > (base, 0):
         base, n = newest[:19], _run_sort_key(newest)[1] + 1
         candidate = f"{base}_{n}"
-    while candidate in used or (output_dir / candidate).exists():
+    while candidate in used:
         candidate = f"{base}_{n}"
         n += 1
     return candidate
