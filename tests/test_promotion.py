@@ -207,15 +207,23 @@ def test_run_files_round_trip_and_foreign_or_broken_ones_read_as_unknown(tmp_pat
     assert artifacts.read_metadata(tmp_path / "absent").base_model is None
 
 
+FIRST, SECOND, THIRD = "run_20250101_000000", "run_20250102_000000", "run_20250103_000000"
+
+
+def _served_then_rejected(store: HistoryStore, settings: Settings) -> None:
+    """FIRST served, SECOND completed and kept out."""
+    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
+    _fake_run(store, settings, SECOND, Decision.KEPT_CURRENT)
+
+
 def test_a_disk_that_refuses_the_switch_changes_nothing(
     make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = make_settings()
     out = settings.storage.output_dir
     store = HistoryStore(settings.storage.history_db)
-    first, second, third = "run_20250101_000000", "run_20250102_000000", "run_20250103_000000"
-    _fake_run(store, settings, first, Decision.PROMOTED, serve=True)
-    _fake_run(store, settings, second, Decision.KEPT_CURRENT)
+    first, second, third = FIRST, SECOND, THIRD
+    _served_then_rejected(store, settings)
     reconcile(store, out)
     write_current = artifacts.write_current
 
@@ -277,9 +285,8 @@ def test_a_run_decided_against_an_adapter_no_longer_in_use_is_offered_not_served
     settings = make_settings()
     out = settings.storage.output_dir
     store = HistoryStore(settings.storage.history_db)
-    first, second, third = "run_20250101_000000", "run_20250102_000000", "run_20250103_000000"
-    _fake_run(store, settings, first, Decision.PROMOTED, serve=True)
-    _fake_run(store, settings, second, Decision.KEPT_CURRENT)
+    first, second, third = FIRST, SECOND, THIRD
+    _served_then_rejected(store, settings)
     _fake_run(store, settings, third, Decision.PROMOTED)
     reconcile(store, out)
     # `third` was compared with `first` and found better; meanwhile `second` is served by hand.

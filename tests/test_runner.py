@@ -91,14 +91,20 @@ def test_busy_then_cancel(settings: Settings) -> None:
         runner.cancel()
 
 
-def test_a_run_that_completes_after_a_cancel_is_taken_back(settings: Settings) -> None:
-    output_dir = settings.storage.output_dir
-    script = [PhaseEvent(phase=Phase.SAVING), "hang", ("completed anyway", output_dir)]
+def saving_run_that_completes_anyway(settings: Settings) -> tuple[Runner, Listener, HistoryStore, TrainingRun]:
+    """A run in its saving phase whose process completes even when told to stop."""
+    script = [PhaseEvent(phase=Phase.SAVING), "hang", ("completed anyway", settings.storage.output_dir)]
     runner, listener, launcher, store = make_runner(settings, script)
     run = runner.submit(JobRequest(params=TrainParams()))
     deadline = time.monotonic() + 5
     while not launcher.started and time.monotonic() < deadline:
         time.sleep(0.01)
+    return runner, listener, store, run
+
+
+def test_a_run_that_completes_after_a_cancel_is_taken_back(settings: Settings) -> None:
+    output_dir = settings.storage.output_dir
+    runner, listener, store, run = saving_run_that_completes_anyway(settings)
     runner.cancel()
     assert listener.done.wait(10)
     assert listener.finished[0].status is RunStatus.CANCELLED and not listener.finished[0].promoted
@@ -109,12 +115,7 @@ def test_a_run_that_completes_after_a_cancel_is_taken_back(settings: Settings) -
 
 def test_a_shutdown_keeps_a_run_that_completes_meanwhile(settings: Settings) -> None:
     output_dir = settings.storage.output_dir
-    script = [PhaseEvent(phase=Phase.SAVING), "hang", ("completed anyway", output_dir)]
-    runner, listener, launcher, store = make_runner(settings, script)
-    run = runner.submit(JobRequest(params=TrainParams()))
-    deadline = time.monotonic() + 5
-    while not launcher.started and time.monotonic() < deadline:
-        time.sleep(0.01)
+    runner, listener, store, run = saving_run_that_completes_anyway(settings)
     runner.shutdown(timeout_s=5)
     assert listener.done.wait(10)
     assert listener.finished[0].status is RunStatus.COMPLETED
