@@ -177,11 +177,7 @@ class SettingsPanel:
                 # Chosen when it was allowed; the configuration has taken it off the list since.
                 ignored[control.path] = f"{value!r} is no longer one of the choices"
                 del stored[control.path]
-            elif (
-                control.platform == "number"
-                and value is not None
-                and (beyond := beyond_limits(control, value, configured))
-            ):
+            elif control.platform == "number" and (beyond := beyond_limits(control, value, configured)):
                 ignored[control.path] = beyond  # set before the limit was lowered (or before limits applied here)
                 del stored[control.path]
         self.effective, refused = apply_overrides(configured, stored, self.pinned)

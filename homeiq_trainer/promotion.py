@@ -92,12 +92,19 @@ def _switch(output_dir: Path, run_identifier: str, promoted_at: str) -> None:
     _LOGGER.info("Serving %s", run_identifier)
 
 
+def _serve_nothing(output_dir: Path) -> None:
+    """No `latest` and no `current.json`, so neither names a run that is not served."""
+    if (output_dir / artifacts.LATEST).is_symlink():
+        (output_dir / artifacts.LATEST).unlink()
+    if artifacts.read_current(output_dir).run_id is not None:
+        artifacts.write_current(output_dir, None)
+
+
 def _put_back(output_dir: Path, served: ServedAdapterRow | None) -> None:
     """Best effort: `latest` and `current.json` as they were, serving `served` (or nothing)."""
     with contextlib.suppress(OSError, artifacts.ArtifactError):
         if served is None:
-            (output_dir / artifacts.LATEST).unlink(missing_ok=True)
-            artifacts.write_current(output_dir, None)
+            _serve_nothing(output_dir)
         else:
             _switch(output_dir, served.run_identifier, served.served_at.isoformat())
 
@@ -238,11 +245,7 @@ def reconcile(store: HistoryStore, output_dir: Path) -> str | None:
             else:  # switched to as its run ended, and the process died before the history recorded the end
                 _LOGGER.warning("Run %s was never recorded as completed; not serving it", on_disk)
         if not stack:
-            # Nothing servable is left: `latest` and `current.json` must not name a run that is gone.
-            if (output_dir / artifacts.LATEST).is_symlink():
-                (output_dir / artifacts.LATEST).unlink()
-            if artifacts.read_current(output_dir).run_id is not None:
-                artifacts.write_current(output_dir, None)
+            _serve_nothing(output_dir)  # nothing servable is left
             return None
         target = stack[0].run_identifier
         if target != on_disk:
