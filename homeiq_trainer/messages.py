@@ -93,8 +93,9 @@ class _Wire(BaseModel):
 class TrainParams(_Wire):
     """Per-run overrides of the configured training settings (from the CLI or a command)."""
 
-    # Strict: a command saying "epochs": "3" is a mistake worth naming, not something to guess at.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Strict: a command saying "epochs": "3" is a mistake worth naming, not something to guess at;
+    # and NaN, which fails every range check, is named as what it is.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     # Bounds and help from the one declaration (parameters.py); a test checks every one is here.
     epochs: int | None = parameter("epochs").field(None)

@@ -48,7 +48,8 @@ DEFAULT_BASE_MODEL = "google/flan-t5-small"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # NaN passes no range check ("NaN <= 1" is false), so say what it is: not a finite number.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class DataSettings(_Section):

@@ -55,6 +55,8 @@ def test_json_start_with_params() -> None:
         (b'{"action": "start", "params": {"epochs": 0}}', "invalid_command", "params.epochs"),
         (b'{"action": "start", "params": {"epochs": "3"}}', "invalid_command", "params.epochs"),
         (b'{"action": "start", "params": {"colour": 1}}', "invalid_command", "params.colour"),
+        (b'{"action": "start", "params": {"learning_rate": NaN}}', "invalid_command", "finite number"),
+        (b'{"action": "start", "params": {"learning_rate": -Infinity}}', "invalid_command", "finite number"),
         (b'{"action": "start", "params": {"resume_from": "/etc/passwd"}}', "invalid_command", "resume_from"),
         (b'{"action": "start", "params": {"base_model": ""}}', "invalid_command", "base_model"),
         (b'{"action": "start", "request_id": 7}', "invalid_command", "request_id"),
