@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from homeiq_trainer.database import scrub
 from homeiq_trainer.messages import RunStatus, utcnow
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training.data import DataError, SourceOptions, count_new_examples
@@ -20,10 +21,11 @@ SOURCE_CHECK_BUSY_TIMEOUT_S = 2.0
 
 def probe_source(settings: Settings) -> str | None:
     """Why the source database cannot be read, or None when it can (reads no row: nothing is newer than now)."""
+    data = settings.data
+    url = data.source_url()
     try:
-        data = settings.data
         count_new_examples(
-            data.source_url(),
+            url,
             utcnow(),
             limit=1,
             options=SourceOptions(
@@ -35,6 +37,9 @@ def probe_source(settings: Settings) -> str | None:
         )
     except DataError as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 - what no reader expected still means it cannot be read now
+        # Its message only, scrubbed: a traceback could quote the URL, password included.
+        return scrub(f"checking it failed: {type(exc).__name__}: {exc}", url)
     return None
 
 

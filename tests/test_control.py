@@ -302,3 +302,22 @@ def test_problem_payload() -> None:
     failing = problem_payload("failed", "source database not found: /x")
     assert failing["problem"] and failing["last_run_failed"] and len(failing["reasons"]) == 2
     assert problem_payload(None, "gone")["problem"]
+
+
+def test_an_unexpected_error_while_checking_the_source_is_reported_without_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only `DataError` used to count: anything else left the problem sensor saying the source was fine."""
+    from homeiq_trainer import problem
+
+    settings = load_settings(None, {"data": {"source": "postgresql://homeiq:s3cret@db.local/homeiq"}})
+
+    def broken(*_args: object, **_kwargs: object) -> int:
+        raise RuntimeError("driver said: postgresql://homeiq:s3cret@db.local/homeiq is odd")
+
+    monkeypatch.setattr(problem, "count_new_examples", broken)
+    seen: list[str | None] = []
+    watch = problem.SourceWatch(settings, seen.append)
+    error = watch.check()
+    assert error is not None and "RuntimeError" in error and "s3cret" not in error
+    assert seen == [error] and problem_payload(None, error)["problem"]
