@@ -151,8 +151,14 @@ def record_result(
 
 
 def prune_history(store: HistoryStore, settings: Settings) -> int:
-    """Keep the newest `storage.keep_history_rows` rows, and always those of runs that may be served."""
+    """Keep the newest `storage.keep_history_rows` rows, and always those of runs that may be served.
+
+    A run whose directory retention kept (`storage.keep_runs` may exceed the rows kept) keeps its row:
+    without one it could be neither listed nor promoted, and would only take disk space.
+    """
     from homeiq_trainer.promotion import protected_runs
 
-    served = artifacts.latest_run(settings.storage.output_dir)
-    return store.prune(settings.storage.keep_history_rows, protect={*protected_runs(store), *filter(None, [served])})
+    output_dir = settings.storage.output_dir
+    served = artifacts.latest_run(output_dir)
+    protect = {*protected_runs(store), *filter(None, [served]), *artifacts.run_directories(output_dir)}
+    return store.prune(settings.storage.keep_history_rows, protect=protect)

@@ -14,7 +14,9 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 
 from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.jobs import prune_history
 from homeiq_trainer.messages import RunStatus
+from homeiq_trainer.settings import load_settings
 
 from . import postgres
 
@@ -31,6 +33,26 @@ def test_prune_keeps_the_newest_rows_and_the_served_run(tmp_path: Path) -> None:
     # The newest ten (the open one among them), and the served run although it is the oldest.
     assert store.identifiers() == {names[0], *names[6:], open_run.run_identifier}
     assert store.prune(10, protect={names[0]}) == 0
+    store.close()
+
+
+def test_a_run_whose_directory_is_kept_keeps_its_row(tmp_path: Path) -> None:
+    """With `keep_runs` above `keep_history_rows`, pruning left directories that no row listed or could promote."""
+    out = tmp_path / "out"
+    settings = load_settings(None, {"storage": {"output_dir": str(out), "keep_runs": 15, "keep_history_rows": 10}})
+    store = HistoryStore(tmp_path / "history.db")
+    names = []
+    for i in range(15):
+        run = store.create(f"run_20250101_0000{i:02d}", "m", str(out), "test", {})
+        store.finish(run.id, RunStatus.COMPLETED)  # type: ignore[arg-type]
+        (out / run.run_identifier).mkdir(parents=True)
+        names.append(run.run_identifier)
+    assert prune_history(store, settings) == 0
+    assert store.identifiers() == set(names)
+    for name in names[:3]:  # retention (or a person) removed the oldest directories: their rows may go
+        (out / name).rmdir()
+    assert prune_history(store, settings) == 3
+    assert store.identifiers() == set(names[3:])
     store.close()
 
 

@@ -215,19 +215,23 @@ def read_metadata(run_dir: Path) -> RunMetadata:
 
 def apply_retention(output_dir: Path, keep: int, protected: Iterable[str] = ()) -> list[str]:
     """Delete all but the newest `keep` run directories; never `latest`'s nor any `protected` one."""
-    if not output_dir.is_dir():
-        return []
     kept = {*protected, latest_run(output_dir)}
-    runs = sorted(
-        (p.name for p in output_dir.iterdir() if p.is_dir() and not p.is_symlink() and _RUN_ID.match(p.name)),
-        key=_run_sort_key,
-        reverse=True,
-    )
-    removed = [name for name in runs[keep:] if name not in kept]
+    removed = [name for name in run_directories(output_dir)[keep:] if name not in kept]
     for name in removed:
         shutil.rmtree(output_dir / name, ignore_errors=True)
         _LOGGER.info("Retention: removed run directory %s", name)
     return removed
+
+
+def run_directories(output_dir: Path) -> list[str]:
+    """The names of the run directories in `output_dir`, newest first."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(
+        (p.name for p in output_dir.iterdir() if p.is_dir() and not p.is_symlink() and _RUN_ID.match(p.name)),
+        key=_run_sort_key,
+        reverse=True,
+    )
 
 
 def remove_stale_staging(output_dir: Path) -> None:
