@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from homeiq_trainer import __version__
+from homeiq_trainer.history import HistoryUnavailable
 from homeiq_trainer.jobs import InstanceBusy
 from homeiq_trainer.messages import Phase, ProgressEvent, RunStatus, TrainParams
 from homeiq_trainer.parameters import PARAMETERS
@@ -49,6 +50,16 @@ def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None)
     except AddonError as exc:
         raise ConfigError(str(exc)) from None
     return load_settings(args.config, overrides, addon_options=addon_options)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _section_overrides(pairs: dict[str, tuple[str, str]], args: argparse.Namespace) -> dict[str, Any]:
@@ -143,6 +154,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         },
         args,
     )
+    # A URL (`data.source`, `storage.history`) wins over its `*_db` path, so a path given here clears
+    # one set elsewhere: the run must read and record where this command says.
+    if args.source_db is not None and args.source is None:
+        overrides["data"]["source"] = ""
+    if args.history_db is not None:
+        overrides["storage"]["history"] = ""
     settings = _settings(args, overrides)
     _setup_logging(settings.log_level)
     params = TrainParams(
@@ -258,18 +275,20 @@ def cmd_serving(args: argparse.Namespace) -> int:
     _setup_logging(settings.log_level)
     lock = InstanceLock(settings)
     lock.acquire()
-    store = open_history(settings)  # `storage.history` where set, as `serve` and `train` do
     try:
-        promotion.reconcile(store, settings.storage.output_dir)
-        if args.command == "promote":
-            served = promotion.promote(store, settings, args.run_id, triggered_by="cli").run_identifier
-        else:
-            served = promotion.rollback(store, settings, triggered_by="cli")
+        store = open_history(settings)  # `storage.history` where set, as `serve` and `train` do
+        try:
+            promotion.reconcile(store, settings.storage.output_dir)
+            if args.command == "promote":
+                served = promotion.promote(store, settings, args.run_id, triggered_by="cli").run_identifier
+            else:
+                served = promotion.rollback(store, settings, triggered_by="cli")
+        finally:
+            store.close()
     except promotion.PromotionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        store.close()
         lock.release()
     print(f"serving {served} from {settings.storage.output_dir / served}")
     return EXIT_OK
@@ -282,8 +301,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _setup_logging("WARNING")
+    if args.run is None and artifacts.latest_run(settings.storage.output_dir) is None:
+        print(f"error: no adapter is served from {settings.storage.output_dir}; name a run with --run", file=sys.stderr)
+        return EXIT_FAILED
     try:
-        run_dir = artifacts.resolve_run_dir(settings.storage.output_dir, args.run or artifacts.LATEST)
+        run_dir = artifacts.resolve_run_dir(settings.storage.output_dir, args.run or artifacts.LATEST, "--run")
     except artifacts.ArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -358,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     runs = with_config(sub.add_parser("runs", help="list the run history, newest first"))
-    runs.add_argument("--limit", type=int, default=25)
+    runs.add_argument("--limit", type=_positive_int, default=25, help="at most this many runs (default: 25)")
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     runs.set_defaults(func=cmd_runs)
 
@@ -405,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     except InstanceBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except HistoryUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as exc:  # an unwritable history or output folder, before any run could record it
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_FAILED

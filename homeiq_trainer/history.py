@@ -12,10 +12,18 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, Index, Table, Text, TypeDecorator, delete, event, inspect, text
 from sqlalchemy.engine import URL, Dialect, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from homeiq_trainer.database import database_url, masked, postgres_connect_args, sqlite_path, sqlite_when_unlocked
+from homeiq_trainer.database import (
+    database_url,
+    masked,
+    postgres_connect_args,
+    postgres_reason,
+    scrub,
+    sqlite_path,
+    sqlite_when_unlocked,
+)
 from homeiq_trainer.homeiq_runs import HomeIQRuns
 from homeiq_trainer.messages import Decision, RunRecord, RunStatus, known, utcnow
 
@@ -260,6 +268,19 @@ class _ServedAdapters:
             return list(session.exec(query.order_by(TrainingRun.id.desc())).all())  # type: ignore[union-attr]
 
 
+class HistoryUnavailable(Exception):
+    """The history database cannot be opened: one line, the password masked."""
+
+
+def _unavailable(exc: SQLAlchemyError, url: URL, display: str) -> HistoryUnavailable:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if sqlite_path(url) is not None:
+        reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    else:
+        reason = postgres_reason(orig, TrainingRun.__tablename__, HISTORY_TIMEOUT_S, HISTORY_TIMEOUT_S)
+    return HistoryUnavailable(scrub(f"cannot open the history at {display}: {reason}", url))
+
+
 class HistoryStore(_ServedAdapters):
     """The run history, with one method per thing that happens to a run."""
 
@@ -281,7 +302,11 @@ class HistoryStore(_ServedAdapters):
                 json_deserializer=lenient_json,
                 connect_args=postgres_connect_args(HISTORY_TIMEOUT_S, HISTORY_TIMEOUT_S, read_only=False),
             )
-        create_safely(lambda: _create_schema(self._engine))
+        try:
+            create_safely(lambda: _create_schema(self._engine))
+        except SQLAlchemyError as exc:  # the first read: a file that is no database, a server that is down
+            self._engine.dispose()
+            raise _unavailable(exc, url, self.display) from None
         self._lock = threading.Lock()
         self._homeiq_runs = homeiq_runs
 

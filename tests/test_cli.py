@@ -144,3 +144,36 @@ def test_serve_refuses_tls_options_without_tls(make_settings: SettingsFactory) -
     settings = make_settings()
     done = cli("serve", env=env_of(settings) | {"HOMEIQ_MQTT__CA_CERTS": "/etc/ssl/ca.pem"}, timeout=60)
     assert done.returncode == 2 and "ca_certs set but tls is false" in done.stderr
+
+
+def test_a_broken_history_and_bad_options_get_one_line(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    env = env_of(make_settings())
+    junk = tmp_path / "junk.db"
+    junk.write_text("this is no database\n" * 200)
+    for command in (["runs"], ["promote", "run_20250101_000000"], ["rollback"], ["train"]):
+        done = cli(*command, env=env | {"HOMEIQ_STORAGE__HISTORY_DB": str(junk)})
+        assert done.returncode == 1, (command, done.stderr)
+        assert f"cannot open the history at {junk}" in done.stderr and "Traceback" not in done.stderr, command
+    # A server that is not there: one line, the password masked.
+    down = cli("runs", env=env | {"HOMEIQ_STORAGE__HISTORY": "postgresql://trainer:s3cret@127.0.0.1:1/history"})
+    assert down.returncode == 1 and "cannot open the history at" in down.stderr
+    assert "s3cret" not in down.stderr and "Traceback" not in down.stderr
+
+    assert cli("runs", "--limit", "0", env=env).returncode == 2
+    unserved = cli("generate", "hi", env=env)
+    assert unserved.returncode == 1 and "no adapter is served" in unserved.stderr
+    named = cli("generate", "hi", "--run", "foo", env=env)
+    assert named.returncode == 1 and "--run must be" in named.stderr and "resume_from" not in named.stderr
+
+
+def test_path_options_win_over_urls_set_elsewhere(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    """`--history-db` and `--source-db` were ignored where the environment set `storage.history` or `data.source`."""
+    elsewhere = tmp_path / "elsewhere.db"
+    env = env_of(make_settings()) | {
+        "HOMEIQ_STORAGE__HISTORY": f"sqlite:///{elsewhere}",
+        "HOMEIQ_DATA__SOURCE": "postgresql://homeiq@127.0.0.1:1/homeiq",
+    }
+    named = tmp_path / "named.db"
+    done = cli("train", "--history-db", str(named), "--source-db", str(tmp_path / "missing.db"), env=env)
+    assert done.returncode == 1 and f"source database not found: {tmp_path / 'missing.db'}" in done.stderr
+    assert named.exists() and not elsewhere.exists()

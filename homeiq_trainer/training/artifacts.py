@@ -189,16 +189,19 @@ def latest_run(output_dir: Path) -> str | None:
     return name
 
 
-def resolve_run_dir(output_dir: Path, reference: str) -> Path:
-    """A complete run directory inside the output dir for `latest` or a run identifier, nothing else."""
+def resolve_run_dir(output_dir: Path, reference: str, given_as: str = "resume_from") -> Path:
+    """A complete run directory inside the output dir for `latest` or a run identifier, nothing else.
+
+    `given_as` names the option the reference came in, for the error.
+    """
     if reference == LATEST:
         name = latest_run(output_dir)
         if name is None:
-            raise ArtifactError("resume_from=latest, but no completed run is promoted yet")
+            raise ArtifactError(f"{given_as}=latest, but no completed run is promoted yet")
     elif _RUN_ID.match(reference):
         name = reference
     else:
-        raise ArtifactError(f"resume_from must be 'latest' or a run identifier, got {reference[:40]!r}")
+        raise ArtifactError(f"{given_as} must be 'latest' or a run identifier, got {reference[:40]!r}")
     root = output_dir.resolve()
     run_dir = (output_dir / name).resolve()
     if run_dir.parent != root:
