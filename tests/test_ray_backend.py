@@ -114,8 +114,32 @@ def test_ray_settings_are_checked_and_the_token_stays_secret() -> None:
 def test_a_job_the_cluster_cannot_place_is_refused() -> None:
     cluster = load_settings(None, {"ray": {"num_workers": 2, "use_gpu": True}}).ray
     with pytest.raises(ClusterError, match=r"has 0 GPU, but 2 worker\(s\) need 2"):
-        check_fits(cluster, {"CPU": 16.0})
-    check_fits(cluster, {"CPU": 16.0, "GPU": 2.0})
+        check_fits(cluster, [{"CPU": 16.0}])
+    check_fits(cluster, [{"CPU": 16.0, "GPU": 2.0}])
+    check_fits(cluster, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}])
+
+
+def test_a_worker_no_single_node_can_hold_is_refused() -> None:
+    """Totals were all that was checked: 2 nodes of 4 CPUs passed a worker of 6, which Ray waits for forever."""
+    cluster = load_settings(None, {"ray": {"num_workers": 1, "resources_per_worker": {"CPU": 6}}}).ray
+    with pytest.raises(ClusterError, match=r"can place 0 of 1 worker\(s\): each needs 6 CPU on one node"):
+        check_fits(cluster, [{"CPU": 4.0}, {"CPU": 4.0}])
+    check_fits(cluster, [{"CPU": 4.0}, {"CPU": 6.0}])
+    # Three workers of 3 CPUs and 1 GPU: the GPU node holds two, the CPU-only node none.
+    three = load_settings(None, {"ray": {"num_workers": 3, "resources_per_worker": {"CPU": 3, "GPU": 1}}}).ray
+    with pytest.raises(ClusterError, match=r"can place 2 of 3"):
+        check_fits(three, [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}])
+    fractional = load_settings(None, {"ray": {"num_workers": 3, "resources_per_worker": {"CPU": 0.1}}}).ray
+    check_fits(fractional, [{"CPU": 0.3}])
+
+
+def test_a_worker_group_that_cannot_start_is_not_retried_without_end() -> None:
+    """Ray Train retries a worker group that timed out starting forever unless told otherwise (read in Ray's
+    `failure_handling/default.py`); a busy cluster then hung the run until the daemon's stall timeout."""
+    from ray.train import FailureConfig
+
+    config = ray_backend._failure_config(FailureConfig, load_settings(None, {"ray": {"max_failures": 2}}).ray)
+    assert (config.max_failures, config.controller_failure_limit) == (2, 0)
 
 
 CLIENT_SERVER_EXITED = (

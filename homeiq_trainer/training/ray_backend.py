@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,7 +212,7 @@ def train_on_ray(
         if stopper.is_set():  # cancelled while connecting
             return _nothing(cancelled=True), None
         resources = ray.cluster_resources()
-        check_fits(cluster, resources)
+        check_fits(cluster, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
         cpus = cluster.resources_per_worker.get("CPU", 1)
         if hp.threads == 0:
             # Ray reserves this many CPUs per worker; more torch threads would fight the neighbours.
@@ -378,19 +379,37 @@ def _init_within(ray: Any, cluster: RaySettings, runtime_env: dict[str, Any], de
     return box.get("error")
 
 
-def check_fits(cluster: RaySettings, resources: dict[str, float]) -> None:
-    """Refuse a job the cluster can never place (Ray would wait for it forever)."""
+def check_fits(cluster: RaySettings, nodes: Sequence[Mapping[str, float]]) -> None:
+    """Refuse a job the cluster can never place (Ray would wait for it forever).
+
+    `nodes` holds each live node's resources. Every worker must fit on one node: a cluster whose
+    totals suffice may still have no node that holds a worker.
+    """
     per_worker = dict(cluster.resources_per_worker) or {"CPU": 1.0}
     if cluster.use_gpu:
         per_worker.setdefault("GPU", 1.0)
     for name, amount in per_worker.items():
-        needed, available = amount * cluster.num_workers, resources.get(name, 0.0)
-        if needed > available:
+        needed, available = amount * cluster.num_workers, sum(node.get(name, 0.0) for node in nodes)
+        if needed > available + 1e-9:  # 3 × 0.1 CPU is 0.30000000000000004, and fits in 0.3
             raise ClusterError(
                 f"the Ray cluster at {cluster.address} has {_figure(available)} {name}, but "
                 f"{cluster.num_workers} worker(s) need {_figure(needed)} (ray.num_workers, ray.use_gpu, "
                 "ray.resources_per_worker)"
             )
+    # Workers alike: each node holds as many as its scarcest resource allows (1e-9 as above).
+    placeable = sum(
+        min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in per_worker.items()) for node in nodes
+    )
+    if placeable < cluster.num_workers:
+        wanted = ", ".join(f"{_figure(amount)} {name}" for name, amount in per_worker.items())
+        shown = "; ".join(
+            ", ".join(f"{_figure(node.get(name, 0.0))} {name}" for name in per_worker) for node in nodes[:4]
+        )
+        raise ClusterError(
+            f"the Ray cluster at {cluster.address} can place {placeable} of {cluster.num_workers} worker(s): "
+            f"each needs {wanted} on one node, and its nodes have {shown}"
+            f"{'; …' if len(nodes) > 4 else ''} (ray.num_workers, ray.use_gpu, ray.resources_per_worker)"
+        )
 
 
 def _scratch_on_cluster(ray: Any) -> str:
@@ -423,9 +442,21 @@ def _trainer(cluster: RaySettings, config: dict[str, Any], storage_path: str) ->
         run_config=RunConfig(
             name=job_name(),
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            failure_config=_failure_config(FailureConfig, cluster),
         ),
     )
+
+
+def _failure_config(kind: Any, cluster: RaySettings) -> Any:
+    """Retry a dead worker `ray.max_failures` times; never retry a worker group that could not start.
+
+    One that cannot start within Ray Train's start timeout (60 s; `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`),
+    because the cluster is busy with another job, say, is a controller failure, which Ray Train
+    retries without end by default: the run would hang until the daemon's stall timeout.
+    """
+    fields = {field.name for field in dataclasses.fields(kind)}
+    extra = {"controller_failure_limit": 0} if "controller_failure_limit" in fields else {}  # Ray Train v2
+    return kind(max_failures=cluster.max_failures, **extra)
 
 
 def _forward(events: list[tuple[str, Any]], watcher: TrainingObserver) -> None:
