@@ -276,6 +276,11 @@ def _unavailable(exc: SQLAlchemyError, url: URL, display: str) -> HistoryUnavail
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if sqlite_path(url) is not None:
         reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    elif getattr(orig, "sqlstate", None) == "42501":  # opening creates what is missing: CREATE was refused
+        reason = (
+            f"the role in the URL may not create {TrainingRun.__tablename__} and its tables "
+            "(GRANT CREATE ON SCHEMA public TO it, or use a database it owns)"
+        )
     else:
         reason = postgres_reason(orig, TrainingRun.__tablename__, HISTORY_TIMEOUT_S, HISTORY_TIMEOUT_S)
     return HistoryUnavailable(scrub(f"cannot open the history at {display}: {reason}", url))

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.exc import DBAPIError
 
-from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.history import HistoryStore, HistoryUnavailable
 from homeiq_trainer.jobs import prune_history
 from homeiq_trainer.messages import RunStatus
 from homeiq_trainer.settings import load_settings
@@ -131,5 +130,5 @@ def test_an_index_name_another_table_holds_is_an_error_not_skipped(tmp_path: Pat
     connection.execute("CREATE INDEX idx_training_runs_status ON training_runs_old (id)")
     connection.commit()
     connection.close()
-    with pytest.raises(DBAPIError, match="idx_training_runs_status already exists"):
+    with pytest.raises(HistoryUnavailable, match="idx_training_runs_status already exists"):
         HistoryStore(path)

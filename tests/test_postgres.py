@@ -327,6 +327,27 @@ def test_no_select_permission_is_named(current_db: str) -> None:
             conn.execute(f'DROP ROLE "{role}"')
 
 
+def test_a_history_role_that_may_not_create_its_tables_is_told_what_to_grant(pg_database: str) -> None:
+    """On PostgreSQL 15 a role may not create tables in `public` of a database it does not own."""
+    from homeiq_trainer.history import HistoryStore, HistoryUnavailable
+
+    role = f"homeiq_nocreate_{pg_database[-8:]}"
+    with postgres.connect(pg_database) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        conn.execute(f'REVOKE CREATE ON SCHEMA public FROM PUBLIC, "{role}"')
+    try:
+        url = postgres.sqlalchemy_url(pg_database, PASSWORD).set(username=role)
+        with pytest.raises(HistoryUnavailable) as caught:
+            HistoryStore(url)
+        message = str(caught.value)
+        assert "may not create training_runs" in message and "GRANT CREATE ON SCHEMA public" in message
+        assert f"{role}:***@" in message and PASSWORD not in message
+    finally:
+        with postgres.connect(pg_database) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
+
+
 def test_wrong_password_is_one_line_without_it() -> None:
     # The tests' server trusts 127.0.0.1 (pg_hba.conf) and never asks for a password, so a stand-in
     # server asks for one and rejects it: the real driver, connection and error path end to end.

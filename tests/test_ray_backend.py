@@ -129,6 +129,9 @@ def test_a_worker_no_single_node_can_hold_is_refused() -> None:
     three = load_settings(None, {"ray": {"num_workers": 3, "resources_per_worker": {"CPU": 3, "GPU": 1}}}).ray
     with pytest.raises(ClusterError, match=r"can place 2 of 3"):
         check_fits(three, [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}])
+    # With use_gpu and no resources_per_worker Ray asks for 1 GPU and no CPU: a GPU node without CPUs holds both.
+    gpus = load_settings(None, {"ray": {"num_workers": 2, "use_gpu": True}}).ray
+    check_fits(gpus, [{"CPU": 8.0}, {"CPU": 0.0, "GPU": 2.0}])
     fractional = load_settings(None, {"ray": {"num_workers": 3, "resources_per_worker": {"CPU": 0.1}}}).ray
     check_fits(fractional, [{"CPU": 0.3}])
 

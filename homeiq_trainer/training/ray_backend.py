@@ -385,7 +385,8 @@ def check_fits(cluster: RaySettings, nodes: Sequence[Mapping[str, float]]) -> No
     `nodes` holds each live node's resources. Every worker must fit on one node: a cluster whose
     totals suffice may still have no node that holds a worker.
     """
-    per_worker = dict(cluster.resources_per_worker) or {"CPU": 1.0}
+    # Ray's own defaults: 1 CPU, or with use_gpu 1 GPU and no CPU.
+    per_worker = dict(cluster.resources_per_worker) or ({"GPU": 1.0} if cluster.use_gpu else {"CPU": 1.0})
     if cluster.use_gpu:
         per_worker.setdefault("GPU", 1.0)
     for name, amount in per_worker.items():
