@@ -121,6 +121,11 @@ def number_limits(control: Control, configured: Settings) -> dict[str, float]:
         limits["min"] = min(max(limits.get("min", low), low), own)
     if high is not None:
         limits["max"] = max(min(limits.get("max", high), high), own)
+    if "min" in limits and "max" in limits and limits["max"] <= limits["min"]:
+        # Limits that allow one value (`limits.max_epochs = 1` with `training.epochs = 1`): Home
+        # Assistant refuses a number whose min is not below its max, and so did our discovery. One step
+        # more is shown, and refused by the limit when set.
+        limits["max"] = limits["min"] + limits["step"]
     return limits
 
 

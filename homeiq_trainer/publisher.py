@@ -77,7 +77,11 @@ class Publisher:
         with self._lock:
             if self._stopping or not self.link.connected:
                 return
-            discovery = self._discovery()
+            try:
+                discovery = self._discovery()
+            except Exception:  # a bug there must not keep the state and `online` from Home Assistant
+                _LOGGER.exception("Building the discovery message failed; publishing the state without it")
+                discovery = None
             if discovery is not None:
                 topic, payload = discovery
                 # No payload: clear the retained message (an empty retained message deletes it).

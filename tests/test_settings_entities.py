@@ -319,3 +319,21 @@ def test_garbage_on_every_setting_topic_is_answered_and_changes_nothing(
         assert watcher.json(SETTINGS) == before and app.panel.store.load() == {}
     finally:
         app.stop()
+
+
+def test_limits_that_allow_one_value_still_bring_the_device_online(
+    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+) -> None:
+    """min == max made discovery raise on every announce: no retained state and never `online`."""
+    settings = app_settings(make_settings, broker, training={"epochs": 1}, limits={"max_epochs": 1})
+    app = start_app(settings, FakeLauncher(COMPLETES))
+    try:
+        assert watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=10) == "online"
+        epochs = watcher.wait_for(DISCOVERY)["components"]["epochs"]
+        assert (epochs["min"], epochs["max"]) == (1, 2)
+        watcher.wait_for(SETTINGS)
+        watcher.publish(f"{SETTINGS}/epochs/set", b"2")  # shown, and refused by the limit
+        answer = watcher.wait_for(RESP, lambda r: r.get("status") == "error", timeout=10)
+        assert "limits.max_epochs (1)" in answer["error"]["message"]
+    finally:
+        app.stop()
