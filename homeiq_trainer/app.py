@@ -258,11 +258,19 @@ def remove_retained(settings: Settings, timeout_s: float = 10.0) -> int:
         for info in infos:
             info.wait_for_publish(timeout=timeout_s)
     link.stop(announce_offline=False)
-    if not all(info.is_published() for info in infos):
+    if not all(_confirmed(info) for info in infos):
         _LOGGER.error("The broker did not confirm every removal; run the command again")
         return 1
     print(f"removed {len(infos)} retained topics under {topics.base} and {topics.discovery}")
     return 0
+
+
+def _confirmed(info: Any) -> bool:
+    """Whether the broker confirmed a publish (paho raises for one that never left: no connection)."""
+    try:
+        return bool(info.is_published())
+    except (RuntimeError, ValueError):
+        return False
 
 
 def show_discovery(settings: Settings) -> int:

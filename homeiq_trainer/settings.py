@@ -45,6 +45,11 @@ Secret = Annotated[SecretStr, PlainSerializer(_reveal_if_asked, when_used="json"
 (the daemon's to its training process, which reads the database URLs and the Ray token from it)."""
 
 DEFAULT_BASE_MODEL = "google/flan-t5-small"
+DEFAULT_INSTANCE_ID = "homeiq_trainer"
+
+
+def _default_client_id() -> str:
+    return f"homeiq-trainer-{socket.gethostname()}"
 
 
 class _Section(BaseModel):
@@ -265,8 +270,9 @@ class MqttSettings(_Section):
     """Key of the client certificate."""
     tls_insecure: bool = False
     """Skip the broker host name check (not the chain); for self-signed set-ups only."""
-    client_id: str = Field(default_factory=lambda: f"homeiq-trainer-{socket.gethostname()}", min_length=1)
-    """MQTT client id; stable and unique per instance."""
+    client_id: str = Field(default_factory=lambda: _default_client_id(), min_length=1)
+    """MQTT client id; stable and unique per instance (`-<instance_id>` is added to the default where
+    `daemon.instance_id` is not the default: two instances with one id would push each other off)."""
     base_topic: str = "homeiq/trainer"
     """Every topic of this instance lives under this prefix."""
     discovery_prefix: str = "homeassistant"
@@ -350,7 +356,7 @@ _LIMITED: dict[str, tuple[str | None, str | None]] = {
 class DaemonSettings(_Section):
     """How the MQTT daemon behaves."""
 
-    instance_id: str = Field("homeiq_trainer", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    instance_id: str = Field(DEFAULT_INSTANCE_ID, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     """Identifies this instance in Home Assistant (device identifier and unique ids)."""
     progress_interval_s: float = Field(0.5, ge=0.1, le=60)
     """Fastest rate of progress messages, in seconds between two."""
@@ -420,6 +426,24 @@ class Settings(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_id_per_instance(cls, data: Any) -> Any:
+        """A second instance (its own `instance_id`) on the same host gets its own default client id.
+
+        With one id the broker drops one daemon whenever the other connects, and both reconnect each
+        second for ever. The default instance keeps the id it always had.
+        """
+        if not isinstance(data, dict):
+            return data
+        mqtt, daemon = data.get("mqtt") or {}, data.get("daemon") or {}
+        instance = daemon.get("instance_id") if isinstance(daemon, dict) else None
+        # The sections arrive with their defaults filled in: the default id is recognised by its value.
+        default = isinstance(mqtt, dict) and mqtt.get("client_id", _default_client_id()) == _default_client_id()
+        if default and isinstance(instance, str) and instance != DEFAULT_INSTANCE_ID:
+            data = {**data, "mqtt": {**mqtt, "client_id": f"{_default_client_id()}-{instance}"}}
+        return data
 
     @model_validator(mode="after")
     def _never_write_homeiqs_database(self) -> Settings:

@@ -278,3 +278,18 @@ def test_the_update_entity_never_gets_a_null_version(tmp_path: Path) -> None:
         store.close()
     assert nothing["installed_version"] == nothing["latest_version"] == NOT_SERVED
     assert None not in nothing.values()
+
+
+def test_a_removal_that_never_left_counts_as_unconfirmed_not_as_a_crash() -> None:
+    """`discovery --remove` ended in a traceback when the connection dropped between connect and publish."""
+    from paho.mqtt.client import MQTTMessageInfo
+    from paho.mqtt.enums import MQTTErrorCode
+
+    from homeiq_trainer.app import _confirmed
+
+    never_sent = MQTTMessageInfo(1)
+    never_sent.rc = MQTTErrorCode.MQTT_ERR_NO_CONN
+    assert _confirmed(never_sent) is False
+    sent = MQTTMessageInfo(2)
+    sent._set_as_published()
+    assert _confirmed(sent) is True

@@ -16,6 +16,7 @@ import pytest
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.mqtt import MqttLink
 from homeiq_trainer.settings import MqttSettings
+from homeiq_trainer.topics import Topics
 
 from ..conftest import Broker, SettingsFactory, free_port
 from .conftest import AVAILABILITY, CMD, RESP, STATE, Client, daemon_settings
@@ -212,6 +213,14 @@ def test_acl_example_lets_home_assistant_command_and_only_the_daemon_publish_sta
         # First half: Home Assistant may command, sees the daemon's state and gets the answer.
         assert ha.wait_for(AVAILABILITY, lambda v: v == "online", timeout=10) == "online"
         assert ha.wait_for(STATE, timeout=10)["state"] == "idle"
+        # The update entity and the last decision too: the example once left them out, and Mosquitto
+        # acknowledges a refused QoS 1 publish of an MQTT 3.1.1 client, so nothing said so.
+        assert "installed_version" in ha.wait_for("homeiq/trainer/adapter", timeout=10)
+        ha.wait_for("homeiq/trainer/decision", timeout=10)
+        topics = Topics.from_settings(settings)
+        daemon_lines = (HERE / "acl_example.conf").read_text().split("user homeiq-trainer", 1)[1].splitlines()
+        written = {line.split()[2] for line in daemon_lines if line.startswith("topic write ")}
+        assert {*topics.retained_state_topics(), topics.response, topics.event} <= written
         assert ha.request(CMD, RESP, {"action": "status"})["status"] == "ok"
         ha.publish("homeiq/trainer/settings/epochs/set", "2")  # a configuration entity
         assert ha.wait_for("homeiq/trainer/settings", lambda s: s["epochs"] == 2, timeout=10)["epochs"] == 2
@@ -250,3 +259,29 @@ def test_acl_example_lets_home_assistant_command_and_only_the_daemon_publish_sta
         app.stop()
         broker.stop()
     assert re.search(r"Denied PUBLISH", (tmp_path / "acl.log").read_text())
+
+
+def test_two_instances_on_one_host_keep_their_own_connections(
+    make_settings: SettingsFactory, broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default client id ignored `instance_id`: each daemon's connect made the broker drop the other."""
+    apps = []
+    for instance in ("attic", "cellar"):
+        settings = make_settings(
+            mqtt={"host": "127.0.0.1", "port": broker.port, "base_topic": f"homeiq/{instance}"},
+            daemon={"instance_id": instance},
+            storage={"output_dir": str(tmp_path / instance), "history_db": str(tmp_path / f"{instance}.db")},
+        )
+        assert settings.mqtt.client_id.endswith(f"-{instance}")
+        apps.append(TrainerApp(settings))
+    caplog.set_level(logging.WARNING, logger="homeiq_trainer.mqtt")
+    try:
+        for app in apps:
+            app.start()
+            assert app.link.wait_connected(10)
+        time.sleep(3)  # with one id, each reconnect (every second) would push the other off
+        assert all(app.link.connected for app in apps)
+        assert "Lost the MQTT broker" not in caplog.text
+    finally:
+        for app in apps:
+            app.stop()
