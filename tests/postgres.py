@@ -114,6 +114,22 @@ def throwaway_database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextmanager
+def login_role(dbname: str, prefix: str, *grants: str) -> Iterator[str]:
+    """A login role of its own in `dbname`, with `grants` run for it (`{role}` in them: its name); dropped after."""
+    role = f"{prefix}_{dbname[-8:]}"
+    with connect(dbname) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        for grant in grants:
+            conn.execute(grant.format(role=f'"{role}"'))
+    try:
+        yield role
+    finally:
+        with connect(dbname) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
+
+
 def sqlalchemy_url(dbname: str, password: str | None = None) -> URL:
     """A SQLAlchemy URL of the test database (a password is ignored by trust authentication)."""
     url = make_url(admin_url()).set(drivername="postgresql+psycopg", database=dbname)

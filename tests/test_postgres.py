@@ -310,42 +310,27 @@ def test_missing_column_is_named(pg_database: str) -> None:
 
 
 def test_no_select_permission_is_named(current_db: str) -> None:
-    role = f"homeiq_noselect_{current_db[-8:]}"
-    with postgres.connect(current_db) as conn:
-        conn.execute(f'CREATE ROLE "{role}" LOGIN')
-        conn.execute(f'GRANT USAGE ON SCHEMA automation TO "{role}"')
-    try:
+    with postgres.login_role(current_db, "homeiq_noselect", "GRANT USAGE ON SCHEMA automation TO {role}") as role:
         url = postgres.sqlalchemy_url(current_db, PASSWORD).set(username=role)
         with pytest.raises(DataError) as caught:
             load_examples(url, 10)
-        message = str(caught.value)
-        assert "no SELECT permission on automation.ask_ai_queries" in message
-        assert f"database {current_db} on {server(url)}" in message and PASSWORD not in message
-    finally:
-        with postgres.connect(current_db) as conn:
-            conn.execute(f'DROP OWNED BY "{role}"')
-            conn.execute(f'DROP ROLE "{role}"')
+    message = str(caught.value)
+    assert "no SELECT permission on automation.ask_ai_queries" in message
+    assert f"database {current_db} on {server(url)}" in message and PASSWORD not in message
 
 
 def test_a_history_role_that_may_not_create_its_tables_is_told_what_to_grant(pg_database: str) -> None:
     """On PostgreSQL 15 a role may not create tables in `public` of a database it does not own."""
     from homeiq_trainer.history import HistoryStore, HistoryUnavailable
 
-    role = f"homeiq_nocreate_{pg_database[-8:]}"
-    with postgres.connect(pg_database) as conn:
-        conn.execute(f'CREATE ROLE "{role}" LOGIN')
-        conn.execute(f'REVOKE CREATE ON SCHEMA public FROM PUBLIC, "{role}"')
-    try:
+    revoke = "REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}"
+    with postgres.login_role(pg_database, "homeiq_nocreate", revoke) as role:
         url = postgres.sqlalchemy_url(pg_database, PASSWORD).set(username=role)
         with pytest.raises(HistoryUnavailable) as caught:
             HistoryStore(url)
-        message = str(caught.value)
-        assert "may not create training_runs" in message and "GRANT CREATE ON SCHEMA public" in message
-        assert f"{role}:***@" in message and PASSWORD not in message
-    finally:
-        with postgres.connect(pg_database) as conn:
-            conn.execute(f'DROP OWNED BY "{role}"')
-            conn.execute(f'DROP ROLE "{role}"')
+    message = str(caught.value)
+    assert "may not create training_runs" in message and "GRANT CREATE ON SCHEMA public" in message
+    assert f"{role}:***@" in message and PASSWORD not in message
 
 
 def test_wrong_password_is_one_line_without_it() -> None:
