@@ -337,3 +337,27 @@ def test_limits_that_allow_one_value_still_bring_the_device_online(
         assert "limits.max_epochs (1)" in answer["error"]["message"]
     finally:
         app.stop()
+
+
+def test_state_and_online_are_published_even_when_discovery_cannot_be_built(
+    make_settings: SettingsFactory,
+    broker: Broker,
+    watcher: Watcher,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A discovery that raised ended the announce before any retained value and before `online`."""
+    from homeiq_trainer import app as app_module
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("a number needs min below max")
+
+    monkeypatch.setattr(app_module, "build_discovery", broken)
+    app = start_app(app_settings(make_settings, broker), FakeLauncher(COMPLETES))
+    try:
+        assert watcher.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=10) == "online"
+        assert watcher.wait_for(STATE, timeout=10)["state"] == "idle"
+        assert DISCOVERY not in watcher.latest
+        assert "Building the discovery message failed" in caplog.text
+    finally:
+        app.stop()
