@@ -150,7 +150,7 @@ def test_a_broken_history_and_bad_options_get_one_line(make_settings: SettingsFa
     env = env_of(make_settings())
     junk = tmp_path / "junk.db"
     junk.write_text("this is no database\n" * 200)
-    for command in (["runs"], ["promote", "run_20250101_000000"], ["rollback"], ["train"]):
+    for command in (["runs"], ["promote", "run_20250101_000000"], ["rollback"], ["train"], ["serve"]):
         done = cli(*command, env=env | {"HOMEIQ_STORAGE__HISTORY_DB": str(junk)})
         assert done.returncode == 1, (command, done.stderr)
         assert f"cannot open the history at {junk}" in done.stderr and "Traceback" not in done.stderr, command
