@@ -309,7 +309,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except artifacts.ArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(answer(run_dir, args.query, settings.training.source_max_tokens, settings.evaluation.max_new_tokens))
+    from homeiq_trainer.training.engine import RunInputError
+
+    try:
+        said = answer(run_dir, args.query, settings.training.source_max_tokens, settings.evaluation.max_new_tokens)
+    except RunInputError as exc:  # the adapter's base model cannot be loaded here
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(said)
     return EXIT_OK
 
 

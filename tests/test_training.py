@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,31 @@ def test_failures_are_one_line_and_change_nothing(make_settings: SettingsFactory
     bad_model = make_settings(training={"base_model": str(tmp_path / "no-model-here")})
     _, row, result = run_job(bad_model)
     assert result.status is RunStatus.FAILED and result.error and "\n" not in result.error
+
+
+def test_unusable_model_files_and_targets_fail_the_run_in_one_line(
+    make_settings: SettingsFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A folder without tokenizer files trained to `completed` on an empty tokenizer (every word <unk>);
+    corrupt weights and LoRA targets the model lacks ended with a traceback as the run's error."""
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny_model / name, no_tokenizer / name)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_model, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad}")
+    cases = [
+        ({"training": {"base_model": str(no_tokenizer)}}, "examples' tokens as <unk>: are its tokenizer files"),
+        ({"training": {"base_model": str(corrupt)}}, f"cannot load the base model {corrupt}: "),
+        ({"lora": {"target_modules": ["nowhere"]}}, "lora.target_modules do not fit the base model"),
+    ]
+    for sections, expected in cases:
+        settings = make_settings(**sections)
+        _, row, result = run_job(settings, TrainParams(max_samples=40))
+        assert result.status is RunStatus.FAILED, sections
+        assert result.error and expected in result.error and "\n" not in result.error, result.error
+        assert not (settings.storage.output_dir / "latest").exists()
 
 
 def test_interrupted_runs_are_failed_on_start(make_settings: SettingsFactory) -> None:

@@ -42,6 +42,9 @@ warnings.filterwarnings(
 LABEL_PAD = -100
 # Tokenization reports progress after each this many examples, so a huge set never looks hung.
 TOKENIZE_CHUNK_EXAMPLES = 1024
+# A tokenizer that reads more than this share of the first examples' tokens as <unk> is refused.
+UNK_CHECK_EXAMPLES = 200
+MAX_UNK_SHARE = 0.25  # an empty T5 tokenizer reads each word as "▁" + <unk>: 50%
 # CPU flags (from /proc/cpuinfo) that claim fast bf16 matrix multiplies; `bf16_matmul_speedup` checks the claim.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # `precision: auto` takes bf16 autocast on a CPU only where bf16 matrix multiplies beat fp32 by this
@@ -183,7 +186,7 @@ def pick_device(requested: str) -> str:
     import torch
 
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+        raise RunInputError("training.device is 'cuda', but CUDA is not available here")
     return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
@@ -439,11 +442,40 @@ def load_base_model(base_model: str, device: str, bf16_weights: bool) -> tuple[A
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
     dtype = torch.bfloat16 if bf16_weights else torch.float32
-    model = AutoModelForSeq2SeqLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
+        model = AutoModelForSeq2SeqLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
+    except OSError:
+        raise  # missing, unreadable or unreachable: the run reports it as such
+    except Exception as exc:  # a corrupt weights file (SafetensorError), a config of another kind (ValueError)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RunInputError(f"cannot load the base model {base_model}: {type(exc).__name__}: {first}") from None
     fuse_tanh_gelu(model)
     return tokenizer, model.to(device)
+
+
+class RunInputError(Exception):
+    """What the run was given cannot be used (the base model's files, the LoRA targets, the device); one line."""
+
+
+def check_tokenizer_reads(tokenizer: Any, features: Sequence[dict[str, Any]], base_model: str) -> None:
+    """Refuse a tokenizer that turns most of the examples into <unk>.
+
+    A model folder without its tokenizer files still loads, as an empty tokenizer that makes every
+    word <unk>; a run would train, and serve, an adapter that reads nothing. Real tokenizers leave
+    almost no <unk> in HomeIQ's text.
+    """
+    unk, special = tokenizer.unk_token_id, set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    if unk is None:
+        return
+    tokens = [i for feature in features[:UNK_CHECK_EXAMPLES] for i in feature["input_ids"] if i not in special]
+    unknown = sum(1 for i in tokens if i == unk)
+    if tokens and unknown > len(tokens) * MAX_UNK_SHARE:
+        raise RunInputError(
+            f"the tokenizer of {base_model} reads {unknown / len(tokens):.0%} of the examples' tokens as "
+            f"{tokenizer.unk_token}: are its tokenizer files (tokenizer.json, spiece.model) missing?"
+        )
 
 
 def fuse_tanh_gelu(model: Any) -> int:
@@ -476,7 +508,11 @@ def _with_adapter(base: Any, hp: Hyperparameters, resume_adapter: Path | None) -
         lora_dropout=hp.lora_dropout,
         target_modules=list(hp.lora_target_modules),
     )
-    return get_peft_model(base, lora)
+    try:
+        return get_peft_model(base, lora)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RunInputError(f"lora.target_modules do not fit the base model {hp.base_model}: {first}") from None
 
 
 def _save(model: Any, tokenizer: Any, save_dir: Path) -> None:
@@ -602,6 +638,7 @@ def _train(
         watcher.phase(Phase.LOADING_MODEL, f"tokenized {done} of {total} examples")
 
     train_features = tokenize(tokenizer, train_set, hp.source_max_tokens, hp.target_max_tokens, tokenized)
+    check_tokenizer_reads(tokenizer, train_features, hp.base_model)
     eval_features = tokenize(tokenizer, eval_set, hp.source_max_tokens, hp.target_max_tokens, tokenized)
     reduce = sum_across_workers or _alone
     meter = _LossMeter(reduce=reduce)

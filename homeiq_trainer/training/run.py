@@ -29,7 +29,14 @@ from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.artifacts import ArtifactError
 from homeiq_trainer.training.data import DataError, SourceOptions, load_examples
-from homeiq_trainer.training.engine import Hyperparameters, NullObserver, TrainingObserver, TrainOutcome, peak_rss_mb
+from homeiq_trainer.training.engine import (
+    Hyperparameters,
+    NullObserver,
+    RunInputError,
+    TrainingObserver,
+    TrainOutcome,
+    peak_rss_mb,
+)
 from homeiq_trainer.training.evaluate import split_examples
 
 if TYPE_CHECKING:
@@ -276,7 +283,7 @@ def execute_run(
         final_dir = artifacts.finalize(staging, output_dir, run_identifier)
         reported = metadata.model_dump(include=REPORTED_FIELDS)  # the result and the file agree
         return result.model_copy(update={"status": RunStatus.COMPLETED, "run_dir": str(final_dir), **reported})
-    except (DataError, ArtifactError, RunRefused, ClusterError) as exc:
+    except (DataError, ArtifactError, RunRefused, ClusterError, RunInputError) as exc:
         return result.model_copy(update={"status": RunStatus.FAILED, "error": str(exc)})
     except OSError as exc:
         # Disk full, permissions, or a base model that is neither a local directory nor reachable.
