@@ -299,7 +299,11 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
                 "sensor",
                 "Last error",
                 state_topic=topics.last_run,
-                value_template=f"{{{{ (value_json.error or 'none') | string | truncate({MAX_STATE_CHARS}) }}}}",
+                # A traceback's last line is the exception: that line, not "Traceback (most recent…".
+                value_template=(
+                    "{{ ((value_json.error or 'none') | string).strip().split('\\n') | last "
+                    f"| truncate({MAX_STATE_CHARS}) }}}}"
+                ),
                 entity_category="diagnostic",
                 icon="mdi:alert-circle-outline",
             ),

@@ -262,6 +262,10 @@ def test_every_template_renders_on_what_the_daemon_retains(tmp_path: Path) -> No
                     _check_state(component, out)
                 rendered += 1
     assert rendered > 60
+    last_error = env.from_string(components["last_error"]["value_template"])
+    traceback_text = 'Traceback (most recent call last):\n  File "x.py", line 1\nSafetensorError: incomplete metadata\n'
+    assert last_error.render(value_json={"error": traceback_text}) == "SafetensorError: incomplete metadata"
+    assert last_error.render(value_json={"error": None}) == "none"
     chrf = components["adapter_chrf"]["value_template"]
     model = samples[topics.model]
     assert [env.from_string(chrf).render(value_json=json.loads(p)) for p in model] == ["None", "55.1", "None"]

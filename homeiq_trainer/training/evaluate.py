@@ -172,12 +172,18 @@ def evaluate_adapters(
     if served is not None:
         model.load_adapter(str(served[1]), adapter_name="served")
         names["served"] = served[0]
-    features = tokenize(tokenizer, eval_set, hp.source_max_tokens, hp.target_max_tokens)
+
+    def tokenized(n: int) -> None:  # a large held-out set takes a while: each chunk shows it is alive
+        if n < len(eval_set):
+            observer.phase(Phase.EVALUATING, f"tokenized {n} of {len(eval_set)} held-out examples")
+
+    features = tokenize(tokenizer, eval_set, hp.source_max_tokens, hp.target_max_tokens, tokenized)
+    observer.phase(Phase.EVALUATING, f"{len(eval_set)} held-out examples, {len(names)} adapter(s)")
     batches = token_budget_batches(feature_lengths(features), hp.batch_tokens, hp.batch_size, random.Random(hp.seed))
     padder = DataCollatorForSeq2Seq(tokenizer, model=base, padding=True, label_pad_token_id=LABEL_PAD)
     scored = list(eval_set[: options.max_generate_examples])
     probes = list(options.probe_queries) or [ex.instruction for ex in eval_set[:DEFAULT_PROBES]]
-    total = len(names) * (len(scored) + len(probes))
+    total = len(names) * (len(batches) + len(scored) + len(probes))
     done = 0
 
     def advance(n: int) -> None:
@@ -188,13 +194,12 @@ def evaluate_adapters(
         # Progress keeps the daemon's stall timeout from mistaking a long generation for a hang.
         observer.progress(ProgressEvent(step=done, total_steps=max(total, 1), epoch=float(hp.epochs)))
 
-    observer.phase(Phase.EVALUATING, f"{len(eval_set)} held-out examples, {len(names)} adapter(s)")
     scores: dict[str, AdapterScores] = {name: AdapterScores(run_id=run_id) for name, run_id in names.items()}
     answers: dict[str, list[str]] = {name: [""] * len(probes) for name in names}
     try:
         for name, score in scores.items():
             model.set_adapter(name)
-            score.eval_loss = evaluate_loss(model, features, padder, batches)
+            score.eval_loss = evaluate_loss(model, features, padder, batches, on_batch=lambda _done, _n: advance(1))
             sources = [ex.instruction for ex in scored]
             predictions = generate(model, tokenizer, sources, hp.source_max_tokens, options.max_new_tokens, advance)
             score.chrf, score.exact_match = text_scores(predictions, [ex.response for ex in scored])
