@@ -446,6 +446,18 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
+    def _metric_needs_generations(self) -> Settings:
+        # chrF and exact match score generated answers: with none, no run could ever beat the one in use.
+        generated = self.promotion.metric in ("chrf", "exact_match")
+        if generated and self.evaluation.max_generate_examples == 0 and self.promotion.policy == "if_better":
+            raise ValueError(
+                f"promotion.metric {self.promotion.metric} scores generated answers, but "
+                "evaluation.max_generate_examples is 0: no run could be promoted; generate some, "
+                "or use promotion.metric = eval_loss"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _never_write_homeiqs_database(self) -> Settings:
         if same_database(self.storage.history_url(), self.data.source_url()):
             raise ValueError(

@@ -119,3 +119,11 @@ def test_tls_options_without_tls_stop_the_start(key: str, value: object) -> None
     with pytest.raises(ConfigError, match=f"mqtt: .*{key} set but tls is false"):
         load_settings(None, {"mqtt": {key: value}})
     assert load_settings(None, {"mqtt": {key: value, "tls": True}}).mqtt.tls
+
+
+def test_a_metric_of_generated_answers_needs_some_generated() -> None:
+    """With none generated, chrF was None for both adapters and every later run ended `kept_current`."""
+    with pytest.raises(ConfigError, match="max_generate_examples is 0: no run could be promoted"):
+        load_settings(None, {"evaluation": {"max_generate_examples": 0}})
+    for promotion in ({"metric": "eval_loss"}, {"policy": "manual"}, {"policy": "always"}):
+        assert load_settings(None, {"evaluation": {"max_generate_examples": 0}, "promotion": promotion})
