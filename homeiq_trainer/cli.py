@@ -301,9 +301,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _setup_logging("WARNING")
-    if args.run is None and artifacts.latest_run(settings.storage.output_dir) is None:
-        print(f"error: no adapter is served from {settings.storage.output_dir}; name a run with --run", file=sys.stderr)
-        return EXIT_FAILED
     try:
         run_dir = artifacts.resolve_run_dir(settings.storage.output_dir, args.run or artifacts.LATEST, "--run")
     except artifacts.ArtifactError as exc:

@@ -197,7 +197,7 @@ def resolve_run_dir(output_dir: Path, reference: str, given_as: str = "resume_fr
     if reference == LATEST:
         name = latest_run(output_dir)
         if name is None:
-            raise ArtifactError(f"{given_as}=latest, but no completed run is promoted yet")
+            raise ArtifactError(f"{given_as}=latest, but no adapter is served yet from {output_dir}")
     elif _RUN_ID.match(reference):
         name = reference
     else:
