@@ -15,7 +15,7 @@ from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.messages import TrainParams
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.artifacts import ArtifactError
-from homeiq_trainer.training.engine import load_base_model
+from homeiq_trainer.training.engine import RunInputError, load_base_model
 from homeiq_trainer.training.run import execute_run
 
 from ..conftest import SettingsFactory
@@ -63,7 +63,7 @@ def test_model_with_custom_code_is_loaded_without_running_it(tiny_model: Path, t
     assert type(model).__module__.startswith("transformers.") and not marker.exists()
     # An architecture only the repo's code knows: refused, still without running it.
     model_dir, marker = _booby_trapped_model(tiny_model, tmp_path, "evil")
-    with pytest.raises((ValueError, OSError, KeyError)):
+    with pytest.raises(RunInputError, match="contains custom code"):  # one line for the run's error
         load_base_model(str(model_dir), "cpu", False)
     assert not marker.exists()
 
