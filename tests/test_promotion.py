@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,10 +89,17 @@ def test_promote_rollback_and_what_retention_keeps(make_settings: SettingsFactor
     store.close()
 
 
-def test_restart_finishes_a_switch_a_crash_interrupted(make_settings: SettingsFactory) -> None:
+@pytest.fixture
+def serving(make_settings: SettingsFactory) -> Iterator[tuple[Settings, Path, HistoryStore]]:
+    """Settings, their output dir and their history store (closed afterwards): where serving tests start."""
     settings = make_settings()
-    out = settings.storage.output_dir
     store = HistoryStore(settings.storage.history_db)
+    yield settings, settings.storage.output_dir, store
+    store.close()
+
+
+def test_restart_finishes_a_switch_a_crash_interrupted(serving: tuple[Settings, Path, HistoryStore]) -> None:
+    settings, out, store = serving
     _fake_run(store, settings, "run_20250101_000000", Decision.PROMOTED, serve=True)
     reconcile(store, out)
     # Recorded as served, then the process died before `latest` moved.
@@ -110,7 +118,6 @@ def test_restart_finishes_a_switch_a_crash_interrupted(make_settings: SettingsFa
     shutil.rmtree(out / "run_20250101_000000")
     assert reconcile(store, out) is None and store.served_stack() == []
     assert not (out / "latest").is_symlink() and artifacts.read_current(out).run_id is None
-    store.close()
 
 
 def test_every_file_is_fsynced_before_the_rename(make_settings: SettingsFactory, monkeypatch) -> None:
@@ -217,11 +224,9 @@ def _served_then_rejected(store: HistoryStore, settings: Settings) -> None:
 
 
 def test_a_disk_that_refuses_the_switch_changes_nothing(
-    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+    serving: tuple[Settings, Path, HistoryStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_settings()
-    out = settings.storage.output_dir
-    store = HistoryStore(settings.storage.history_db)
+    settings, out, store = serving
     first, second, third = FIRST, SECOND, THIRD
     _served_then_rejected(store, settings)
     reconcile(store, out)
@@ -276,15 +281,12 @@ def test_a_disk_that_refuses_the_switch_changes_nothing(
     assert "cannot serve run_20250103_000000" in (finished.decision_reason or "")
     assert artifacts.latest_run(out) == second and served() == [second, first]
     assert artifacts.read_current(out).run_id == second
-    store.close()
 
 
 def test_a_run_decided_against_an_adapter_no_longer_in_use_is_offered_not_served(
-    make_settings: SettingsFactory,
+    serving: tuple[Settings, Path, HistoryStore],
 ) -> None:
-    settings = make_settings()
-    out = settings.storage.output_dir
-    store = HistoryStore(settings.storage.history_db)
+    settings, out, store = serving
     first, second, third = FIRST, SECOND, THIRD
     _served_then_rejected(store, settings)
     _fake_run(store, settings, third, Decision.PROMOTED)
@@ -305,15 +307,12 @@ def test_a_run_decided_against_an_adapter_no_longer_in_use_is_offered_not_served
     assert f"{second} was put in use after it was compared with {first}" in (finished.decision_reason or "")
     assert artifacts.latest_run(out) == second and [row.run_identifier for row in store.served_stack()][0] == second
     assert offered(store, settings).run_identifier == third  # the update entity offers it
-    store.close()
 
 
 def test_a_refused_first_switch_leaves_nothing_served(
-    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+    serving: tuple[Settings, Path, HistoryStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_settings()
-    out = settings.storage.output_dir
-    store = HistoryStore(settings.storage.history_db)
+    settings, out, store = serving
     _fake_run(store, settings, "run_20250101_000000", Decision.KEPT_CURRENT)
 
     def refuse(*_args: object) -> None:
@@ -326,4 +325,3 @@ def test_a_refused_first_switch_leaves_nothing_served(
     assert not (out / "latest").is_symlink() and store.served_stack() == []
     monkeypatch.undo()
     assert reconcile(store, out) is None  # nothing for the next start to adopt either
-    store.close()
