@@ -449,10 +449,16 @@ def load_base_model(base_model: str, device: str, bf16_weights: bool) -> tuple[A
     except OSError:
         raise  # missing, unreadable or unreachable: the run reports it as such
     except Exception as exc:  # a corrupt weights file (SafetensorError), a config of another kind (ValueError)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise RunInputError(f"cannot load the base model {base_model}: {type(exc).__name__}: {first}") from None
+        raise RunInputError(
+            f"cannot load the base model {base_model}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
     fuse_tanh_gelu(model)
     return tokenizer, model.to(device)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line: libraries put the cause there and details (or more) after it."""
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 class RunInputError(Exception):
@@ -511,8 +517,9 @@ def _with_adapter(base: Any, hp: Hyperparameters, resume_adapter: Path | None) -
     try:
         return get_peft_model(base, lora)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise RunInputError(f"lora.target_modules do not fit the base model {hp.base_model}: {first}") from None
+        raise RunInputError(
+            f"lora.target_modules do not fit the base model {hp.base_model}: {_first_line(exc)}"
+        ) from None
 
 
 def _save(model: Any, tokenizer: Any, save_dir: Path) -> None:
