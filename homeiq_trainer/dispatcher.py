@@ -226,7 +226,7 @@ class Dispatcher:
         if wanted is None and command.triggered_by != BUTTON:
             # Automation-started (anything but the Start button): the threshold set in Home Assistant.
             wanted, from_settings = settings.daemon.min_new_samples or None, True
-        if wanted is None:
+        if not wanted:  # none asked for, or 0: this start trains on whatever arrived
             return self._submit(command, {})
         # More new examples than one run may use can never be required: clamp, and say so.
         limit = settings.data.max_samples

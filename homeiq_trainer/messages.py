@@ -210,7 +210,8 @@ def is_request_id(value: object) -> bool:
 class StartParams(TrainParams):
     """What a `start` command may set: the per-run overrides plus a new-data threshold."""
 
-    min_new_samples: int | None = Field(None, ge=1, le=1_000_000)
+    # 0: this start trains whatever arrived, whatever daemon.min_new_samples says.
+    min_new_samples: int | None = Field(None, ge=0, le=1_000_000)
 
     def train_params(self) -> TrainParams:
         return TrainParams.model_validate(self.model_dump(exclude={"min_new_samples"}))

@@ -129,6 +129,9 @@ def test_each_entity_sets_the_next_run_and_survives_a_restart(
         own = watcher.request(CMD, RESP, {"action": "start", "params": {"min_new_samples": 1}})
         assert own["error"]["code"] == "not_enough_new_data" and own["data"]["required"] == 1
         assert "required_by" not in own["data"]
+        # ...or asks for none (0), from an automation: it trains with the threshold still set.
+        nightly = {"action": "start", "triggered_by": "nightly", "params": {"min_new_samples": 0}}
+        assert run_once(app, watcher, json.dumps(nightly))["triggered_by"] == "nightly"
         # ...and a start's own params win over Home Assistant's values.
         assert set_value(watcher, "min_new_samples", "0")["status"] == "ok"
         run_once(app, watcher, json.dumps({"action": "start", "params": {"epochs": 2}}))

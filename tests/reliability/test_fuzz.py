@@ -101,7 +101,7 @@ not_a_string = st.one_of(
 
 # The bounds come from the one declaration of the parameters (parameters.py), plus the start-only one.
 INT_FIELDS = {p.name: (int(p.ge or 0), int(p.le or 0)) for p in PARAMETERS if p.kind is int}
-INT_FIELDS["min_new_samples"] = (1, 1_000_000)
+INT_FIELDS["min_new_samples"] = (0, 1_000_000)
 FLOAT_FIELDS = {p.name: p for p in PARAMETERS if p.kind is float}
 
 
