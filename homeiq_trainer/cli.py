@@ -1,4 +1,4 @@
-"""The command line: `homeiq-trainer train | runs | serve | demo | discovery`."""
+"""The command line: `homeiq-trainer train | runs | promote | rollback | generate | serve | discovery | demo`."""
 
 from __future__ import annotations
 
@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     parser = argparse.ArgumentParser(prog="homeiq-trainer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # The metavar keeps the internal `_worker` command out of the usage line; it has no help line either.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, help="TOML file (default: $HOMEIQ_CONFIG, else built-in defaults)")
@@ -412,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-only", action="store_true", help="no broker or daemon, only `train`")
     demo.set_defaults(func=cmd_demo)
 
-    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    worker = sub.add_parser("_worker")
     worker.add_argument("--event-fd", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
     return parser

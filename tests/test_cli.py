@@ -177,3 +177,11 @@ def test_path_options_win_over_urls_set_elsewhere(make_settings: SettingsFactory
     done = cli("train", "--history-db", str(named), "--source-db", str(tmp_path / "missing.db"), env=env)
     assert done.returncode == 1 and f"source database not found: {tmp_path / 'missing.db'}" in done.stderr
     assert named.exists() and not elsewhere.exists()
+
+
+def test_help_lists_every_user_command_and_hides_the_internal_one() -> None:
+    shown = cli("--help")
+    assert shown.returncode == 0
+    for command in ("train", "runs", "promote", "rollback", "generate", "serve", "discovery", "demo"):
+        assert f"\n    {command}" in shown.stdout, command
+    assert "_worker" not in shown.stdout and "SUPPRESS" not in shown.stdout
