@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -64,6 +65,9 @@ def database_url(value: str | Path | URL, password: str | None = None) -> URL:
     backend = url.get_backend_name()
     if backend in _POSTGRES_NAMES:
         url = url.set(drivername=POSTGRES_DRIVER)
+        if url.host and "@" in url.host:
+            # The password ends at its first '@', and the rest of it would be shown as part of the host.
+            raise DatabaseUrlError("the URL's password contains '@': write it as %40")
         if not url.database:
             raise DatabaseUrlError("a PostgreSQL URL needs a database name (postgresql://user@host:5432/homeiq)")
         if password and url.password is None:
@@ -187,6 +191,10 @@ def postgres_reason(
     sqlstate = getattr(orig, "sqlstate", None)
     text = str(orig or "").strip()
     lowered = text.lower()
+    schema = re.search(r'permission denied for schema "?([^"\s]+)', text)
+    if sqlstate == "42501" and schema:  # SELECT on the table is not enough without USAGE on its schema
+        name = schema.group(1)
+        return f"no USAGE permission on schema {name} (GRANT USAGE ON SCHEMA {name} TO the role in the URL)"
     template = _PG_SQLSTATE_REASONS.get(sqlstate or "")
     if template is None:
         template = next((reason for needle, reason in _PG_MESSAGE_REASONS if needle in lowered), None)

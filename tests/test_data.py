@@ -178,6 +178,36 @@ def test_paging_reads_past_many_bad_rows(tmp_path: Path) -> None:
     assert report.rows_read == 3005
 
 
+def test_a_row_without_a_key_does_not_end_the_read_early(tmp_path: Path) -> None:
+    """SQLite lets a TEXT PRIMARY KEY be NULL; fetched by key, that row made its page short."""
+    db = make_db(tmp_path / "k.db", [(f"q{i}", good(f"a{i}")) for i in range(3000)])
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE ask_ai_queries SET query_id = NULL WHERE query_id = 'query-000010'")
+    conn.commit()
+    conn.close()
+    examples, report = load_examples(db, max_samples=2500)
+    assert len(examples) == 2500 and "q10" not in {e.instruction for e in examples}
+    assert count_new_examples(db, None, 2999) == 2999
+
+
+def test_keys_and_timestamps_that_are_not_utf8_page_like_any_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from homeiq_trainer.training import data
+
+    monkeypatch.setattr(data, "MAX_PAGE_ROWS", 90)  # page boundaries fall on those rows
+    db = make_db(tmp_path / "b.db", [(f"q{i}", good(f"a{i}")) for i in range(700)])
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE ask_ai_queries SET query_id = CAST(CAST(query_id AS BLOB) || x'ff' AS TEXT)")
+    odd = "UPDATE ask_ai_queries SET created_at = CAST(CAST(created_at AS BLOB) || x'ff' AS TEXT) WHERE rowid % 2"
+    conn.execute(odd)
+    conn.commit()
+    conn.close()
+    examples, report = load_examples(db, max_samples=10_000)
+    assert sorted(e.instruction for e in examples) == sorted(f"q{i}" for i in range(700))
+    assert report.rows_read == 700 and count_new_examples(db, None, 10_000) == 700
+
+
 def test_missing_file_is_a_clear_error_and_creates_nothing(tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "ai_automation.db"
     with pytest.raises(DataError, match="source database not found"):

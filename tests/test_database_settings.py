@@ -39,6 +39,8 @@ def test_urls_are_normalised(given: str, expected: str) -> None:
         ("sqlite://", "needs a file"),
         # An unencoded @ in the password: the port is read from the rest of it, and its error quoted it.
         ("postgresql://u:p@ss:pw@h/db", "not a database URL"),
+        # ... and without a colon after it, the rest of the password was read, and shown, as the host.
+        ("postgresql://u:p@sspw@h:5432/db", "password contains '@': write it as %40"),
     ],
 )
 def test_unusable_source_names_the_key_never_the_password(given: str, message: str) -> None:

@@ -99,6 +99,24 @@ def test_current_shape_counts_every_skip_reason(current_db: str) -> None:
     assert postgres.checksum(current_db) == before
 
 
+def test_jsonb_that_python_cannot_decode_skips_its_row_not_the_read(current_db: str) -> None:
+    """PostgreSQL stores both; Python's json refuses them (recursion limit, int digits limit)."""
+    postgres.insert_current(current_db, [("Porch light at sunset", [suggestion("Porch light on", 0.9)], "complete")])
+    deep = "[" * 3000 + "]" * 3000
+    huge = json.dumps([suggestion("x", 0.5)]).replace("0.5", "1" + "0" * 5000)
+    with postgres.connect(current_db) as conn:
+        for query, value in (("deep", deep), ("huge", huge)):
+            conn.execute(
+                "INSERT INTO automation.ask_ai_queries (id, user_query, status, suggestions, created_at, updated_at) "
+                "VALUES (%s, %s, 'complete', %s::jsonb, now(), now())",
+                (query, query, value),
+            )
+    examples, report = load_examples(postgres.sqlalchemy_url(current_db), max_samples=10)
+    assert [e.instruction for e in examples] == ["Porch light at sunset"]
+    assert report.skipped == {SKIP_INVALID_JSON: 2}
+    assert count_new_examples(postgres.sqlalchemy_url(current_db), since=None, limit=10) == 1
+
+
 def test_exclude_sources_empty_takes_canned_text(current_db: str) -> None:
     postgres.insert_current(current_db, EVERY_KIND[3:4])
     examples, _ = load_examples(
@@ -317,6 +335,13 @@ def test_no_select_permission_is_named(current_db: str) -> None:
     message = str(caught.value)
     assert "no SELECT permission on automation.ask_ai_queries" in message
     assert f"database {current_db} on {server(url)}" in message and PASSWORD not in message
+
+
+def test_select_without_usage_on_the_schema_names_the_missing_grant(current_db: str) -> None:
+    grant = "GRANT SELECT ON automation.ask_ai_queries TO {role}"
+    missing = r"no USAGE permission on schema automation \(GRANT USAGE ON SCHEMA"
+    with postgres.login_role(current_db, "homeiq_nousage", grant) as role, pytest.raises(DataError, match=missing):
+        load_examples(postgres.sqlalchemy_url(current_db).set(username=role), 10)
 
 
 def test_a_history_role_that_may_not_create_its_tables_is_told_what_to_grant(pg_database: str) -> None:

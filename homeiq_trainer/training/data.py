@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, DateTime, bindparam, cast, func, or_, select
+from sqlalchemy import Connection, DateTime, LargeBinary, Text, bindparam, cast, func, or_, select
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -104,25 +104,21 @@ def _confidence(suggestion: dict) -> float:
     return 0.0
 
 
-def example_from_row(
-    query: object, suggestions: object, exclude_sources: Iterable[str] = (), *, decoded: bool = False
-) -> tuple[str, str] | str:
-    """The (instruction, response) pair of one row, or the reason it is skipped.
-
-    `suggestions` is JSON text, or with `decoded` what a JSON column gave already (PostgreSQL's JSONB).
-    """
+def example_from_row(query: object, suggestions: object, exclude_sources: Iterable[str] = ()) -> tuple[str, str] | str:
+    """The (instruction, response) pair of one row, or the reason it is skipped; `suggestions` is JSON text."""
     instruction = query.strip() if isinstance(query, str) else ""
     if not instruction:
         return SKIP_EMPTY_QUERY
-    if not decoded:
-        if isinstance(suggestions, bytes):
-            suggestions = suggestions.decode("utf-8", "replace")
-        if not isinstance(suggestions, str):
-            return SKIP_INVALID_JSON
-        try:
-            suggestions = json.loads(suggestions)
-        except (ValueError, RecursionError):
-            return SKIP_INVALID_JSON
+    if suggestions is None:  # SQL NULL, as JSON's null would be
+        return SKIP_NOT_A_LIST
+    if isinstance(suggestions, bytes):
+        suggestions = suggestions.decode("utf-8", "replace")
+    if not isinstance(suggestions, str):
+        return SKIP_INVALID_JSON
+    try:
+        suggestions = json.loads(suggestions)
+    except (ValueError, RecursionError):
+        return SKIP_INVALID_JSON
     if not isinstance(suggestions, list):
         return SKIP_NOT_A_LIST
     candidates = [s for s in suggestions if isinstance(s, dict)]
@@ -171,7 +167,10 @@ def _pages(
     conn: Connection, src: SourceTable, since: datetime | None, wanted: int | None, max_page_rows: int | None = None
 ) -> Iterator[Sequence]:
     max_page_rows = max_page_rows or MAX_PAGE_ROWS
-    where = list(src.filters) + _since_clause(src, since, is_postgres(conn.engine.url))
+    # A row without a key (SQLite lets a TEXT PRIMARY KEY be NULL; HomeIQ always sets one) can be neither
+    # fetched by key nor paged past: left out, so that a page holds a row for every key it asked for
+    # and a short page means the end (with it, a short page ended the read hundreds of rows early).
+    where = [*src.filters, *_since_clause(src, since, is_postgres(conn.engine.url)), src.key.is_not(None)]
     order = (src.created.desc().nulls_last(), src.key.desc())
     cursor_key: tuple[object, object] | None = None
     # Every page costs a sort of the whole table's keys, so the first asks for what is wanted plus
@@ -181,10 +180,10 @@ def _pages(
         clause = list(where)
         if cursor_key is not None and cursor_key[0] is None:
             # Rows without a created_at sort last; page through them by key.
-            clause += [src.created.is_(None), src.key < cursor_key[1]]
+            clause += [src.created.is_(None), src.key < _bound(cursor_key[1])]
         elif cursor_key is not None:
             # Keyset paging: (created_at, key) strictly after the last row we saw.
-            last_created, last_key = cursor_key
+            last_created, last_key = _bound(cursor_key[0]), _bound(cursor_key[1])
             clause.append(
                 or_(
                     src.created < last_created,
@@ -207,6 +206,17 @@ def _pages(
         page_rows = min(page_rows * 4, max_page_rows)
 
 
+def _bound(value: object) -> object:
+    """A key or timestamp read back from SQLite, as it may be bound to compare the column with.
+
+    Text holding bytes that are not UTF-8 came back with lone surrogates, which sqlite3 cannot bind:
+    those bytes go back as a BLOB cast to TEXT, equal to the stored text byte for byte.
+    """
+    if isinstance(value, str) and not _unicode(value):
+        return cast(bindparam(None, value.encode("utf-8", "surrogateescape"), LargeBinary), Text)
+    return value
+
+
 def _stamp(value: object) -> str | None:
     if value is None:
         return None
@@ -226,7 +236,7 @@ def _collect(
             if src.status is not None and row[4] != COMPLETE_STATUS:
                 skipped[SKIP_NOT_COMPLETE] += 1
                 continue
-            parsed = example_from_row(row[1], row[2], options.exclude_sources, decoded=src.decoded)
+            parsed = example_from_row(row[1], row[2], options.exclude_sources)
             if isinstance(parsed, str):
                 skipped[parsed] += 1
                 continue
@@ -318,7 +328,7 @@ def _count(
         for row in page:
             if src.status is not None and row[4] != COMPLETE_STATUS:
                 continue
-            parsed = example_from_row(row[1], row[2], options.exclude_sources, decoded=src.decoded)
+            parsed = example_from_row(row[1], row[2], options.exclude_sources)
             if not isinstance(parsed, str):
                 seen.add(hash(parsed))
                 if len(seen) >= limit:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from sqlalchemy import ColumnElement, Connection, column, create_engine, inspect, table
+from sqlalchemy import ColumnElement, Connection, Text, cast, column, create_engine, inspect, table
 from sqlalchemy.engine import URL
 from sqlalchemy.engine.reflection import Inspector
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
@@ -59,8 +59,6 @@ class SourceTable:
     name: str
     columns: tuple[ColumnElement, ...]
     filters: tuple[ColumnElement, ...]
-    decoded: bool
-    """Whether the driver hands suggestions over as decoded JSON (PostgreSQL JSON/JSONB)."""
 
     @property
     def key(self) -> ColumnElement:
@@ -180,12 +178,16 @@ def locate_table(conn: Connection, url: URL, schema: str | None) -> SourceTable:
             f"({', '.join(wanted)})"
         )
     t = table(TABLE, *(column(c) for c in wanted), schema=found)
-    columns = tuple(t.c[c] for c in wanted)
+    columns: list[ColumnElement] = [t.c[c] for c in wanted]
+    if postgres and isinstance(types["suggestions"], sqltypes.JSON):
+        # As text, decoded row by row in example_from_row: psycopg would decode JSONB while fetching a
+        # page, and one value it cannot decode (nested deeper than Python's recursion limit, an integer
+        # of 5,000 digits; PostgreSQL stores both) would fail every read instead of skipping one row.
+        columns[2] = cast(columns[2], Text)
     # Legacy rows without suggestions were never read by HomeIQ; current rows are all read so that
     # those not `complete` are counted.
     filters = () if shape.status else (columns[2].is_not(None),)
-    decoded = postgres and isinstance(types["suggestions"], sqltypes.JSON)
-    return SourceTable(name, columns, filters, decoded)
+    return SourceTable(name, tuple(columns), filters)
 
 
 def source_error(
