@@ -89,6 +89,8 @@ def load_addon_options(path: Path | None = None) -> dict[str, Any] | None:
         return None
     except OSError as exc:
         raise AddonError(f"cannot read the add-on options {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise AddonError(f"the add-on options {path} are not UTF-8 text") from None
     try:
         options = json.loads(text)
     except ValueError as exc:  # the decoder's message has a position, never the content
@@ -100,6 +102,8 @@ def load_addon_options(path: Path | None = None) -> dict[str, Any] | None:
     for name, value in options.items():
         if name not in OPTION_MAP:
             raise AddonError(f"unknown add-on option {name!r} in {path}")
+        if isinstance(value, list):  # a row of a list left blank in the form is no entry
+            value = [item for item in value if not (isinstance(item, str) and not item.strip())]
         if value is None or value == "" or value == []:
             continue  # left empty in the form: the default applies
         if name in _PATH_OPTIONS and not (isinstance(value, str) and PurePosixPath(value).is_absolute()):

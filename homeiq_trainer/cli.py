@@ -321,6 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the MQTT daemon until SIGTERM/SIGINT."""
     from homeiq_trainer.app import serve
 
+    _setup_logging("INFO")  # what loading the settings says (the add-on's broker from the Supervisor)
     settings = _settings(args)
     _setup_logging(settings.log_level)
     return serve(settings)

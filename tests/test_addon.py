@@ -335,6 +335,20 @@ def test_unknown_option_is_refused_by_name(tmp_path: Path) -> None:
         load_addon_options(_write_options(tmp_path, {"epochs": 3, "lora_alpha": 32}))
 
 
+def test_options_that_are_not_utf8_are_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "options.json"
+    path.write_bytes(b'{"base_model": "\xff"}')
+    with pytest.raises(AddonError, match="are not UTF-8 text"):
+        load_addon_options(path)
+
+
+def test_blank_rows_of_a_list_are_no_entries(tmp_path: Path) -> None:
+    blank = load_addon_options(_write_options(tmp_path, {"allowed_base_models": ["", "  "]}))
+    assert blank is not None and "training" not in blank
+    kept = load_addon_options(_write_options(tmp_path, {"allowed_base_models": ["", "google/flan-t5-base"]}))
+    assert kept is not None and kept["training"] == {"allowed_base_models": ["google/flan-t5-base"]}
+
+
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"epochs"'])
 def test_unreadable_options_file_is_a_clear_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "options.json"
@@ -516,6 +530,27 @@ def test_supervisor_failure_stops_the_start_with_one_line(tmp_path: Path) -> Non
     assert TOKEN not in str(caught.value)
 
 
+def test_serve_logs_where_the_broker_came_from(tmp_path: Path, supervisor: FakeSupervisor) -> None:
+    """Said while the settings load, before the daemon's own logging was set up: it was dropped."""
+    _write_options(tmp_path, {"output_dir": str(tmp_path / "out"), "source_db": str(tmp_path / "src.db")})
+    env = {**os.environ, **_env(tmp_path, supervisor)}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "homeiq_trainer", "serve"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    try:
+        assert daemon.stderr is not None
+        for line in daemon.stderr:  # until the daemon serves (its broker, core-mosquitto, is not here)
+            lines.append(line)
+            if "serving on" in line:
+                break
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=60)
+    assert any("MQTT broker from the Supervisor: core-mosquitto:1883" in line for line in lines), lines
+    assert not any(BROKER_PASSWORD in line or TOKEN in line for line in lines)
+
+
 def test_outside_an_add_on_there_is_nothing_to_add(tmp_path: Path) -> None:
     assert addon_settings_source({OPTIONS_PATH_ENV: str(tmp_path / "missing.json")}) is None
 
@@ -572,8 +607,11 @@ def test_dockerfile_follows_the_add_on_pattern(config: dict[str, Any]) -> None:
     assert "ENTRYPOINT" not in keywords  # the base image's s6 /init stays PID 1 (init: false)
     env = " ".join(rest for keyword, rest in instructions if keyword == "ENV")
     assert "HF_HOME=/data/hf_cache" in env
+    # Docker's SIGTERM reaches the daemon itself, which has config.yaml's timeout to cancel a run and
+    # exit; s6's grace, which it sleeps out in full after that, stays short.
+    assert "S6_CMD_RECEIVE_SIGNALS=1" in env
     grace_ms = int(re.search(r"S6_KILL_GRACETIME=(\d+)", env).group(1))  # type: ignore[union-attr]
-    assert grace_ms / 1000 < config["timeout"]
+    assert grace_ms <= 5000
 
 
 def _pip_runs() -> list[str]:
