@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -508,11 +509,24 @@ def load_settings(
         try:
             return Settings(**(overrides or {}))
         except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, "invalid configuration")) from None
+            message = describe_validation_error(exc, "invalid configuration")
+            raise ConfigError(message if addon_options is None else _with_addon_option_names(message)) from None
         except ValueError as exc:  # TOML syntax errors arrive as tomllib.TOMLDecodeError
             raise ConfigError(f"cannot read {toml_file}: {exc}") from None
         finally:
             _CONTEXT.clear()
+
+
+def _with_addon_option_names(message: str) -> str:
+    """`message` with each settings key an add-on option sets followed by that option's name in the form."""
+    from homeiq_trainer.addon import OPTION_MAP
+
+    message = re.sub(r" \(HOMEIQ_\w+\)", "", message)  # an add-on's user sets no environment variables
+    for option, path in OPTION_MAP.items():
+        key = re.escape(".".join(path))
+        # The whole key only: `mqtt.tls` but not inside `mqtt.tls_insecure`.
+        message = re.sub(rf"(?<![\w.]){key}(?![\w.])", rf"\g<0> (add-on option {option})", message)
+    return message
 
 
 def describe_validation_error(exc: ValidationError, what: str) -> str:

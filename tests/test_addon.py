@@ -371,9 +371,16 @@ def test_source_must_be_a_url_or_an_absolute_path(tmp_path: Path) -> None:
 
 def test_out_of_range_option_names_the_setting_without_the_password(tmp_path: Path) -> None:
     options = load_addon_options(_write_options(tmp_path, {"lora_rank": 1000, "mqtt_password": BROKER_PASSWORD}))
-    with pytest.raises(ConfigError, match=r"lora\.r") as caught:
+    with pytest.raises(ConfigError, match=r"lora\.r \(add-on option lora_rank\): ") as caught:
         load_settings(addon_options=options)
     assert BROKER_PASSWORD not in str(caught.value)
+    assert "HOMEIQ_" not in str(caught.value)  # no environment variable the add-on's user could not set
+
+
+def test_an_error_across_options_names_them_as_the_form_does(tmp_path: Path) -> None:
+    options = load_addon_options(_write_options(tmp_path, {"mqtt_ca_certs": "/ssl/ca.pem"}))
+    with pytest.raises(ConfigError, match=r"set mqtt\.tls \(add-on option mqtt_tls\) = true"):
+        load_settings(addon_options=options)
 
 
 # --- the Supervisor's MQTT service -------------------------------------------------------------------
