@@ -54,6 +54,14 @@ def make_db(path: Path, rows: list[tuple[str, object]], wal: bool = False) -> Pa
     return path
 
 
+def change(db: Path, statement: str, *params: object) -> None:
+    """Run one statement on a test database and commit it."""
+    conn = sqlite3.connect(db)
+    conn.execute(statement, params)
+    conn.commit()
+    conn.close()
+
+
 def good(description: str, confidence: object = 0.9) -> str:
     return json.dumps([{"description": description, "confidence": confidence}])
 
@@ -113,13 +121,8 @@ def test_odd_but_valid_json_skips_or_keeps_the_row_and_never_raises() -> None:
 
 def test_a_row_that_is_not_utf8_is_skipped_not_fatal(tmp_path: Path) -> None:
     db = make_db(tmp_path / "u.db", [(f"q{i}", good(f"a{i}")) for i in range(3)])
-    conn = sqlite3.connect(db)
     latin1 = "Licht aus in der Küche".encode("latin-1")
-    conn.execute(
-        "UPDATE ask_ai_queries SET original_query = CAST(? AS TEXT) WHERE query_id = 'query-000001'", (latin1,)
-    )
-    conn.commit()
-    conn.close()
+    change(db, "UPDATE ask_ai_queries SET original_query = CAST(? AS TEXT) WHERE query_id = 'query-000001'", latin1)
     examples, report = load_examples(db, max_samples=10)
     assert [e.instruction for e in examples] == ["q0", "q2"]
     assert report.skipped == {SKIP_INVALID_TEXT: 1}
@@ -181,10 +184,7 @@ def test_paging_reads_past_many_bad_rows(tmp_path: Path) -> None:
 def test_a_row_without_a_key_does_not_end_the_read_early(tmp_path: Path) -> None:
     """SQLite lets a TEXT PRIMARY KEY be NULL; fetched by key, that row made its page short."""
     db = make_db(tmp_path / "k.db", [(f"q{i}", good(f"a{i}")) for i in range(3000)])
-    conn = sqlite3.connect(db)
-    conn.execute("UPDATE ask_ai_queries SET query_id = NULL WHERE query_id = 'query-000010'")
-    conn.commit()
-    conn.close()
+    change(db, "UPDATE ask_ai_queries SET query_id = NULL WHERE query_id = 'query-000010'")
     examples, report = load_examples(db, max_samples=2500)
     assert len(examples) == 2500 and "q10" not in {e.instruction for e in examples}
     assert count_new_examples(db, None, 2999) == 2999
@@ -197,12 +197,8 @@ def test_keys_and_timestamps_that_are_not_utf8_page_like_any_other(
 
     monkeypatch.setattr(data, "MAX_PAGE_ROWS", 90)  # page boundaries fall on those rows
     db = make_db(tmp_path / "b.db", [(f"q{i}", good(f"a{i}")) for i in range(700)])
-    conn = sqlite3.connect(db)
-    conn.execute("UPDATE ask_ai_queries SET query_id = CAST(CAST(query_id AS BLOB) || x'ff' AS TEXT)")
-    odd = "UPDATE ask_ai_queries SET created_at = CAST(CAST(created_at AS BLOB) || x'ff' AS TEXT) WHERE rowid % 2"
-    conn.execute(odd)
-    conn.commit()
-    conn.close()
+    change(db, "UPDATE ask_ai_queries SET query_id = CAST(CAST(query_id AS BLOB) || x'ff' AS TEXT)")
+    change(db, "UPDATE ask_ai_queries SET created_at = CAST(CAST(created_at AS BLOB) || x'ff' AS TEXT) WHERE rowid % 2")
     examples, report = load_examples(db, max_samples=10_000)
     assert sorted(e.instruction for e in examples) == sorted(f"q{i}" for i in range(700))
     assert report.rows_read == 700 and count_new_examples(db, None, 10_000) == 700
@@ -333,10 +329,7 @@ def test_rows_without_created_at_are_read_last_across_pages(tmp_path: Path, monk
 
     monkeypatch.setattr(data, "MAX_PAGE_ROWS", 90)  # many pages, boundaries among dated and undated rows
     db = make_db(tmp_path / "n.db", [(f"q{i}", good(f"a{i}")) for i in range(700)])
-    conn = sqlite3.connect(db)
-    conn.execute("UPDATE ask_ai_queries SET created_at = NULL WHERE CAST(substr(query_id, 7) AS INTEGER) >= 400")
-    conn.commit()
-    conn.close()
+    change(db, "UPDATE ask_ai_queries SET created_at = NULL WHERE CAST(substr(query_id, 7) AS INTEGER) >= 400")
     examples, report = load_examples(db, max_samples=10_000)
     assert len(examples) == 700 and report.rows_read == 700  # none lost on a page boundary
     assert [e.instruction for e in examples[:400]] == [f"q{i}" for i in range(400)]  # dated rows first, newest first
