@@ -32,6 +32,18 @@ _LOGGER = logging.getLogger(__name__)
 ERROR_TAIL_CHARS = 5000
 HISTORY_TIMEOUT_S = 10.0
 INTERRUPTED_MESSAGE = "interrupted: the process running it stopped before the run finished"
+# How many unreadable rows a read of the newest rows reads past.
+UNREADABLE_ROWS_SKIPPED = 20
+
+
+def _first(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _storable(text: str) -> str:
+    """Text as PostgreSQL can store it: a NUL (which a crashed process's stderr may hold) as U+FFFD."""
+    return text.replace("\x00", "\ufffd")
 
 
 def lenient_json(text: str) -> Any:
@@ -42,7 +54,7 @@ def lenient_json(text: str) -> Any:
     """
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's limit
         _LOGGER.warning("Ignoring a value in the history database that is not JSON")
         return None
 
@@ -400,10 +412,10 @@ class HistoryStore(_ServedAdapters):
             "iteration_history_json": loss_history,
             "metadata_path": metadata_path,
             "data_report_json": data_report,
-            "error_message": error[-ERROR_TAIL_CHARS:] if error else None,
+            "error_message": _storable(error[-ERROR_TAIL_CHARS:]) if error else None,
             "promoted": serve,
             "decision": decision.value if decision else None,
-            "decision_reason": decision_reason,
+            "decision_reason": _storable(decision_reason) if decision_reason else None,
             "evaluation_json": evaluation,
             "peak_rss_mb": peak_rss_mb,
         }
@@ -437,6 +449,9 @@ class HistoryStore(_ServedAdapters):
             session.commit()
         for run_identifier, status in left:
             _LOGGER.warning("Run %s was left %s by a stopped process; marked failed", run_identifier, status)
+        if self._homeiq_runs is not None:  # HomeIQ's admin page lists it too, as a finished run would be
+            for run in stale:
+                self._homeiq_runs.record(run)
         return list(stale)
 
     def get(self, run_id: int) -> TrainingRun | None:
@@ -450,20 +465,49 @@ class HistoryStore(_ServedAdapters):
             return session.exec(select(TrainingRun).where(TrainingRun.run_identifier == run_identifier)).first()
 
     def recent(self, limit: int = 25) -> list[TrainingRun]:
-        """The newest runs first."""
-        with Session(self._engine, expire_on_commit=False) as session:
-            query = select(TrainingRun).order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
-            return list(session.exec(query.limit(limit)).all())
+        """The newest runs first (rows that cannot be read left out)."""
+        query = select(TrainingRun).order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
+        return self._readable(query, limit)
 
     def latest_finished(self) -> TrainingRun | None:
-        """The newest run that has ended, whatever its outcome."""
+        """The newest run that has ended, whatever its outcome (rows that cannot be read left out)."""
+        query = (
+            select(TrainingRun)
+            .where(TrainingRun.finished_at.is_not(None))  # type: ignore[union-attr]
+            .order_by(TrainingRun.finished_at.desc(), TrainingRun.id.desc())  # type: ignore[union-attr]
+        )
+        return next(iter(self._readable(query, 1)), None)
+
+    def _readable(self, query: Any, limit: int) -> list[TrainingRun]:
+        """Up to `limit` rows of `query` that can be read and published, in its order.
+
+        A value edited by hand or damaged (a date that is no date, a loss that is no number) fails the
+        whole statement, and every start reads the newest rows: then the rows are read one by one and
+        those that fail are left out, each named in the log.
+        """
         with Session(self._engine, expire_on_commit=False) as session:
-            query = (
-                select(TrainingRun)
-                .where(TrainingRun.finished_at.is_not(None))  # type: ignore[union-attr]
-                .order_by(TrainingRun.finished_at.desc(), TrainingRun.id.desc())  # type: ignore[union-attr]
-            )
-            return session.exec(query.limit(1)).first()
+            try:
+                rows = list(session.exec(query.limit(limit)).all())
+                for row in rows:
+                    run_record(row)
+                return rows
+            except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+                pass
+        rows = []
+        with Session(self._engine, expire_on_commit=False) as session:
+            ids = session.exec(query.with_only_columns(TrainingRun.id).limit(limit + UNREADABLE_ROWS_SKIPPED)).all()
+        for row_id in ids:
+            with Session(self._engine, expire_on_commit=False) as session:
+                try:
+                    row = session.get(TrainingRun, row_id)
+                    if row is not None:
+                        run_record(row)
+                        rows.append(row)
+                except (ValueError, TypeError) as exc:
+                    _LOGGER.warning("Leaving out row %s of the history, which cannot be read: %s", row_id, _first(exc))
+            if len(rows) == limit:
+                break
+        return rows
 
     def latest_completed(self) -> TrainingRun | None:
         """The newest completed run."""

@@ -1,12 +1,15 @@
 """HomeIQ's own `automation.training_runs`: each finished run, where HomeIQ's admin page lists runs.
 
 The only write homeiq-trainer ever makes to HomeIQ's database, and only when `storage.homeiq_runs` is
-on: one INSERT per finished run, on its own connection. A failure is logged and never fails the run.
+on: one INSERT per finished run, on its own connection. A failure is logged and never fails the run,
+and a server that stops answering cannot hold up the run's end: the insert waits at most
+`RECORD_WAIT_S` (on a thread of its own, left to finish or fail later), and never repeats.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import UTC, datetime
 
 from sqlalchemy import JSON, Column, DateTime, Float, Integer, MetaData, String, Table, Text, create_engine, insert
@@ -21,6 +24,12 @@ _LOGGER = logging.getLogger(__name__)
 HOMEIQ_SCHEMA = "automation"
 WRITE_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+# statement_timeout and lock_timeout bound the server's work, connect_timeout the connecting; nothing in
+# libpq bounds a wait for an answer on a connection made (a hung disk at COMMIT, a stopped backend).
+RECORD_WAIT_S = CONNECT_TIMEOUT_S + WRITE_TIMEOUT_S + 5.0
+# ... and a path that drops packets is given up by the kernel after this, not after ~15 minutes.
+TCP_ARGS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+TCP_USER_TIMEOUT_MS = 30_000
 
 # HomeIQ's columns as its ai-training-service reads them; HomeIQ owns the table, we never create it.
 training_runs = Table(
@@ -57,9 +66,12 @@ class HomeIQRuns:
 
     def __init__(self, url: URL) -> None:
         self.url = url
-        self._engine = create_engine(
-            url, poolclass=NullPool, connect_args=postgres_connect_args(WRITE_TIMEOUT_S, CONNECT_TIMEOUT_S, False)
-        )
+        connect_args = {
+            **postgres_connect_args(WRITE_TIMEOUT_S, CONNECT_TIMEOUT_S, False),
+            **TCP_ARGS,
+            "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+        }
+        self._engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
 
     def record(self, run: object) -> bool:
         """Insert one finished run (a `TrainingRun`); False, logged once, when HomeIQ's table refuses it."""
@@ -68,6 +80,24 @@ class HomeIQRuns:
         }
         values["started_at"] = _naive_utc(values["started_at"])
         values["finished_at"] = _naive_utc(values["finished_at"])
+        outcome: list[bool] = []
+        writer = threading.Thread(
+            target=lambda: outcome.append(self._insert(values)), name="homeiq-runs-record", daemon=True
+        )
+        writer.start()
+        writer.join(RECORD_WAIT_S)
+        if writer.is_alive():
+            _LOGGER.warning(
+                "Run %s not recorded in HomeIQ's %s (%s): no answer within %g s",
+                values["run_identifier"],
+                TABLE_NAME,
+                where(self.url),
+                RECORD_WAIT_S,
+            )
+            return False
+        return bool(outcome) and outcome[0]  # nothing: it raised what no database error is (logged by threading)
+
+    def _insert(self, values: dict[str, object]) -> bool:
         try:
             with self._engine.connect() as conn:
                 # READ WRITE explicitly: the role may default to read-only transactions, like the source's.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from homeiq_trainer.history import HistoryStore, HistoryUnavailable
+from homeiq_trainer.history import HistoryStore, HistoryUnavailable, run_record
 from homeiq_trainer.jobs import prune_history
 from homeiq_trainer.messages import RunStatus
 from homeiq_trainer.settings import load_settings
@@ -33,6 +33,49 @@ def test_prune_keeps_the_newest_rows_and_the_served_run(tmp_path: Path) -> None:
     assert store.identifiers() == {names[0], *names[6:], open_run.run_identifier}
     assert store.prune(10, protect={names[0]}) == 0
     store.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "started_at = '2025-13-45 99:00:00'",
+        "finished_at = 'garbage'",
+        "final_loss = 'n/a'",
+        "evaluation_json = '" + "[" * 50_000 + "]" * 50_000 + "'",
+    ],
+)
+def test_a_row_damaged_by_hand_is_left_out_not_fatal(tmp_path: Path, damage: str) -> None:
+    """Every daemon start reads the newest rows; one such value failed the whole read, and the start."""
+    store = HistoryStore(tmp_path / "history.db")
+    names = []
+    for i in range(3):
+        run = store.create(f"run_20250101_00000{i}", "m", str(tmp_path), "test", {})
+        store.finish(run.id, RunStatus.FAILED, error="x")  # type: ignore[arg-type]
+        names.append(run.run_identifier)
+    with contextlib.closing(sqlite3.connect(tmp_path / "history.db")) as conn:
+        conn.execute(f"UPDATE training_runs SET {damage} WHERE run_identifier = ?", (names[2],))
+        conn.commit()
+    readable = [run_record(run).run_id for run in store.recent(10)]  # what the daemon publishes
+    assert set(readable) >= {names[0], names[1]} and len(readable) in (2, 3)  # a bad JSON value reads as none
+    latest = store.latest_finished()
+    assert latest is not None and latest.run_identifier in names
+    store.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_nul_in_a_failure_is_stored(engine: str, tmp_path: Path) -> None:
+    """PostgreSQL text cannot hold NUL, which a crashed process's stderr may: the run stayed `running`."""
+    with contextlib.ExitStack() as stack:
+        target, _ = _new_history_target(engine, tmp_path / "history.db", stack)
+        store = HistoryStore(target)
+        stack.callback(store.close)
+        run = store.create("run_20250101_000000", "m", str(tmp_path), "test", {})
+        failed = store.finish(run.id, RunStatus.FAILED, error="died\x00here", decision_reason="no\x00why")  # type: ignore[arg-type]
+        assert (failed.status, failed.error_message, failed.decision_reason) == (
+            "failed",
+            "died\ufffdhere",
+            "no\ufffdwhy",
+        )
 
 
 def test_a_run_whose_directory_is_kept_keeps_its_row(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,3 +120,69 @@ def test_refused_write_is_logged_once_and_the_run_completes(
     assert "no INSERT permission on automation.training_runs" in warnings[0]
     assert PASSWORD not in warnings[0]
     assert homeiq_runs(homeiq_db) == []
+
+
+def test_a_server_that_stops_answering_cannot_hold_up_the_runs_end(
+    homeiq_db: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy passes the connection's start-up, then holds all the client sends (a hung disk at COMMIT)."""
+    import socket
+    import threading
+    import time
+
+    from homeiq_trainer import homeiq_runs as module
+    from homeiq_trainer.database import database_url
+    from homeiq_trainer.history import TrainingRun
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = database_url(postgres.admin_url())
+
+    def pipe(source: socket.socket, sink: socket.socket, from_client: bool, ready: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if from_client and ready.is_set():
+                    continue  # swallowed: the server never answers again
+                if not from_client and b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery: connected
+                    ready.set()
+                sink.sendall(data)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection((server.host or "127.0.0.1", server.port or 5432))
+                ready = threading.Event()
+                threading.Thread(target=pipe, args=(client, upstream, True, ready), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, client, False, ready), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setattr(module, "RECORD_WAIT_S", 3.0)
+    url = postgres.sqlalchemy_url(homeiq_db).set(host="127.0.0.1", port=listener.getsockname()[1])
+    caplog.set_level(logging.WARNING)
+    runs = module.HomeIQRuns(url)
+    started = time.monotonic()
+    recorded = runs.record(TrainingRun(run_identifier="run_stalled", status="completed"))
+    waited = time.monotonic() - started
+    listener.close()
+    assert recorded is False and waited < 10  # before: blocked for good
+    assert any("no answer within 3 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_a_stopped_process_left_is_recorded_when_it_is_marked_failed(homeiq_db: str, tmp_path: Path) -> None:
+    from homeiq_trainer.database import database_url
+    from homeiq_trainer.history import INTERRUPTED_MESSAGE, HistoryStore
+    from homeiq_trainer.homeiq_runs import HomeIQRuns
+
+    url = database_url(role_url(homeiq_db))
+    store = HistoryStore(tmp_path / "history.db", HomeIQRuns(url))
+    try:
+        row = store.create("run_20990202_000000", "m", "/out/run_20990202_000000", "home_assistant", {})
+        store.mark_running(row.id)  # type: ignore[arg-type]
+        assert [run.run_identifier for run in store.mark_interrupted()] == ["run_20990202_000000"]
+    finally:
+        store.close()
+    recorded = homeiq_runs(homeiq_db)
+    assert [(r["run_identifier"], r["status"]) for r in recorded] == [("run_20990202_000000", "failed")]
+    with postgres.connect(homeiq_db) as conn:
+        said = conn.execute("SELECT error_message FROM automation.training_runs").fetchall()
+    assert said == [(INTERRUPTED_MESSAGE,)]
