@@ -114,12 +114,30 @@ def where(url: URL) -> str:
     return f"database {url.database} on {server(url)}"
 
 
+# Names of this machine's own loopback interface, one server whichever a URL uses.
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
 def same_database(a: URL, b: URL) -> bool:
-    """Whether two URLs reach the same database (same file, or same server and database name)."""
+    """Whether two URLs reach the same database (same file, or same server and database name).
+
+    Servers compare by name and port, loopback names as one: `localhost` and `127.0.0.1` are the same.
+    Other aliases of one server (a container's name and the host's address) cannot be told apart
+    here; `HistoryStore` refuses a PostgreSQL database that holds HomeIQ's tables.
+    """
     path_a, path_b = sqlite_path(a), sqlite_path(b)
     if path_a is not None or path_b is not None:
         return path_a is not None and path_b is not None and path_a.resolve() == path_b.resolve()
-    return (server(a), a.database) == (server(b), b.database)
+    return (_host(a), a.port or POSTGRES_DEFAULT_PORT, a.database) == (
+        _host(b),
+        b.port or POSTGRES_DEFAULT_PORT,
+        b.database,
+    )
+
+
+def _host(url: URL) -> str:
+    host = (url.host or "localhost").lower()
+    return "localhost" if host in _LOOPBACK else host
 
 
 def secret_words(url: URL) -> list[str]:

@@ -284,6 +284,15 @@ class HistoryUnavailable(Exception):
     """The history database cannot be opened: one line, the password masked."""
 
 
+HOMEIQ_TABLE = "automation.ask_ai_queries"
+
+
+def _holds_homeiqs_tables(engine: Engine) -> bool:
+    """Whether a PostgreSQL database is HomeIQ's, whatever name or address reached it."""
+    with engine.connect() as conn:
+        return inspect(conn).has_table("ask_ai_queries", schema="automation")
+
+
 def _unavailable(exc: SQLAlchemyError, url: URL, display: str) -> HistoryUnavailable:
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if sqlite_path(url) is not None:
@@ -320,6 +329,12 @@ class HistoryStore(_ServedAdapters):
                 connect_args=postgres_connect_args(HISTORY_TIMEOUT_S, HISTORY_TIMEOUT_S, read_only=False),
             )
         try:
+            if path is None and _holds_homeiqs_tables(self._engine):
+                self._engine.dispose()
+                raise HistoryUnavailable(
+                    f"the history at {self.display} is HomeIQ's database (it holds {HOMEIQ_TABLE}); "
+                    "give storage.history a database of its own: only the run record may be written to HomeIQ's"
+                )
             create_safely(lambda: _create_schema(self._engine))
         except SQLAlchemyError as exc:  # the first read: a file that is no database, a server that is down
             self._engine.dispose()

@@ -467,6 +467,11 @@ class Settings(BaseSettings):
         target = self.homeiq_runs_url()
         if self.storage.homeiq_runs and (target is None or not is_postgres(target)):
             raise ValueError("storage.homeiq_runs needs a PostgreSQL data.source or storage.homeiq_runs_url")
+        if target is not None and same_database(self.storage.history_url(), target):
+            raise ValueError(
+                "storage.history must not be HomeIQ's database (storage.homeiq_runs_url): our history tables "
+                "would be created there, and only the run record may be written to it"
+            )
         return self
 
     def homeiq_runs_url(self) -> URL | None:

@@ -136,6 +136,13 @@ def sqlalchemy_url(dbname: str, password: str | None = None) -> URL:
     return url.set(password=password) if password else url
 
 
+def without_homeiq(dbname: str) -> str:
+    """`dbname` without HomeIQ's schema (an earlier test's), as a history's database must be; returned."""
+    with connect(dbname) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS automation CASCADE")
+    return dbname
+
+
 def reset_schema(dbname: str, ddl: str) -> None:
     """Drop HomeIQ's schema and build it again from `ddl`."""
     with connect(dbname) as conn:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from homeiq_trainer.database import database_url, masked, same_database, scrub, where
-from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.history import HistoryStore, HistoryUnavailable
 from homeiq_trainer.settings import ConfigError, load_settings
 from tests import postgres
 
@@ -83,6 +83,8 @@ def test_source_db_still_works_and_source_wins(tmp_path: Path) -> None:
     [
         ("postgresql://homeiq@db.lan/homeiq", "postgresql://trainer:pw@db.lan:5432/homeiq"),
         ("{tmp}/homeiq.db", "sqlite:///{tmp}/./homeiq.db"),
+        # One server by two loopback names: they compared as two.
+        ("postgresql://homeiq@localhost/homeiq", "postgresql://trainer@127.0.0.1:5432/homeiq"),
     ],
 )
 def test_history_never_in_homeiqs_database(tmp_path: Path, source: str, history: str) -> None:
@@ -91,6 +93,28 @@ def test_history_never_in_homeiqs_database(tmp_path: Path, source: str, history:
             None,
             {"data": {"source": source.format(tmp=tmp_path)}, "storage": {"history": history.format(tmp=tmp_path)}},
         )
+
+
+def test_history_never_where_homeiqs_runs_are_recorded(tmp_path: Path) -> None:
+    """With a SQLite source, HomeIQ's database is named only by storage.homeiq_runs_url: it was not compared."""
+    storage = {
+        "homeiq_runs": True,
+        "homeiq_runs_url": "postgresql://w@db/homeiq",
+        "history": "postgresql://t@db/homeiq",
+    }
+    with pytest.raises(ConfigError, match=r"must not be HomeIQ's database \(storage.homeiq_runs_url\)"):
+        load_settings(None, {"data": {"source_db": str(tmp_path / "old.db")}, "storage": storage})
+
+
+def test_a_history_in_a_database_holding_homeiqs_table_is_refused(pg_database: str) -> None:
+    """Whatever name reached it (a container's name, the host's address): HomeIQ's tables tell."""
+    postgres.reset_schema(pg_database, postgres.CURRENT_DDL)
+    with pytest.raises(HistoryUnavailable, match="is HomeIQ's database \\(it holds automation.ask_ai_queries\\)"):
+        HistoryStore(postgres.sqlalchemy_url(pg_database, PASSWORD))
+    with postgres.connect(pg_database) as conn:
+        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'served_adapters'").fetchone()
+        conn.execute("DROP SCHEMA automation CASCADE")
+    assert tables == (0,)  # nothing of ours was created there
 
 
 def test_history_on_another_database_of_the_server_is_fine() -> None:
@@ -118,7 +142,7 @@ def test_homeiq_runs_needs_postgres(tmp_path: Path) -> None:
 
 
 def test_history_on_postgres(pg_database: str) -> None:
-    url = postgres.sqlalchemy_url(pg_database, PASSWORD)
+    url = postgres.sqlalchemy_url(postgres.without_homeiq(pg_database), PASSWORD)
     store = HistoryStore(url)
     try:
         assert PASSWORD not in store.display

@@ -349,7 +349,7 @@ def test_a_history_role_that_may_not_create_its_tables_is_told_what_to_grant(pg_
     from homeiq_trainer.history import HistoryStore, HistoryUnavailable
 
     revoke = "REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}"
-    with postgres.login_role(pg_database, "homeiq_nocreate", revoke) as role:
+    with postgres.login_role(postgres.without_homeiq(pg_database), "homeiq_nocreate", revoke) as role:
         url = postgres.sqlalchemy_url(pg_database, PASSWORD).set(username=role)
         with pytest.raises(HistoryUnavailable) as caught:
             HistoryStore(url)
