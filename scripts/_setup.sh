@@ -19,6 +19,8 @@ ensure_os_packages() {
     local missing=() tool
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    # Debian's python3 makes no venv without it ("ensurepip is not available").
+    "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
     for tool in "$@"; do
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
@@ -36,10 +38,21 @@ _pg_answers() {
     (exec 3<>"/dev/tcp/127.0.0.1/$PG_TEST_PORT") 2>/dev/null
 }
 
+# The tests log in as postgres without a password; say so plainly where the server refuses that.
+_pg_lets_tests_in() {
+    command -v psql >/dev/null 2>&1 || return 0
+    if ! PGCONNECT_TIMEOUT=5 psql -w -h 127.0.0.1 -p "$PG_TEST_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; then
+        echo "PostgreSQL on 127.0.0.1:$PG_TEST_PORT refuses user postgres without a password: trust 127.0.0.1 in" \
+            "its pg_hba.conf, or set TEST_POSTGRES_URL to a server the tests may use" >&2
+        return 1
+    fi
+}
+
 ensure_postgres() {
     # A server that answers is used as it is: never restarted, reconfigured or stopped.
     if _pg_answers; then
-        return 0
+        _pg_lets_tests_in
+        return
     fi
     local fresh=0 version="" name=""
     if ! command -v pg_createcluster >/dev/null 2>&1; then
@@ -59,10 +72,16 @@ ensure_postgres() {
         # The package's own cluster, made by the install above for these tests: trust 127.0.0.1 as CI does.
         as_root sed -i '1i host all all 127.0.0.1/32 trust' "/etc/postgresql/$version/$name/pg_hba.conf"
     fi
-    as_root pg_ctlcluster "$version" "$name" start
+    if as_root pg_ctlcluster "$version" "$name" status >/dev/null 2>&1; then
+        # Started by the install itself (where apt starts services): read the trust line added above.
+        as_root pg_ctlcluster "$version" "$name" reload
+    else
+        as_root pg_ctlcluster "$version" "$name" start
+    fi
     for _ in $(seq 1 60); do
         if _pg_answers; then
-            return 0
+            _pg_lets_tests_in
+            return
         fi
         sleep 0.5
     done
@@ -73,8 +92,9 @@ ensure_postgres() {
 # A virtual environment at $1 with the CPU build of torch (installed before anything that needs it).
 _venv_with_torch() {
     local venv="$1"
-    if [ ! -x "$venv/bin/python" ]; then
-        "$PYTHON" -m venv "$venv"
+    if [ ! -x "$venv/bin/pip" ]; then
+        # --clear: an earlier attempt without python3-venv left a python and no pip.
+        "$PYTHON" -m venv --clear "$venv"
     fi
     if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
         if [ -n "${TORCH_INDEX_URL:-}" ]; then

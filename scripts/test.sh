@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_setup.sh
 ensure_os_packages shellcheck  # the add-on's run.sh and these scripts are checked with it
-ensure_postgres
+[ -n "${TEST_POSTGRES_URL:-}" ] || ensure_postgres  # a server of the caller's own is used as it is
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:$PG_TEST_PORT/postgres}"
 ensure_venv "[test,ray]"
 ensure_homeiq_venv  # HomeIQ's transformers 4, for the test that loads an adapter as HomeIQ does

@@ -106,7 +106,9 @@ def throwaway_database() -> Iterator[str]:
     """A uniquely named database, dropped afterwards (with any session still in it)."""
     name = f"homeiq_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     with connect() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        # UTF-8 whatever the cluster's default: one initialised without a locale is SQL_ASCII, which
+        # refuses the JSONB escapes of non-ASCII text ("21 °C") that HomeIQ's rows hold.
+        conn.execute(f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'")
     try:
         yield name
     finally:
