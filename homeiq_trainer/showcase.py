@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,20 @@ def prepare(directory: Path) -> tuple[Path, Path]:
     from homeiq_trainer.demo import build_tiny_model, create_source_db
 
     directory.mkdir(parents=True, exist_ok=True)
+    # Each is built aside and renamed into place: an interrupted build is never taken for a finished one.
     source = directory / "ai_automation.db"
     if not source.exists():
-        create_source_db(source, rows=DEMO_ROWS)
+        partial = directory / "ai_automation.db.partial"
+        partial.unlink(missing_ok=True)
+        create_source_db(partial, rows=DEMO_ROWS)
+        partial.replace(source)
         _LOGGER.info("Created a HomeIQ-shaped demo database: %s (%d rows)", source, DEMO_ROWS)
     model = directory / "model"
-    if not (model / "config.json").exists():
-        build_tiny_model(model, d_model=128, d_ff=256, num_layers=2, vocab_size=600)
+    if not model.exists():
+        partial = directory / "model.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        build_tiny_model(partial, d_model=128, d_ff=256, num_layers=2, vocab_size=600)
+        partial.replace(model)
         _LOGGER.info("Built a small demo T5 in %s (the Hugging Face Hub is not needed)", model)
     return source, model
 
@@ -110,7 +118,7 @@ def _environment(directory: Path, source: Path, model: Path, epochs: int, port: 
     return env
 
 
-def _press_start_and_follow(port: int, base: str) -> dict[str, Any]:
+def _press_start_and_follow(port: int, base: str, daemon_alive: Callable[[], bool]) -> dict[str, Any]:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -139,6 +147,13 @@ def _press_start_and_follow(port: int, base: str) -> dict[str, Any]:
         print(f"daemon online; Home Assistant would discover: {entities}")
         print(f"pressing Start: publish 'start' to {base}/command (what the HA button sends)")
         client.publish(f"{base}/command", "start", qos=1).wait_for_publish(5)
+        with changed:  # the run this start made: a second demo sees the last one's retained state first
+            if not changed.wait_for(lambda: f"{base}/response" in latest, DAEMON_ONLINE_TIMEOUT_S):
+                raise SystemExit("error: the daemon did not answer the start")
+            response = dict(latest[f"{base}/response"])
+        if response.get("status") != "ok":
+            raise SystemExit(f"error: the daemon refused the start: {(response.get('error') or {}).get('message')}")
+        run_id = (response.get("data") or {}).get("run_id")
         last_shown: tuple[Any, ...] = ()
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -146,7 +161,9 @@ def _press_start_and_follow(port: int, base: str) -> dict[str, Any]:
                 changed.wait(1.0)
                 state = dict(latest.get(f"{base}/state") or {})
                 progress = dict(latest.get(f"{base}/progress") or {})
-            if state.get("state") in ("completed", "failed", "cancelled") and state.get("run_id"):
+            if not daemon_alive():
+                raise SystemExit("error: the daemon exited during the run (its log is above)")
+            if state.get("state") in ("completed", "failed", "cancelled") and state.get("run_id") == run_id:
                 print(f"\nstate: {state['state']} ({state.get('message', '')})")
                 with changed:
                     return dict(latest)
@@ -201,7 +218,7 @@ def run_demo(directory: Path, daemon: bool = True, epochs: int = 6) -> int:
         print(f"mosquitto listening on 127.0.0.1:{port}; starting `homeiq-trainer serve`")
         serve = subprocess.Popen([sys.executable, "-m", "homeiq_trainer", "serve"], env=env)
         try:
-            final = _press_start_and_follow(port, "homeiq/trainer")
+            final = _press_start_and_follow(port, "homeiq/trainer", lambda: serve.poll() is None)
         finally:
             serve.send_signal(signal.SIGTERM)
             try:

@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from .conftest import SettingsFactory
 
@@ -102,6 +105,15 @@ def test_demo_runs_the_daemon_end_to_end(tmp_path: Path) -> None:
     assert "what the adapter generates" in done.stdout
     latest = tmp_path / "demo" / "ask_ai_soft_prompt" / "latest"
     assert (latest / "adapter_model.safetensors").is_file()
+    first = os.readlink(latest)
+    # Again in the same folder: the daemon comes up with the first run's retained `completed` state,
+    # which the demo must not take for the end of the run it starts.
+    again = cli("demo", "--directory", str(tmp_path / "demo"), "--epochs", "1", timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    history = {"HOMEIQ_STORAGE__HISTORY_DB": str(tmp_path / "demo" / "homeiq_trainer.db")}
+    runs = json.loads(cli("runs", "--json", env=history).stdout)
+    assert [run["status"] for run in runs] == ["completed", "completed"]  # the second was not cut short
+    assert os.readlink(latest) == first or os.readlink(latest) == runs[0]["run_id"]
 
 
 def test_train_refuses_while_the_daemon_owns_the_history(make_settings: SettingsFactory) -> None:
@@ -185,3 +197,32 @@ def test_help_lists_every_user_command_and_hides_the_internal_one() -> None:
     for command in ("train", "runs", "promote", "rollback", "generate", "serve", "discovery", "demo"):
         assert f"\n    {command}" in shown.stdout, command
     assert "_worker" not in shown.stdout and "SUPPRESS" not in shown.stdout
+
+
+def test_the_demo_follows_the_run_its_start_made_not_the_last_ones_state(broker, watcher) -> None:
+    """A stand-in daemon that answers the start before its state moves off the last run's `completed`."""
+    import threading
+
+    from homeiq_trainer.showcase import _press_start_and_follow
+
+    base = "demo/trainer"
+    watcher.publish(f"{base}/availability", "online", retain=True)
+    old = {"state": "completed", "run_id": "run_old", "message": "the last run"}
+    watcher.publish(f"{base}/state", json.dumps(old), retain=True)
+
+    def stand_in_daemon() -> None:
+        for n in (1, 2):  # answers each start; only the first run ever moves
+            while len(watcher.messages(f"{base}/command")) < n:
+                time.sleep(0.02)
+            data = {"run_id": f"run_new{n}", "state": "queued"}
+            watcher.publish(f"{base}/response", json.dumps({"action": "start", "status": "ok", "data": data}))
+            if n == 1:
+                time.sleep(1.5)  # past the demo's first wait
+                for state in ("queued", "running", "completed"):
+                    watcher.publish(f"{base}/state", json.dumps({"state": state, "run_id": "run_new1"}), retain=True)
+
+    threading.Thread(target=stand_in_daemon, daemon=True).start()
+    final = _press_start_and_follow(broker.port, base, lambda: True)
+    assert final[f"{base}/state"]["run_id"] == "run_new1"  # before: the demo ended on run_old's state
+    with pytest.raises(SystemExit, match="the daemon exited during the run"):
+        _press_start_and_follow(broker.port, base, lambda: False)  # before: waited out 15 minutes
