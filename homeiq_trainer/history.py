@@ -293,7 +293,8 @@ def _holds_homeiqs_tables(engine: Engine) -> bool:
         return inspect(conn).has_table("ask_ai_queries", schema="automation")
 
 
-def _unavailable(exc: SQLAlchemyError, url: URL, display: str) -> HistoryUnavailable:
+def history_unavailable(exc: SQLAlchemyError, url: URL, display: str) -> HistoryUnavailable:
+    """The one line for a history that cannot be reached or opened (`display`: its masked address)."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if sqlite_path(url) is not None:
         reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
@@ -338,7 +339,7 @@ class HistoryStore(_ServedAdapters):
             create_safely(lambda: _create_schema(self._engine))
         except SQLAlchemyError as exc:  # the first read: a file that is no database, a server that is down
             self._engine.dispose()
-            raise _unavailable(exc, url, self.display) from None
+            raise history_unavailable(exc, url, self.display) from None
         self._lock = threading.Lock()
         self._homeiq_runs = homeiq_runs
 

@@ -8,8 +8,13 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from homeiq_trainer.database import sqlite_path
-from homeiq_trainer.history import HistoryStore, TrainingRun
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from homeiq_trainer.database import masked, postgres_connect_args, sqlite_path
+from homeiq_trainer.history import HISTORY_TIMEOUT_S, HistoryStore, TrainingRun, history_unavailable
 from homeiq_trainer.homeiq_runs import HomeIQRuns
 from homeiq_trainer.messages import RunResult, RunStatus, TrainParams
 from homeiq_trainer.settings import Settings
@@ -30,33 +35,66 @@ class InstanceBusy(Exception):
     """Another homeiq-trainer works on the same history and output dir."""
 
 
+# The PostgreSQL advisory lock a history on a server is held by (one key per database: "HomeIQTr").
+HISTORY_LOCK_KEY = 0x486F6D6549515472
+
+
 class InstanceLock:
     """One homeiq-trainer at a time per history and per output dir: a daemon for its lifetime, `train` for its run.
 
-    Without it a `train` started beside the daemon would mark the daemon's open run interrupted (same
-    history) or delete its live staging directory (same output dir, any history). The kernel drops
-    the locks when the process dies, however it dies.
+    Without it a `train` started beside the daemon would mark the daemon's open run interrupted and
+    withdraw its served adapter (same history), or delete its live staging directory (same output dir,
+    any history). A SQLite history and the output dir are locked by files beside them, a history on
+    PostgreSQL by a session advisory lock on a connection of its own. The kernel, or the server,
+    drops them when the process dies, however it dies.
     """
 
     def __init__(self, settings: Settings) -> None:
         output_dir = settings.storage.output_dir.resolve()
         # Beside the output dir, not in it: a read-only output dir must still fail its run, not the start.
         paths = [output_dir.with_name(output_dir.name + ".lock")]
-        history = sqlite_path(settings.storage.history_url())
-        if history is not None:  # a history on a server has no file to lock beside
+        history_url = settings.storage.history_url()
+        history = sqlite_path(history_url)
+        if history is not None:
             history = history.resolve()
             paths.insert(0, history.with_name(history.name + ".lock"))
         self.paths = tuple(paths)
+        self._server_history = None if history is not None else history_url
         self._fds: list[int] = []
+        self._session: Connection | None = None
 
     def acquire(self) -> None:
-        """Take both locks or raise `InstanceBusy` (holding neither)."""
+        """Take every lock or raise `InstanceBusy` (holding none)."""
         try:
+            if self._server_history is not None:
+                self._session = self._take_on_server(self._server_history)
             for path in self.paths:
                 self._fds.append(self._take(path))
         except BaseException:
             self.release()
             raise
+
+    @staticmethod
+    def _take_on_server(url: URL) -> Connection:
+        engine = create_engine(
+            url, poolclass=NullPool, connect_args=postgres_connect_args(HISTORY_TIMEOUT_S, HISTORY_TIMEOUT_S, False)
+        )
+        try:
+            session = engine.connect()
+            taken = session.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": HISTORY_LOCK_KEY}).scalar()
+            # The lock is the session's: no transaction may stay open (idle_in_transaction_session_timeout).
+            session.commit()
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            raise history_unavailable(exc, url, masked(url)) from None
+        if not taken:
+            session.close()
+            engine.dispose()
+            raise InstanceBusy(
+                f"another homeiq-trainer (the daemon, or a `train` in progress) is using the history at "
+                f"{masked(url)}; start runs through it (MQTT `start`), or stop it first"
+            )
+        return session
 
     @staticmethod
     def _take(path: Path) -> int:
@@ -78,6 +116,11 @@ class InstanceLock:
         """Give the locks back."""
         while self._fds:
             os.close(self._fds.pop())
+        if self._session is not None:
+            session, self._session = self._session, None
+            engine = session.engine
+            session.close()  # the server releases a session's advisory locks when it ends
+            engine.dispose()
 
 
 def open_history(settings: Settings) -> HistoryStore:

@@ -175,3 +175,24 @@ def test_an_index_name_another_table_holds_is_an_error_not_skipped(tmp_path: Pat
     connection.close()
     with pytest.raises(HistoryUnavailable, match="idx_training_runs_status already exists"):
         HistoryStore(path)
+
+
+def test_one_homeiq_trainer_per_history_on_a_server_whatever_its_output_dir(tmp_path: Path) -> None:
+    """A `train` beside the daemon marked the daemon's live run failed and withdrew its served adapter."""
+    from homeiq_trainer.jobs import InstanceBusy, InstanceLock
+
+    with postgres.throwaway_database() as name:
+        history = postgres.sqlalchemy_url(name).render_as_string(hide_password=False)
+
+        def lock(output: str) -> InstanceLock:
+            storage = {"history": history, "output_dir": str(tmp_path / output)}
+            return InstanceLock(load_settings(None, {"storage": storage}))
+
+        daemon = lock("daemon-out")
+        daemon.acquire()
+        beside = lock("cli-out")
+        with pytest.raises(InstanceBusy, match=f"is using the history at .*/{name}"):
+            beside.acquire()
+        daemon.release()
+        beside.acquire()  # free once the daemon is gone
+        beside.release()
