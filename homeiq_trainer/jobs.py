@@ -81,10 +81,15 @@ class InstanceLock:
         )
         try:
             session = engine.connect()
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            raise history_unavailable(exc, url, masked(url)) from None
+        try:
             taken = session.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": HISTORY_LOCK_KEY}).scalar()
             # The lock is the session's: no transaction may stay open (idle_in_transaction_session_timeout).
             session.commit()
         except SQLAlchemyError as exc:
+            session.close()
             engine.dispose()
             raise history_unavailable(exc, url, masked(url)) from None
         if not taken:
