@@ -49,8 +49,12 @@ def decide(
     candidate: Mapping[str, Any] | None,
     served: Mapping[str, Any] | None,
     served_run: str | None,
+    not_compared: str | None = None,
 ) -> tuple[Decision, str]:
-    """Whether a finite candidate replaces the served adapter, and a one-line reason."""
+    """Whether a finite candidate replaces the served adapter, and a one-line reason.
+
+    `not_compared` says why an adapter in use was not scored (another base model, unreadable).
+    """
     label, higher = METRICS[options.metric]
     mine = (candidate or {}).get(options.metric)
     theirs = (served or {}).get(options.metric)
@@ -62,7 +66,10 @@ def decide(
     if served_run is None:
         return Decision.PROMOTED, "promoted: no adapter was in use"
     if served is None:
-        return Decision.PROMOTED, f"promoted: {served_run} in use was trained on another base model"
+        return (
+            Decision.PROMOTED,
+            f"promoted: {not_compared or f'{served_run} in use was trained on another base model'}",
+        )
     if mine is None or theirs is None:
         return Decision.KEPT_CURRENT, f"kept {served_run}: no held-out {label} to compare"
     gain = mine - theirs if higher else theirs - mine

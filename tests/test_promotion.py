@@ -30,7 +30,7 @@ from homeiq_trainer.settings import Settings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.run import execute_run
 
-from .conftest import SettingsFactory
+from .conftest import SettingsFactory, train_and_serve
 
 
 def _fake_run(store: HistoryStore, settings: Settings, run_id: str, decision: Decision, serve: bool = False) -> None:
@@ -325,3 +325,47 @@ def test_a_refused_first_switch_leaves_nothing_served(
     assert not (out / "latest").is_symlink() and store.served_stack() == []
     monkeypatch.undo()
     assert reconcile(store, out) is None  # nothing for the next start to adopt either
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign shapes"])
+def test_an_adapter_in_use_that_cannot_be_loaded_is_replaced(make_settings: SettingsFactory, damage: str) -> None:
+    """Its load raised, failing every later run, so unattended retraining could never replace it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    settings = make_settings(data={"max_samples": 60})
+    latest = train_and_serve(settings)
+    first = os.readlink(latest)
+    weights = settings.storage.output_dir / first / artifacts.ADAPTER_WEIGHTS
+    if damage == "truncated":  # a partial copy: the header promises more than the file holds
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:  # a whole file whose tensors do not fit the model (another adapter's, copied in by hand)
+        tensors = load_file(weights)
+        name = next(iter(tensors))
+        tensors[name] = torch.zeros(tensors[name].shape[0] + 1, *tensors[name].shape[1:])
+        save_file(tensors, weights)
+    train_and_serve(settings)  # completed and promoted, or it raises
+    second = os.readlink(latest)
+    store = HistoryStore(settings.storage.history_db)
+    run = store.by_identifier(second)
+    store.close()
+    assert second != first and run is not None
+    assert run.decision_reason is not None and f"promoted: {first} in use cannot be loaded" in run.decision_reason
+
+
+def test_the_base_model_of_an_adapter_in_use_comes_from_peft_where_its_metadata_does_not_read(
+    make_settings: SettingsFactory,
+) -> None:
+    """Unread, it counted as another base model, and any candidate was promoted without a comparison."""
+    from homeiq_trainer.training.run import _served_adapter
+
+    settings = make_settings(data={"max_samples": 60})
+    latest = train_and_serve(settings)
+    run_dir = latest.resolve()
+    meta = json.loads((run_dir / artifacts.METADATA_FILE).read_text())
+    (run_dir / artifacts.METADATA_FILE).write_text(json.dumps({**meta, "samples_used": "many"}))  # another version's
+    assert artifacts.read_metadata(run_dir).base_model is None
+    served, note = _served_adapter(settings.storage.output_dir, run_dir.name, settings.training.base_model)
+    assert served == (run_dir.name, settings.storage.output_dir / run_dir.name) and note is None
+    other, note = _served_adapter(settings.storage.output_dir, run_dir.name, "another/base-model")
+    assert other is None and note is not None and "trained on" in note

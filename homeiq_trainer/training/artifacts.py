@@ -211,6 +211,16 @@ def resolve_run_dir(output_dir: Path, reference: str, given_as: str = "resume_fr
     return run_dir
 
 
+def adapter_base_model(run_dir: Path) -> str | None:
+    """The base model peft's `adapter_config.json` of a run names, or None where it names none or cannot be read."""
+    try:
+        config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return base if isinstance(base, str) and base else None
+
+
 def read_metadata(run_dir: Path) -> RunMetadata:
     """`training_run.json` of a run; every field None when it is absent or unreadable."""
     return _read_json(run_dir / METADATA_FILE, RunMetadata)

@@ -169,9 +169,17 @@ def evaluate_adapters(
     tokenizer, base = load_base_model(hp.base_model, pick_device(hp.device), bf16_weights=False)
     model = PeftModel.from_pretrained(base, str(candidate[1]), adapter_name="candidate")
     names = {"candidate": candidate[0]}
+    unreadable: str | None = None
     if served is not None:
-        model.load_adapter(str(served[1]), adapter_name="served")
-        names["served"] = served[0]
+        try:
+            model.load_adapter(str(served[1]), adapter_name="served")
+            names["served"] = served[0]
+        except Exception as exc:  # whatever a damaged or foreign adapter makes peft raise
+            # Judged as if none were in use: a served adapter that cannot be loaded must not keep
+            # failing, or keeping, every later run.
+            unreadable = f"{served[0]} in use cannot be loaded ({type(exc).__name__}: {_first_line(exc)})"
+            _LOGGER.warning("Not comparing with %s", unreadable)
+            served = None
 
     def tokenized(n: int) -> None:  # a large held-out set takes a while: each chunk shows it is alive
         if n < len(eval_set):
@@ -215,7 +223,12 @@ def evaluate_adapters(
         }
         for i, query in enumerate(probes)
     ]
-    return Evaluation(len(eval_set), scores["candidate"], scores.get("served"), samples=samples)
+    return Evaluation(len(eval_set), scores["candidate"], scores.get("served"), unreadable, samples=samples)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 def answer(run_dir: Path, query: str, source_max_tokens: int, max_new_tokens: int) -> str:

@@ -231,7 +231,8 @@ def execute_run(
         else:
             candidate_metrics = evaluation.candidate.metrics()
             served_metrics = evaluation.served.metrics() if evaluation.served else None
-        decision, reason = decide(settings.promotion, candidate_metrics, served_metrics, served_run)
+        not_compared = evaluation.served_note if evaluation is not None else None
+        decision, reason = decide(settings.promotion, candidate_metrics, served_metrics, served_run, not_compared)
         evaluation_record = {
             "metric": settings.promotion.metric,
             "compared_with": served_run,
@@ -310,13 +311,22 @@ def _diverged(result: RunResult) -> RunResult:
 
 
 def _served_adapter(output_dir: Path, name: str | None, base_model: str) -> tuple[tuple[str, Path] | None, str | None]:
-    """(the adapter in use, `name`, if it shares the base model; a note when it does not)."""
+    """(the adapter in use, `name`, if it shares the base model and can be read; a note when not).
+
+    Its base model comes from `training_run.json`, else from peft's `adapter_config.json` (a metadata
+    file of another version may not read); where neither names one, it is compared all the same.
+    """
     if name is None:
         return None, None
-    base = artifacts.read_metadata(output_dir / name).base_model
-    if base != base_model:
+    run_dir = output_dir / name
+    base = artifacts.read_metadata(run_dir).base_model or artifacts.adapter_base_model(run_dir)
+    if base is not None and base != base_model:
         return None, f"{name} in use was trained on {base}, not {base_model}"
-    return (name, output_dir / name), None
+    try:
+        artifacts.check_safetensors(run_dir / artifacts.ADAPTER_WEIGHTS)
+    except (artifacts.ArtifactError, OSError) as exc:
+        return None, f"{name} in use cannot be loaded ({exc})"
+    return (name, run_dir), None
 
 
 def _evaluate(
@@ -337,7 +347,7 @@ def _evaluate(
     in_use = artifacts.latest_run(settings.storage.output_dir)
     served, note = _served_adapter(settings.storage.output_dir, in_use, hp.base_model)
     evaluation = evaluate_adapters(eval_set, hp, settings.evaluation, (run_identifier, staging), served, observer, stop)
-    evaluation.served_note, evaluation.in_use = note, in_use
+    evaluation.served_note, evaluation.in_use = note or evaluation.served_note, in_use
     return evaluation
 
 
