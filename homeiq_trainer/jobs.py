@@ -194,7 +194,6 @@ def record_result(
         peak_rss_mb=result.peak_rss_mb,
         parameters={**(run.parameters_json or {}), "cluster": result.cluster} if result.cluster else None,
     )
-    prune_history(store, settings)
     return finished
 
 

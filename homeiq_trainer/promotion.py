@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from homeiq_trainer.history import HistoryStore, TrainingRun
 from homeiq_trainer.history import ServedAdapter as ServedAdapterRow
 from homeiq_trainer.messages import Decision, RunResult, RunStatus, ServedAdapter, utcnow
@@ -147,11 +149,14 @@ def protected_runs(store: HistoryStore) -> set[str]:
 
 def conclude(store: HistoryStore, settings: Settings, run: TrainingRun, result: RunResult) -> TrainingRun:
     """Switch `latest` to a run that was chosen, then record how it ended (kept out where the disk refuses)."""
-    from homeiq_trainer.jobs import record_result
+    from homeiq_trainer.jobs import prune_history, record_result
 
     output_dir = settings.storage.output_dir
     serve = result.status is RunStatus.COMPLETED and result.decision is Decision.PROMOTED
     with _SWITCH_LOCK:
+        # A served directory deleted by hand left `latest` dangling and the history naming it: every
+        # run was then compared with nothing and refused as decided against another adapter.
+        _reconciled(store, output_dir)
         stack = store.served_stack() if serve else []
         in_use = stack[0] if stack else None
         in_use_id = in_use.run_identifier if in_use else None
@@ -170,6 +175,11 @@ def conclude(store: HistoryStore, settings: Settings, run: TrainingRun, result: 
                 result = result.model_copy(update={"decision": Decision.KEPT_CURRENT, "decision_reason": str(exc)})
         if not serve:
             finished = record_result(store, settings, run, result, serve=False)
+        # Outside the switch: housekeeping that fails must not put `latest` back under a recorded serve.
+        try:
+            prune_history(store, settings)
+        except SQLAlchemyError as exc:
+            _LOGGER.warning("Pruning the history failed (retried after the next run): %s", str(exc).splitlines()[0])
         artifacts.apply_retention(output_dir, settings.storage.keep_runs, protected_runs(store))
     return finished
 
@@ -238,25 +248,41 @@ def rollback(store: HistoryStore, settings: Settings, triggered_by: str) -> str:
 def reconcile(store: HistoryStore, output_dir: Path) -> str | None:
     """At start: make `latest` and `current.json` agree with the history; returns the served run."""
     with _SWITCH_LOCK:
-        on_disk = artifacts.latest_run(output_dir)
+        return _reconciled(store, output_dir)
+
+
+def _reconciled(store: HistoryStore, output_dir: Path) -> str | None:
+    """`reconcile` with the switch lock held; a disk that refuses the repair is logged, not raised."""
+    try:
+        return _make_agree(store, output_dir)
+    except OSError as exc:
+        _LOGGER.error(
+            "Cannot make %s agree with the history (%s): %s", output_dir / artifacts.LATEST, store.display, exc
+        )
         stack = store.served_stack()
-        while stack and not artifacts.is_complete(output_dir / stack[0].run_identifier):
-            _LOGGER.warning("Served run %s has no complete directory; withdrawing it", stack[0].run_identifier)
-            store.withdraw(stack[0].id, triggered_by="recovery")  # type: ignore[arg-type]
-            stack = store.served_stack()
-        if not stack and on_disk is not None:
-            row = store.by_identifier(on_disk)
-            if row is None or row.status == RunStatus.COMPLETED.value:
-                # Promoted before the history kept a served list (or by hand): adopt it.
-                stack = [store.serve(on_disk, action="adopt", triggered_by="recovery")]
-            else:  # switched to as its run ended, and the process died before the history recorded the end
-                _LOGGER.warning("Run %s was never recorded as completed; not serving it", on_disk)
-        if not stack:
-            _serve_nothing(output_dir)  # nothing servable is left
-            return None
-        target = stack[0].run_identifier
-        if target != on_disk:
-            _LOGGER.warning("Finishing a promotion a crash interrupted: serving %s (latest was %s)", target, on_disk)
-        if target != on_disk or artifacts.read_current(output_dir).run_id != target:
-            _switch(output_dir, target, stack[0].served_at.isoformat())
-        return target
+        return stack[0].run_identifier if stack else None
+
+
+def _make_agree(store: HistoryStore, output_dir: Path) -> str | None:
+    on_disk = artifacts.latest_run(output_dir)
+    stack = store.served_stack()
+    while stack and not artifacts.is_complete(output_dir / stack[0].run_identifier):
+        _LOGGER.warning("Served run %s has no complete directory; withdrawing it", stack[0].run_identifier)
+        store.withdraw(stack[0].id, triggered_by="recovery")  # type: ignore[arg-type]
+        stack = store.served_stack()
+    if not stack and on_disk is not None:
+        row = store.by_identifier(on_disk)
+        if row is None or row.status == RunStatus.COMPLETED.value:
+            # Promoted before the history kept a served list (or by hand): adopt it.
+            stack = [store.serve(on_disk, action="adopt", triggered_by="recovery")]
+        else:  # switched to as its run ended, and the process died before the history recorded the end
+            _LOGGER.warning("Run %s was never recorded as completed; not serving it", on_disk)
+    if not stack:
+        _serve_nothing(output_dir)  # nothing servable is left
+        return None
+    target = stack[0].run_identifier
+    if target != on_disk:
+        _LOGGER.warning("Finishing a promotion a crash interrupted: serving %s (latest was %s)", target, on_disk)
+    if target != on_disk or artifacts.read_current(output_dir).run_id != target:
+        _switch(output_dir, target, stack[0].served_at.isoformat())
+    return target

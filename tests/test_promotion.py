@@ -369,3 +369,67 @@ def test_the_base_model_of_an_adapter_in_use_comes_from_peft_where_its_metadata_
     assert served == (run_dir.name, settings.storage.output_dir / run_dir.name) and note is None
     other, note = _served_adapter(settings.storage.output_dir, run_dir.name, "another/base-model")
     assert other is None and note is not None and "trained on" in note
+
+
+def _result(out: Path, run_id: str, compared_with: str | None) -> RunResult:
+    return RunResult(
+        run_identifier=run_id,
+        status=RunStatus.COMPLETED,
+        base_model="tiny",
+        decision=Decision.PROMOTED,
+        decision_reason="promoted: test",
+        run_dir=str(out / run_id),
+        evaluation={"compared_with": compared_with},
+    )
+
+
+def test_a_failed_prune_leaves_the_new_adapter_served(
+    serving: tuple[Settings, Path, HistoryStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prune ran inside the switch: its failure put `latest` back under a serve the history had recorded."""
+    from sqlalchemy.exc import OperationalError
+
+    settings, out, store = serving
+    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
+    _fake_run(store, settings, SECOND, Decision.PROMOTED)
+
+    def locked(*_args: object, **_kwargs: object) -> int:
+        raise OperationalError("DELETE FROM training_runs", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(store, "prune", locked)
+    finished = conclude(store, settings, store.by_identifier(SECOND), _result(out, SECOND, FIRST))
+    assert finished.promoted and artifacts.latest_run(out) == SECOND == artifacts.read_current(out).run_id
+    assert store.served_stack()[0].run_identifier == SECOND
+
+
+def test_a_served_directory_deleted_by_hand_does_not_block_later_promotions(
+    serving: tuple[Settings, Path, HistoryStore],
+) -> None:
+    """`latest` dangled, the history named the deleted run: each run compared with nothing was refused."""
+    import shutil
+
+    settings, out, store = serving
+    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
+    reconcile(store, out)
+    shutil.rmtree(out / FIRST)
+    _fake_run(store, settings, SECOND, Decision.PROMOTED)
+    finished = conclude(store, settings, store.by_identifier(SECOND), _result(out, SECOND, None))
+    assert finished.promoted and finished.decision == Decision.PROMOTED.value
+    assert artifacts.latest_run(out) == SECOND and [row.run_identifier for row in store.served_stack()] == [SECOND]
+
+
+def test_a_read_only_disk_that_needs_a_repair_does_not_stop_the_start(
+    serving: tuple[Settings, Path, HistoryStore], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, out, store = serving
+    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
+    _fake_run(store, settings, SECOND, Decision.PROMOTED)
+    store.serve(SECOND, action="promote", triggered_by="test")  # recorded, then the process died before the switch
+
+    def refuse(*_args: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(artifacts, "promote", refuse)
+    assert reconcile(store, out) == SECOND  # before: OSError, and the daemon, train, promote never started
+    assert artifacts.latest_run(out) == FIRST
+    assert any("Cannot make" in r.getMessage() and "Read-only file system" in r.getMessage() for r in caplog.records)
