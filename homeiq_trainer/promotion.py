@@ -204,19 +204,29 @@ def promote(store: HistoryStore, settings: Settings, run_identifier: str, trigge
 
 
 def offered(store: HistoryStore, settings: Settings) -> TrainingRun | None:
-    """The best candidate awaiting approval (what the update entity offers to install), if any."""
+    """The best candidate awaiting approval (what the update entity offers to install), if any.
+
+    Each candidate was scored on its own held-out set, beside the adapter then in use: they rank by
+    their margin over it, not by raw scores from different sets. One compared with nothing has a
+    margin of 0; on equal margins the newest wins.
+    """
     name, higher = settings.promotion.metric, METRICS[settings.promotion.metric][1]
 
-    def score(run: TrainingRun) -> float:
-        value = ((run.evaluation_json or {}).get("candidate") or {}).get(name)
-        if not isinstance(value, int | float):
+    def margin(run: TrainingRun) -> float:
+        evaluation = run.evaluation_json or {}
+        mine = (evaluation.get("candidate") or {}).get(name)
+        theirs = (evaluation.get("served") or {}).get(name)
+        if not isinstance(mine, int | float):
             return float("-inf")
-        return float(value) if higher else -float(value)
+        if not isinstance(theirs, int | float):
+            return 0.0
+        return float(mine - theirs) if higher else float(theirs - mine)
 
     candidates = [
         run for run in store.awaiting() if artifacts.is_complete(settings.storage.output_dir / run.run_identifier)
     ]
-    return max(candidates, key=score, default=None)
+    # awaiting() is newest first, and max() keeps the first of equals.
+    return max(candidates, key=margin, default=None)
 
 
 def promote_requested(store: HistoryStore, settings: Settings, run_identifier: str | None, by: str) -> dict[str, Any]:

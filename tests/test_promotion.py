@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,14 @@ from homeiq_trainer.training.run import execute_run
 from .conftest import SettingsFactory, train_and_serve
 
 
-def _fake_run(store: HistoryStore, settings: Settings, run_id: str, decision: Decision, serve: bool = False) -> None:
+def _fake_run(
+    store: HistoryStore,
+    settings: Settings,
+    run_id: str,
+    decision: Decision,
+    serve: bool = False,
+    evaluation: dict[str, Any] | None = None,
+) -> None:
     """A completed run: a directory with a valid (tiny) safetensors file and its history row."""
     import torch
     from safetensors.torch import save_file
@@ -47,7 +55,8 @@ def _fake_run(store: HistoryStore, settings: Settings, run_id: str, decision: De
         run_dir, RunMetadata(run_id=run_id, base_model="tiny", evaluation={"candidate": {"chrf": 1.5}})
     )
     row = store.create(run_id, "tiny", str(run_dir), "test", {})
-    store.finish(row.id, RunStatus.COMPLETED, decision=decision, decision_reason="test", serve=serve)
+    ended = {"decision": decision, "decision_reason": "test", "serve": serve, "evaluation": evaluation}
+    store.finish(row.id, RunStatus.COMPLETED, **ended)
     if serve:
         artifacts.promote(out, run_id)
 
@@ -433,3 +442,19 @@ def test_a_read_only_disk_that_needs_a_repair_does_not_stop_the_start(
     assert reconcile(store, out) == SECOND  # before: OSError, and the daemon, train, promote never started
     assert artifacts.latest_run(out) == FIRST
     assert any("Cannot make" in r.getMessage() and "Read-only file system" in r.getMessage() for r in caplog.records)
+
+
+def test_the_offered_candidate_is_the_one_that_beat_the_adapter_in_use_by_most(
+    serving: tuple[Settings, Path, HistoryStore],
+) -> None:
+    """Raw scores of different held-out sets ranked them: one worse than the adapter in use was offered."""
+    settings, out, store = serving
+    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
+    reconcile(store, out)
+    assert settings.promotion.metric == "chrf"
+    worse = {"compared_with": FIRST, "candidate": {"chrf": 60.0}, "served": {"chrf": 62.0}}  # on 12 easy examples
+    better = {"compared_with": FIRST, "candidate": {"chrf": 45.0}, "served": {"chrf": 30.0}}  # on 300 hard ones
+    _fake_run(store, settings, SECOND, Decision.AWAITING_APPROVAL, evaluation=worse)
+    _fake_run(store, settings, THIRD, Decision.AWAITING_APPROVAL, evaluation=better)
+    chosen = offered(store, settings)
+    assert chosen is not None and chosen.run_identifier == THIRD
