@@ -28,6 +28,8 @@ _LOGGER = logging.getLogger(__name__)
 REQUEST_ID_SCAN_BYTES = 1024
 _REQUEST_ID_NEAR_START = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:@/+-]{1,128})"')
 STOP_JOIN_TIMEOUT_S = 10.0
+# What a routed message (a setting's value, a Re-announce press) may bring to the command thread.
+ROUTE_PAYLOAD_BYTES = 4096
 
 Task = Callable[[], None]
 TopicHandler = Callable[[str, bytes], None]
@@ -227,7 +229,13 @@ class Intake:
             return
         for subscription, handler in self.routes.items():
             if paho.topic_matches_sub(subscription, topic):
-                if not self.commands.offer(lambda h=handler: h(topic, payload)):  # type: ignore[misc]
+                # Settings and Re-announce share the commands' rate and queue, and never need more than
+                # a few bytes: a flood or a huge payload must not starve commands or fill memory.
+                if not self.bucket.take():
+                    _LOGGER.warning("Too many messages; dropped one on %s", topic)
+                    return
+                kept = payload[: ROUTE_PAYLOAD_BYTES + 1]  # longer is refused as longer, without the bulk
+                if not self.commands.offer(lambda h=handler, p=kept: h(topic, p)):  # type: ignore[misc]
                     _LOGGER.warning("Command queue full; dropped a message on %s", topic)
                 return
 

@@ -146,7 +146,7 @@ def apply_log_level(level: str) -> None:
 def parse_value(payload: bytes) -> Any:
     """A command payload as the schema should see it: a JSON number (`3e-4`, `NaN` too) or the text."""
     if len(payload) > MAX_SETTING_PAYLOAD_BYTES:
-        raise SettingRefused(f"value is {len(payload)} bytes; the limit is {MAX_SETTING_PAYLOAD_BYTES}")
+        raise SettingRefused(f"value is longer than {MAX_SETTING_PAYLOAD_BYTES} bytes")
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -240,6 +240,10 @@ class SettingsPanel:
             if code == "invalid_setting":  # a pinned refusal is logged once, by `change`
                 _LOGGER.warning("Refused a change from Home Assistant: %s", exc)
             error = ErrorInfo(code=code, message=str(exc))
+            return Response(request_id=None, action="set", status="error", data={"setting": name}, error=error)
+        except Exception as exc:  # the history database refused the write (locked, server gone): nothing changed
+            _LOGGER.exception("Could not store %s from Home Assistant", name)
+            error = ErrorInfo(code="internal_error", message=f"not stored: {type(exc).__name__}; nothing changed")
             return Response(request_id=None, action="set", status="error", data={"setting": name}, error=error)
         if control.path == "log_level":
             apply_log_level(value)

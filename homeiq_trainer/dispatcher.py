@@ -91,6 +91,11 @@ class Dispatcher:
         self._respond = respond
         self._post = post
         self._checking = False
+        # A `cancel` that came while a start was counting: that start ends refused, no run begins.
+        self._start_cancelled = False
+        # Request ids of commands still being worked on (a start counting), with their digests: the
+        # same id may not run another command meanwhile, nor the same one twice.
+        self._in_progress: dict[str, str] = {}
         self.handlers: dict[str, Callable[[Command], Data | Later]] = {
             "start": self._start,
             "cancel": self._cancel,
@@ -126,6 +131,14 @@ class Dispatcher:
 
     def _dispatch(self, context: _Context, parsed: dict[str, Any] | Command) -> Data | Later:
         if context.request_id is not None:
+            pending = self._in_progress.get(context.request_id)
+            if pending is not None and pending != context.digest:
+                message = f"request_id {context.request_id!r} is in use by a command still being worked on"
+                raise CommandError("request_id_conflict", message)
+            if pending is not None:
+                raise CommandError(
+                    "busy", f"the command with request_id {context.request_id!r} is still being worked on"
+                )
             try:
                 context.replayed = self.memory.recall(context.request_id, context.digest)
             except RequestIdConflict as exc:
@@ -154,6 +167,8 @@ class Dispatcher:
         if context.replayed is not None:
             context.reply(context.replayed)
         elif isinstance(outcome, Later):
+            if context.request_id is not None:
+                self._in_progress[context.request_id] = context.digest
             if context.inline:
                 self._later(context, outcome, post=lambda task: task())
             else:
@@ -185,6 +200,8 @@ class Dispatcher:
         self._run(context, step)
 
     def _answer(self, context: _Context, text: str, remember: bool) -> None:
+        if context.request_id is not None and self._in_progress.get(context.request_id) == context.digest:
+            del self._in_progress[context.request_id]  # its own answer: the id is free again
         if remember and context.request_id is not None:
             self.memory.remember(context.request_id, context.action, context.digest, text)
         context.reply(text)
@@ -195,6 +212,9 @@ class Dispatcher:
         try:
             run = self.runner.cancel()
         except NotRunning as exc:
+            if self._checking:  # a start is counting new examples: it will not start a run
+                self._start_cancelled = True
+                return {"run_id": None, "start_cancelled": True}
             raise CommandError("not_running", str(exc)) from None
         return {"run_id": run.run_identifier}
 
@@ -236,13 +256,16 @@ class Dispatcher:
             note["required_by"] = THRESHOLD_SETTING
         if required < wanted:
             note["notice"] = f"min_new_samples {wanted} is above data.max_samples ({limit}); {required} required"
-        self._checking = True
+        self._checking, self._start_cancelled = True, False
         return Later(
             work=lambda: count_new_since_last_completed(self.settings, self.store, required),
             then=lambda found: self._after_count(command, note, found),
         )
 
     def _after_count(self, command: Command, note: Data, found: int) -> Data:
+        if self._start_cancelled:
+            self._start_cancelled = False
+            raise CommandError("cancelled", "cancelled while counting new examples; no run started")
         if found < note["required"]:
             message = f"{found} new usable examples since the last completed run; {note['required']} required"
             if "required_by" in note:
@@ -302,7 +325,14 @@ def count_new_since_last_completed(settings: Settings, store: HistoryStore, requ
     if last is not None:
         report = last.data_report_json or {}
         newest = report.get("newest_created_at")
-        since = datetime.fromisoformat(newest) if isinstance(newest, str) else last.started_at
+        since = last.started_at
+        if isinstance(newest, str):
+            try:
+                since = datetime.fromisoformat(newest)
+            except ValueError:  # edited by hand, or written by another version: the run's start will do
+                _LOGGER.warning(
+                    "Run %s records no readable newest example; counting since it started", last.run_identifier
+                )
     try:
         return count_new_examples(
             settings.data.source_url(),

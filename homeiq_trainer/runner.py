@@ -246,6 +246,8 @@ class ActiveJob:
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     process: TrainingProcess | None = None
     phase: Phase | None = None
+    finishing: bool = False
+    """Set (under the runner's lock) once the worker has read `cancel_requested` for the last time."""
 
 
 class Runner:
@@ -294,6 +296,8 @@ class Runner:
             job = self._active
             if job is None:
                 raise NotRunning("no run is queued or running")
+            if job.finishing:  # an `ok` now would promise a cancel nobody would carry out
+                raise NotRunning(f"run {job.run.run_identifier} has ended and is being recorded")
             job.cancel_requested.set()
             if job.process is not None:
                 job.process.terminate()
@@ -342,6 +346,8 @@ class Runner:
                 self._stop(job.process, grace_s=JOIN_TIMEOUT_S)
             if result is None:
                 result = crash_result(run, "the worker stopped unexpectedly")
+            with self._lock:  # from here a cancel is refused: the one decision below is final
+                job.finishing = True
             if job.cancel_requested.is_set() and result.status is RunStatus.FAILED:
                 # Killed because we asked it to stop: that is a cancellation, not a failure.
                 result = result.model_copy(update={"status": RunStatus.CANCELLED, "error": None})

@@ -1,0 +1,172 @@
+"""Commands that meet a run or a count halfway, and messages on the settings topics, through a real broker."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from homeiq_trainer import dispatcher as dispatcher_module
+from homeiq_trainer import runner as runner_module
+from homeiq_trainer.app import TrainerApp
+from homeiq_trainer.messages import Phase, PhaseEvent
+from tests.fakes import FakeLauncher
+
+from .conftest import Broker, SettingsFactory
+from .mqtt_client import Watcher
+
+BASE = "homeiq/trainer"
+CMD, RESP = f"{BASE}/command", f"{BASE}/response"
+
+
+@pytest.fixture
+def daemon(make_settings: SettingsFactory, broker: Broker) -> Iterator[Any]:
+    """Starts a daemon with a fake training process; each is stopped afterwards."""
+    apps: list[TrainerApp] = []
+
+    def start(script: list[Any], **sections: dict[str, Any]) -> TrainerApp:
+        mqtt = {"host": "127.0.0.1", "port": broker.port, "client_id": "homeiq-trainer-test"}
+        app = TrainerApp(make_settings(mqtt=mqtt, **sections), launcher=FakeLauncher(script))
+        app.start()
+        apps.append(app)
+        assert app.link.wait_connected(10)
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
+
+
+def answers(watcher: Watcher, since: int, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while len(watcher.messages(RESP)) - since < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [json.loads(raw) for raw in watcher.messages(RESP)[since:]]
+
+
+@pytest.fixture
+def slow_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new-data count that takes a second, as one over a large history does."""
+    real = dispatcher_module.count_new_since_last_completed
+
+    def slow(*args: Any) -> int:
+        time.sleep(1.0)
+        return real(*args)
+
+    monkeypatch.setattr(dispatcher_module, "count_new_since_last_completed", slow)
+
+
+def test_a_cancel_while_a_finished_run_is_recorded_is_refused_not_promised(
+    daemon: Any, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was answered `ok`, and the run ended `completed` all the same (and could be served)."""
+    real, recording = runner_module.conclude, threading.Event()
+
+    def slow_conclude(*args: Any, **kwargs: Any) -> Any:
+        recording.set()
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "conclude", slow_conclude)
+    app = daemon([PhaseEvent(phase=Phase.SAVING), "result"])
+    run_id = watcher.request(CMD, RESP, {"action": "start"})["data"]["run_id"]
+    assert recording.wait(10)
+    cancel = watcher.request(CMD, RESP, {"action": "cancel"})
+    assert cancel["status"] == "error" and cancel["error"]["code"] == "not_running"
+    assert "has ended and is being recorded" in cancel["error"]["message"]
+    last = watcher.wait_for(f"{BASE}/last_run", lambda v: v.get("run_id") == run_id, timeout=15)
+    assert last["status"] == "completed" and app.runner.active is None
+
+
+def test_a_cancel_while_a_start_counts_stops_that_start(daemon: Any, watcher: Watcher, slow_count: None) -> None:
+    """It was answered `not_running`, then the count ended and the run started anyway."""
+    app = daemon(["hang"])
+    since = len(watcher.messages(RESP))
+    start = {"action": "start", "request_id": "s1", "params": {"min_new_samples": 1}}
+    watcher.publish(CMD, json.dumps(start))
+    watcher.publish(CMD, json.dumps({"action": "cancel", "request_id": "c1"}))
+    by_id = {answer["request_id"]: answer for answer in answers(watcher, since, 2)}
+    assert by_id["c1"]["status"] == "ok" and by_id["c1"]["data"] == {"run_id": None, "start_cancelled": True}
+    assert by_id["s1"]["status"] == "error" and by_id["s1"]["error"]["code"] == "cancelled"
+    assert app.runner.active is None
+
+
+def test_a_request_id_in_use_by_a_counting_start_is_not_run_again(
+    daemon: Any, watcher: Watcher, slow_count: None
+) -> None:
+    """Another command with that id ran, and the start's answer then overwrote its memory."""
+    app = daemon(["hang"])
+    since = len(watcher.messages(RESP))
+    start = json.dumps({"action": "start", "request_id": "r1", "params": {"min_new_samples": 1}})
+    watcher.publish(CMD, start)
+    watcher.publish(CMD, json.dumps({"action": "runs", "request_id": "r1"}))
+    watcher.publish(CMD, start)
+    got = answers(watcher, since, 3)
+    assert [(a["request_id"], a["status"]) for a in got[:2]] == [("r1", "error"), ("r1", "error")]
+    assert [a["error"]["code"] for a in got[:2]] == ["request_id_conflict", "busy"]  # the runs, the repeat
+    assert got[2]["action"] == "start" and got[2]["status"] == "ok"  # the one start, answered once
+    app.runner.cancel()
+
+
+def test_a_damaged_newest_example_in_the_last_run_counts_from_its_start(daemon: Any, watcher: Watcher) -> None:
+    """Every threshold start answered `internal_error` ("month must be in 1..12")."""
+    app = daemon(["result"])
+    run_id = watcher.request(CMD, RESP, {"action": "start"})["data"]["run_id"]
+    watcher.wait_for(f"{BASE}/last_run", lambda v: v.get("run_id") == run_id, timeout=15)
+    while app.runner.active is not None:
+        time.sleep(0.02)
+    with sqlite3.connect(app.settings.storage.history_db) as conn:
+        conn.execute("""UPDATE training_runs SET data_report_json = '{"newest_created_at": "2026-13-01"}'""")
+    refused = watcher.request(CMD, RESP, {"action": "start", "params": {"min_new_samples": 100_000}})
+    assert refused["error"]["code"] == "not_enough_new_data"
+
+
+def test_a_setting_the_history_cannot_store_is_answered(
+    daemon: Any, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from homeiq_trainer.overrides import OverridesStore
+
+    daemon(["result"])
+
+    def locked(*_args: Any) -> None:
+        raise OperationalError("INSERT INTO settings", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(OverridesStore, "set", locked)
+    since = len(watcher.messages(RESP))
+    watcher.publish(f"{BASE}/settings/epochs/set", "5")
+    (answer,) = answers(watcher, since, 1)  # before: none at all
+    assert answer["action"] == "set" and answer["error"]["code"] == "internal_error"
+    assert watcher.wait_for(f"{BASE}/settings")["epochs"] != 5
+
+
+def test_settings_messages_share_the_commands_rate_and_never_bring_their_bulk(
+    daemon: Any, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A looping automation starved commands; a 200 KB value was queued whole (5 MiB ones too)."""
+    from homeiq_trainer.settings_entities import SettingsEntities
+
+    seen: list[int] = []
+    real = SettingsEntities.on_setting
+
+    def recording(self: SettingsEntities, topic: str, payload: bytes) -> None:
+        seen.append(len(payload))
+        real(self, topic, payload)
+
+    monkeypatch.setattr(SettingsEntities, "on_setting", recording)
+    daemon(["result"], daemon={"commands_per_s": 1, "command_burst": 2})
+    since = len(watcher.messages(RESP))
+    watcher.publish(f"{BASE}/settings/epochs/set", "9" * 200_000)
+    (answer,) = answers(watcher, since, 1)
+    assert answer["error"]["code"] == "invalid_setting" and "longer than 1024 bytes" in answer["error"]["message"]
+    assert seen == [4097]
+    for _ in range(10):
+        watcher.publish(f"{BASE}/settings/epochs/set", "4")
+    time.sleep(1.0)
+    assert len(seen) <= 4  # the burst's one token left, and at most two more refilled meanwhile
