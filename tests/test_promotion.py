@@ -226,6 +226,19 @@ def test_run_files_round_trip_and_foreign_or_broken_ones_read_as_unknown(tmp_pat
 FIRST, SECOND, THIRD = "run_20250101_000000", "run_20250102_000000", "run_20250103_000000"
 
 
+def _chosen(out: Path, run_id: str, reason: str = "promoted: test", **evaluation: Any) -> RunResult:
+    """A completed run the gate chose, as the training process reports it (`compared_with=` and so on)."""
+    return RunResult(
+        run_identifier=run_id,
+        status=RunStatus.COMPLETED,
+        base_model="tiny",
+        decision=Decision.PROMOTED,
+        decision_reason=reason,
+        run_dir=str(out / run_id),
+        evaluation=evaluation,
+    )
+
+
 def _served_then_rejected(store: HistoryStore, settings: Settings) -> None:
     """FIRST served, SECOND completed and kept out."""
     _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
@@ -277,15 +290,7 @@ def test_a_disk_that_refuses_the_switch_changes_nothing(
     # A run the gate chose is recorded as kept out, not as served.
     _fake_run(store, settings, third, Decision.PROMOTED)
     row = store.by_identifier(third)
-    result = RunResult(
-        run_identifier=third,
-        status=RunStatus.COMPLETED,
-        base_model="tiny",
-        decision=Decision.PROMOTED,
-        decision_reason="promoted: better",
-        run_dir=str(out / third),
-    )
-    finished = conclude(store, settings, row, result)
+    finished = conclude(store, settings, row, _chosen(out, third, "promoted: better"))
     assert not finished.promoted and finished.decision == Decision.KEPT_CURRENT.value
     assert "cannot serve run_20250103_000000" in (finished.decision_reason or "")
     assert artifacts.latest_run(out) == second and served() == [second, first]
@@ -302,16 +307,8 @@ def test_a_run_decided_against_an_adapter_no_longer_in_use_is_offered_not_served
     reconcile(store, out)
     # `third` was compared with `first` and found better; meanwhile `second` is served by hand.
     promote(store, settings, second, triggered_by="test")
-    result = RunResult(
-        run_identifier=third,
-        status=RunStatus.COMPLETED,
-        base_model="tiny",
-        decision=Decision.PROMOTED,
-        decision_reason=f"promoted: better than {first}",
-        run_dir=str(out / third),
-        evaluation={"compared_with": first},
-    )
-    finished = conclude(store, settings, store.by_identifier(third), result)
+    chosen = _chosen(out, third, f"promoted: better than {first}", compared_with=first)
+    finished = conclude(store, settings, store.by_identifier(third), chosen)
     assert not finished.promoted and finished.decision == Decision.AWAITING_APPROVAL.value
     assert f"{second} was put in use after it was compared with {first}" in (finished.decision_reason or "")
     assert artifacts.latest_run(out) == second and [row.run_identifier for row in store.served_stack()][0] == second
@@ -380,16 +377,12 @@ def test_the_base_model_of_an_adapter_in_use_comes_from_peft_where_its_metadata_
     assert other is None and note is not None and "trained on" in note
 
 
-def _result(out: Path, run_id: str, compared_with: str | None) -> RunResult:
-    return RunResult(
-        run_identifier=run_id,
-        status=RunStatus.COMPLETED,
-        base_model="tiny",
-        decision=Decision.PROMOTED,
-        decision_reason="promoted: test",
-        run_dir=str(out / run_id),
-        evaluation={"compared_with": compared_with},
-    )
+def _first_served(serving: tuple[Settings, Path, HistoryStore]) -> tuple[Settings, Path, HistoryStore]:
+    """`serving` with FIRST trained and served, as after a restart."""
+    settings, out, store = serving
+    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
+    reconcile(store, out)
+    return settings, out, store
 
 
 def test_a_failed_prune_leaves_the_new_adapter_served(
@@ -406,7 +399,7 @@ def test_a_failed_prune_leaves_the_new_adapter_served(
         raise OperationalError("DELETE FROM training_runs", {}, Exception("database is locked"))
 
     monkeypatch.setattr(store, "prune", locked)
-    finished = conclude(store, settings, store.by_identifier(SECOND), _result(out, SECOND, FIRST))
+    finished = conclude(store, settings, store.by_identifier(SECOND), _chosen(out, SECOND, compared_with=FIRST))
     assert finished.promoted and artifacts.latest_run(out) == SECOND == artifacts.read_current(out).run_id
     assert store.served_stack()[0].run_identifier == SECOND
 
@@ -417,12 +410,10 @@ def test_a_served_directory_deleted_by_hand_does_not_block_later_promotions(
     """`latest` dangled, the history named the deleted run: each run compared with nothing was refused."""
     import shutil
 
-    settings, out, store = serving
-    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
-    reconcile(store, out)
+    settings, out, store = _first_served(serving)
     shutil.rmtree(out / FIRST)
     _fake_run(store, settings, SECOND, Decision.PROMOTED)
-    finished = conclude(store, settings, store.by_identifier(SECOND), _result(out, SECOND, None))
+    finished = conclude(store, settings, store.by_identifier(SECOND), _chosen(out, SECOND, compared_with=None))
     assert finished.promoted and finished.decision == Decision.PROMOTED.value
     assert artifacts.latest_run(out) == SECOND and [row.run_identifier for row in store.served_stack()] == [SECOND]
 
@@ -448,9 +439,7 @@ def test_the_offered_candidate_is_the_one_that_beat_the_adapter_in_use_by_most(
     serving: tuple[Settings, Path, HistoryStore],
 ) -> None:
     """Raw scores of different held-out sets ranked them: one worse than the adapter in use was offered."""
-    settings, out, store = serving
-    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
-    reconcile(store, out)
+    settings, out, store = _first_served(serving)
     assert settings.promotion.metric == "chrf"
     worse = {"compared_with": FIRST, "candidate": {"chrf": 60.0}, "served": {"chrf": 62.0}}  # on 12 easy examples
     better = {"compared_with": FIRST, "candidate": {"chrf": 45.0}, "served": {"chrf": 30.0}}  # on 300 hard ones
