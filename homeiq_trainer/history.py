@@ -25,7 +25,7 @@ from homeiq_trainer.database import (
     sqlite_when_unlocked,
 )
 from homeiq_trainer.homeiq_runs import HomeIQRuns
-from homeiq_trainer.messages import Decision, RunRecord, RunStatus, known, utcnow
+from homeiq_trainer.messages import Decision, RunRecord, RunStatus, first_line, known, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -34,11 +34,6 @@ HISTORY_TIMEOUT_S = 10.0
 INTERRUPTED_MESSAGE = "interrupted: the process running it stopped before the run finished"
 # How many unreadable rows a read of the newest rows reads past.
 UNREADABLE_ROWS_SKIPPED = 20
-
-
-def _first(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _storable(text: str) -> str:
@@ -520,7 +515,12 @@ class HistoryStore(_ServedAdapters):
                         run_record(row)
                         rows.append(row)
                 except (ValueError, TypeError) as exc:
-                    _LOGGER.warning("Leaving out row %s of the history, which cannot be read: %s", row_id, _first(exc))
+                    _LOGGER.warning(
+                        "Leaving out row %s of the history, which cannot be read: %s: %s",
+                        row_id,
+                        type(exc).__name__,
+                        first_line(exc),
+                    )
             if len(rows) == limit:
                 break
         return rows

@@ -44,6 +44,11 @@ def json_safe(value: Any) -> Any:
 E = TypeVar("E", bound=StrEnum)
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line: libraries put the cause there and details (or more) after it."""
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def known(kind: type[E], value: str | None) -> E | None:
     """`value` as a member of `kind`; None when empty or none of them (a stored row from a newer version)."""
     try:

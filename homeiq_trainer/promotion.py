@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from homeiq_trainer.history import HistoryStore, TrainingRun
 from homeiq_trainer.history import ServedAdapter as ServedAdapterRow
-from homeiq_trainer.messages import Decision, RunResult, RunStatus, ServedAdapter, utcnow
+from homeiq_trainer.messages import Decision, RunResult, RunStatus, ServedAdapter, first_line, utcnow
 from homeiq_trainer.settings import PromotionSettings, Settings
 from homeiq_trainer.training import artifacts
 
@@ -179,7 +179,7 @@ def conclude(store: HistoryStore, settings: Settings, run: TrainingRun, result: 
         try:
             prune_history(store, settings)
         except SQLAlchemyError as exc:
-            _LOGGER.warning("Pruning the history failed (retried after the next run): %s", str(exc).splitlines()[0])
+            _LOGGER.warning("Pruning the history failed (retried after the next run): %s", first_line(exc))
         artifacts.apply_retention(output_dir, settings.storage.keep_runs, protected_runs(store))
     return finished
 

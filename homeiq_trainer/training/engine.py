@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from homeiq_trainer.messages import Phase, ProgressEvent
+from homeiq_trainer.messages import Phase, ProgressEvent, first_line
 from homeiq_trainer.training.evaluate import split_examples
 
 if TYPE_CHECKING:
@@ -450,15 +450,10 @@ def load_base_model(base_model: str, device: str, bf16_weights: bool) -> tuple[A
         raise  # missing, unreadable or unreachable: the run reports it as such
     except Exception as exc:  # a corrupt weights file (SafetensorError), a config of another kind (ValueError)
         raise RunInputError(
-            f"cannot load the base model {base_model}: {type(exc).__name__}: {_first_line(exc)}"
+            f"cannot load the base model {base_model}: {type(exc).__name__}: {first_line(exc)}"
         ) from None
     fuse_tanh_gelu(model)
     return tokenizer, model.to(device)
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's first line: libraries put the cause there and details (or more) after it."""
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 class RunInputError(Exception):
@@ -518,7 +513,7 @@ def _with_adapter(base: Any, hp: Hyperparameters, resume_adapter: Path | None) -
         return get_peft_model(base, lora)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise RunInputError(
-            f"lora.target_modules do not fit the base model {hp.base_model}: {_first_line(exc)}"
+            f"lora.target_modules do not fit the base model {hp.base_model}: {first_line(exc)}"
         ) from None
 
 

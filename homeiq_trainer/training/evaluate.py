@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from homeiq_trainer.messages import Phase, ProgressEvent
+from homeiq_trainer.messages import Phase, ProgressEvent, first_line
 
 if TYPE_CHECKING:
     from homeiq_trainer.settings import EvaluationSettings
@@ -177,7 +177,7 @@ def evaluate_adapters(
         except Exception as exc:  # whatever a damaged or foreign adapter makes peft raise
             # Judged as if none were in use: a served adapter that cannot be loaded must not keep
             # failing, or keeping, every later run.
-            unreadable = f"{served[0]} in use cannot be loaded ({type(exc).__name__}: {_first_line(exc)})"
+            unreadable = f"{served[0]} in use cannot be loaded ({type(exc).__name__}: {first_line(exc)[:200]})"
             _LOGGER.warning("Not comparing with %s", unreadable)
             served = None
 
@@ -224,11 +224,6 @@ def evaluate_adapters(
         for i, query in enumerate(probes)
     ]
     return Evaluation(len(eval_set), scores["candidate"], scores.get("served"), unreadable, samples=samples)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 def answer(run_dir: Path, query: str, source_max_tokens: int, max_new_tokens: int) -> str:
