@@ -87,6 +87,13 @@ def make_settings(tmp_path: Path, tiny_model: Path, source_db: Path) -> Settings
     return factory
 
 
+def on_test_broker(make_settings: SettingsFactory, port: int, **sections: dict[str, Any]) -> Settings:
+    """`make_settings` for a daemon on the test broker at `port` (its `mqtt` section merged in)."""
+    mqtt = {"host": "127.0.0.1", "port": port, "client_id": "homeiq-trainer-test"}
+    mqtt.update(sections.pop("mqtt", {}))
+    return make_settings(mqtt=mqtt, **sections)
+
+
 def train_and_serve(settings: Settings) -> Path:
     """One run trained at `settings` and served, as the daemon does it; returns `<output_dir>/latest`."""
     from homeiq_trainer.history import HistoryStore

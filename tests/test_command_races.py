@@ -17,7 +17,7 @@ from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.messages import Phase, PhaseEvent
 from tests.fakes import FakeLauncher
 
-from .conftest import Broker, SettingsFactory
+from .conftest import Broker, SettingsFactory, on_test_broker
 from .mqtt_client import Watcher
 
 BASE = "homeiq/trainer"
@@ -30,8 +30,7 @@ def daemon(make_settings: SettingsFactory, broker: Broker) -> Iterator[Any]:
     apps: list[TrainerApp] = []
 
     def start(script: list[Any], **sections: dict[str, Any]) -> TrainerApp:
-        mqtt = {"host": "127.0.0.1", "port": broker.port, "client_id": "homeiq-trainer-test"}
-        app = TrainerApp(make_settings(mqtt=mqtt, **sections), launcher=FakeLauncher(script))
+        app = TrainerApp(on_test_broker(make_settings, broker.port, **sections), launcher=FakeLauncher(script))
         app.start()
         apps.append(app)
         assert app.link.wait_connected(10)

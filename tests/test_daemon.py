@@ -22,7 +22,7 @@ from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.overrides import OverridesStore
 from homeiq_trainer.settings import Settings
 
-from .conftest import Broker, SettingsFactory
+from .conftest import Broker, SettingsFactory, on_test_broker
 from .mqtt_client import Watcher
 
 BASE = "homeiq/trainer"
@@ -31,9 +31,7 @@ DISCOVERY = "homeassistant/device/homeiq_trainer/config"
 
 
 def daemon_settings(make_settings: SettingsFactory, broker: Broker, **sections: dict) -> Settings:
-    mqtt = {"host": "127.0.0.1", "port": broker.port, "client_id": "homeiq-trainer-test"}
-    mqtt.update(sections.pop("mqtt", {}))
-    return make_settings(mqtt=mqtt, **sections)
+    return on_test_broker(make_settings, broker.port, **sections)
 
 
 @pytest.fixture

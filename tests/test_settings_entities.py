@@ -17,7 +17,7 @@ from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.settings import Settings
 
-from .conftest import Broker, SettingsFactory
+from .conftest import Broker, SettingsFactory, on_test_broker
 from .fakes import FakeLauncher
 from .mqtt_client import Watcher
 
@@ -30,10 +30,8 @@ COMPLETES, FAILS = ["result"], ["die"]  # fake training processes' scripts
 
 
 def app_settings(make_settings: SettingsFactory, broker: Broker, **sections: dict) -> Settings:
-    mqtt = {"host": "127.0.0.1", "port": broker.port, "client_id": "homeiq-trainer-test"}
-    mqtt.update(sections.pop("mqtt", {}))
     training = {"allowed_base_models": [OTHER_MODEL], **sections.pop("training", {})}
-    return make_settings(mqtt=mqtt, training=training, **sections)
+    return on_test_broker(make_settings, broker.port, training=training, **sections)
 
 
 def start_app(settings: Settings, launcher: FakeLauncher) -> TrainerApp:

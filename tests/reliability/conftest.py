@@ -18,7 +18,7 @@ import pytest
 
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.settings import Settings
-from tests.conftest import Broker, SettingsFactory, free_port
+from tests.conftest import Broker, SettingsFactory, free_port, on_test_broker
 from tests.mqtt_client import Watcher
 
 BASE = "homeiq/trainer"
@@ -34,8 +34,6 @@ def is_done(state: Any) -> bool:
 
 def daemon_settings(make_settings: SettingsFactory, port: int, **sections: dict[str, Any]) -> Settings:
     """Settings for a daemon on the test broker; runs are kept short (64 samples, one epoch)."""
-    mqtt = {"host": "127.0.0.1", "port": port, "client_id": "homeiq-trainer-test"}
-    mqtt.update(sections.pop("mqtt", {}))
     data = {"max_samples": 64}
     data.update(sections.pop("data", {}))
     # These tests are about surviving faults: a run trains exactly what it is asked (no early stop)
@@ -44,7 +42,7 @@ def daemon_settings(make_settings: SettingsFactory, port: int, **sections: dict[
     training.update(sections.pop("training", {}))
     promotion = {"policy": "always"}
     promotion.update(sections.pop("promotion", {}))
-    return make_settings(mqtt=mqtt, data=data, training=training, promotion=promotion, **sections)
+    return on_test_broker(make_settings, port, data=data, training=training, promotion=promotion, **sections)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
