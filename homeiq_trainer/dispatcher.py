@@ -223,7 +223,7 @@ class Dispatcher:
             data = promotion.promote_requested(self.store, self.settings, command.run_id, command.triggered_by)
         except promotion.PromotionError as exc:
             raise CommandError(exc.code, str(exc)) from None
-        self.reporter.publish_serving()
+        self.reporter.refresh_serving()  # the switch is made: a history read failing now is no error
         return data
 
     def _rollback(self, command: Command) -> Data:
@@ -231,7 +231,7 @@ class Dispatcher:
             served = promotion.rollback(self.store, self.settings, command.triggered_by)
         except promotion.PromotionError as exc:
             raise CommandError(exc.code, str(exc)) from None
-        self.reporter.publish_serving()
+        self.reporter.refresh_serving()  # the switch is made: a history read failing now is no error
         return {"served": served}
 
     def _start(self, command: Command) -> Data | Later:

@@ -28,6 +28,7 @@ from homeiq_trainer.messages import (
     StatePayload,
     StatusAnswer,
     TriggerEvent,
+    first_line,
     known,
 )
 from homeiq_trainer.publisher import Publisher
@@ -39,6 +40,23 @@ _LOGGER = logging.getLogger(__name__)
 
 STATE_MESSAGE_MAX_CHARS = 500
 QOS_PROGRESS = 0
+LAST_RUN_MAX_BYTES = 12_000
+"""`last_run` is the Last run sensor's attributes, and Home Assistant's recorder stores none of an
+entity's attributes past 16 KiB (it logs and keeps `{}`): a long traceback or twenty probes in a
+script of three bytes a character went over. The history's text (its last 5,000 characters) stays in `runs`."""
+LAST_RUN_ERROR_CHARS = 2_000
+"""A traceback's end (the exception) is what `last_run.error` keeps of it."""
+
+
+def within_attribute_limit(record: RunRecord) -> RunRecord:
+    """`record` clipped for `last_run`: the error's last `ERROR_TAIL_CHARS`, then probes from the end."""
+    if record.error and len(record.error) > LAST_RUN_ERROR_CHARS:
+        record = record.model_copy(update={"error": "…" + record.error[-LAST_RUN_ERROR_CHARS:]})
+    samples = list(record.samples)
+    while samples and len(record.model_dump_json().encode()) > LAST_RUN_MAX_BYTES:
+        samples.pop()
+        record = record.model_copy(update={"samples": list(samples)})
+    return record
 
 
 class RunReporter:
@@ -104,7 +122,7 @@ class RunReporter:
     def publish_history(self) -> None:
         """`last_run` and `runs` from the history (and the cached `runs` answer)."""
         last = self.store.latest_finished()
-        self.publisher.retain(self.topics.last_run, run_record(last) if last else RunRecord())
+        self.publisher.retain(self.topics.last_run, within_attribute_limit(run_record(last)) if last else RunRecord())
         runs = [run_record(run) for run in self.store.recent(self.settings.daemon.runs_published)]
         with self._lock:
             self._runs = runs
@@ -131,6 +149,22 @@ class RunReporter:
         self.publish_history()
         self.publisher.retain(self.topics.adapter, update_payload(self.store, self.settings))
         self.publisher.retain(self.topics.decision, decision_payload(self.store))
+
+    def refresh_serving(self) -> bool:
+        """`publish_serving` after a change already made (a run's end, a promote): a history that
+        cannot be read now (a PostgreSQL restarting) leaves those topics as they were and is logged,
+        and never keeps the caller from answering or from publishing the run's final state."""
+        try:
+            self.publish_serving()
+        except Exception as exc:  # what reads the history raises its own database errors
+            _LOGGER.warning(
+                "Could not refresh last_run, runs, model and adapter (they are left as they were until the "
+                "next run, promote or restart): %s: %s",
+                type(exc).__name__,
+                first_line(exc),
+            )
+            return False
+        return True
 
     def event(self, event: TriggerEvent) -> None:
         """Fire one device trigger."""
@@ -168,7 +202,7 @@ class RunReporter:
             RunStatus.COMPLETED: f"completed: {result.decision_reason or f'final loss {result.final_loss}'}",
             RunStatus.CANCELLED: "cancelled; the current model is unchanged",
         }.get(result.status) or result.reason()
-        self.publish_serving()
+        self.refresh_serving()
         # Before the final state, so whoever waits for the state has seen the triggers too.
         for event in finished_events(run, result):
             self.publisher.event(self.topics.event, event)

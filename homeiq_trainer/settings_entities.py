@@ -15,7 +15,7 @@ from typing import Any
 
 from homeiq_trainer.control import SettingsPanel, apply_log_level
 from homeiq_trainer.history import HistoryStore, TrainingRun
-from homeiq_trainer.messages import Phase, ProgressEvent, RunResult
+from homeiq_trainer.messages import Phase, ProgressEvent, RunResult, first_line
 from homeiq_trainer.overrides import OverridesStore, pinned_settings
 from homeiq_trainer.problem import SourceWatch, problem_payload
 from homeiq_trainer.publisher import Publisher
@@ -79,8 +79,12 @@ class SettingsEntities:
         self.publisher.retain(self.topics.settings, json.dumps(self.panel.state()))
 
     def publish_problem(self) -> None:
-        """The retained `problem` value."""
-        last = self.store.latest_finished()
+        """The retained `problem` value (left as it was when the history cannot be read now)."""
+        try:
+            last = self.store.latest_finished()
+        except Exception as exc:  # the history's own database errors; the source check's thread lives on
+            _LOGGER.warning("Could not refresh the problem sensor: %s: %s", type(exc).__name__, first_line(exc))
+            return
         payload = problem_payload(last.status if last else None, self.source_watch.error)
         self.publisher.retain(self.topics.problem, json.dumps(payload))
 

@@ -15,6 +15,7 @@ from homeiq_trainer import dispatcher as dispatcher_module
 from homeiq_trainer import runner as runner_module
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.messages import Phase, PhaseEvent
+from tests import postgres
 from tests.fakes import FakeLauncher
 
 from .conftest import Broker, SettingsFactory, on_test_broker
@@ -80,6 +81,33 @@ def test_a_cancel_while_a_finished_run_is_recorded_is_refused_not_promised(
     assert "has ended and is being recorded" in cancel["error"]["message"]
     last = watcher.wait_for(f"{BASE}/last_run", lambda v: v.get("run_id") == run_id, timeout=15)
     assert last["status"] == "completed" and app.runner.active is None
+
+
+def test_a_run_that_ends_while_the_history_is_unreachable_still_publishes_its_end(
+    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+) -> None:
+    """A PostgreSQL history restarting as a run ended left `state` at `running` until the next run's end."""
+    with postgres.throwaway_database() as name:
+        history = postgres.sqlalchemy_url(name).render_as_string(hide_password=False)
+        settings = on_test_broker(make_settings, broker.port, storage={"history": history})
+        app = TrainerApp(settings, launcher=FakeLauncher([PhaseEvent(phase=Phase.TRAINING), "hang", "result"]))
+        app.start()
+        try:
+            assert app.link.wait_connected(10)
+            run_id = watcher.request(CMD, RESP, {"action": "start"})["data"]["run_id"]
+            watcher.wait_for(f"{BASE}/state", lambda v: v["state"] == "running", timeout=10)
+            with postgres.connect() as conn:  # the server turns everyone away, the daemon's sessions too
+                conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            assert watcher.request(CMD, RESP, {"action": "cancel"})["status"] == "ok"
+            state = watcher.wait_for(f"{BASE}/state", lambda v: v["state"] != "running", timeout=15)
+            assert (state["state"], state["run_id"]) == ("cancelled", run_id)
+            assert app.runner.active is None
+            assert watcher.request(CMD, RESP, {"action": "status"})["data"]["state"]["state"] == "cancelled"
+        finally:
+            with postgres.connect() as conn:
+                conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            app.stop()
 
 
 def test_a_cancel_while_a_start_counts_stops_that_start(daemon: Any, watcher: Watcher, slow_count: None) -> None:

@@ -419,3 +419,33 @@ def test_broken_rows_in_its_own_history_do_not_stop_the_daemon(
         assert watcher.wait_for(f"{BASE}/settings")["epochs"] == 1  # the configured value: the stored one is not JSON
     finally:
         app.stop()
+
+
+def test_last_run_stays_within_what_home_assistant_records_as_attributes(
+    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+) -> None:
+    """`last_run` is the Last run sensor's attributes; Home Assistant's recorder keeps none past 16 KiB."""
+    from homeiq_trainer.messages import RunStatus
+    from homeiq_trainer.reporter import LAST_RUN_MAX_BYTES
+
+    settings = daemon_settings(make_settings, broker)
+    store = HistoryStore(settings.storage.history_db)
+    run = store.create("run_20260101_000000", "m", "out", "test", {})
+    traceback = "Traceback (most recent call last):\n" + '  File "x.py", line 1, in f\n' * 2_000 + "ValueError: boom"
+    probe = "日落时打开门廊灯，晚上十一点关闭所有客厅的灯并锁上前门" * 6  # 3 bytes a character
+    samples = [{"query": f"{i} {probe}", "in_use": probe, "candidate": probe} for i in range(20)]
+    store.finish(run.id, RunStatus.FAILED, error=traceback, evaluation={"metric": "chrf", "samples": samples})  # type: ignore[arg-type]
+    store.close()
+    app = TrainerApp(settings)
+    app.start()
+    try:
+        assert app.link.wait_connected(10)
+        last = watcher.wait_for(f"{BASE}/last_run")
+        raw = watcher.messages(f"{BASE}/last_run")[-1]
+        stored = watcher.request(CMD, RESP, {"action": "runs"})["data"]["runs"][0]["error"]
+    finally:
+        app.stop()
+    assert len(raw) <= LAST_RUN_MAX_BYTES < 16_384
+    assert last["error"].endswith("ValueError: boom") and len(last["error"]) < len(traceback)
+    assert 0 < len(last["samples"]) < 20 and last["samples"] == samples[: len(last["samples"])]
+    assert stored.endswith("ValueError: boom") and len(stored) > len(last["error"])  # the history keeps more
