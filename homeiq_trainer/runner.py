@@ -24,9 +24,19 @@ from typing import Protocol
 
 from homeiq_trainer.history import HistoryStore, TrainingRun
 from homeiq_trainer.jobs import JobRequest, crash_result, open_run
-from homeiq_trainer.messages import Decision, Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus, known
+from homeiq_trainer.messages import (
+    Decision,
+    Phase,
+    PhaseEvent,
+    ProgressEvent,
+    RunResult,
+    RunStatus,
+    first_line,
+    known,
+)
 from homeiq_trainer.promotion import conclude
 from homeiq_trainer.settings import REVEAL_SECRETS, Settings
+from homeiq_trainer.training import artifacts
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -36,6 +46,11 @@ JOIN_TIMEOUT_S = 5.0
 TICK_S = 1.0
 # While training, progress goes out at least this often even when a step takes longer.
 PROGRESS_HEARTBEAT_S = 5.0
+# A run's end that the history refused (a PostgreSQL restarting, a full disk) is tried again after
+# these pauses, then before the next run starts and at shutdown; the row stays open meanwhile.
+RECORD_RETRY_DELAYS_S = (2.0, 5.0)
+# One event line longer than this (ours are well under 64 KiB) is dropped, never buffered on.
+MAX_EVENT_LINE_BYTES = 4 * 1024 * 1024
 
 
 class Busy(Exception):
@@ -120,7 +135,9 @@ class SubprocessTraining:
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        self._pending = b""
+        self._pending = bytearray()
+        self._skipping = False  # within a line over MAX_EVENT_LINE_BYTES, dropped up to its end
+        self._killed = False  # killed by us, after it had stopped reporting
         read_fd, write_fd = os.pipe()
         try:
             self.proc = subprocess.Popen(
@@ -170,6 +187,10 @@ class SubprocessTraining:
         try:
             while True:
                 if not selector.select(timeout=TICK_S):
+                    if self.proc.poll() is not None:
+                        # Gone, with nothing left to read: a process it forked may still hold the
+                        # pipe open, so its end would never come.
+                        return
                     if time.monotonic() - last_heard > stall_timeout_s:
                         raise Stalled(f"the training process said nothing for {stall_timeout_s:g} s")
                     yield None  # a tick, so the caller can enforce its deadlines
@@ -178,8 +199,7 @@ class SubprocessTraining:
                 chunk = os.read(self._events_fd, 65536)
                 if not chunk:
                     return
-                *lines, self._pending = (self._pending + chunk).split(b"\n")
-                for line in lines:
+                for line in self._complete_lines(chunk):
                     try:
                         yield parse_event(line.decode("utf-8"))
                     except ValueError:
@@ -187,19 +207,47 @@ class SubprocessTraining:
         finally:
             selector.close()
 
+    def _complete_lines(self, chunk: bytes) -> list[bytes]:
+        """The lines `chunk` completes; the rest waits for the next. Linear in the bytes read."""
+        head, newline, tail = chunk.rpartition(b"\n")
+        if not newline:
+            if not self._skipping:
+                self._pending += chunk
+                if len(self._pending) > MAX_EVENT_LINE_BYTES:
+                    _LOGGER.warning(
+                        "Dropping an event line over %d bytes from the training process", MAX_EVENT_LINE_BYTES
+                    )
+                    self._pending.clear()
+                    self._skipping = True
+            return []
+        lines = (bytes(self._pending) + head).split(b"\n")
+        self._pending = bytearray(tail)
+        if self._skipping:  # the dropped line's end
+            lines, self._skipping = lines[1:], False
+        return lines
+
     def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            self._killed = True
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """SIGKILL the child's whole process group (its own session): what it forked or started too."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def wait(self, timeout_s: float) -> int | None:
         try:
             code = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return None
+        # Whatever it left behind in its group (a forked data worker, a helper it started) goes with it,
+        # and lets go of the pipes.
+        self._kill_group()
         self._stderr_thread.join(timeout=JOIN_TIMEOUT_S)
         if self._events_fd >= 0:
             os.close(self._events_fd)
@@ -217,7 +265,9 @@ class SubprocessTraining:
             except ValueError:
                 name = f"signal {-code}"
             why = f"the training process was killed by {name}"
-            if -code == signal.SIGKILL:
+            if self._killed:
+                why = "the training process stopped reporting without a result and was killed"
+            elif -code == signal.SIGKILL:
                 why += " (out of memory, or killed from outside)"
         else:
             why = f"the training process exited with code {code} without a result"
@@ -268,6 +318,8 @@ class Runner:
         self._active: ActiveJob | None = None
         self._thread: threading.Thread | None = None
         self._accepting = True
+        self._unrecorded: list[tuple[TrainingRun, RunResult]] = []
+        """Ended runs the history refused to record; tried again before the next run and at shutdown."""
 
     @property
     def active(self) -> ActiveJob | None:
@@ -282,6 +334,7 @@ class Runner:
                 raise ShuttingDown("the daemon is shutting down")
             if self._active is not None:
                 raise Busy(self._active.run)
+            self._record_unrecorded()
             run = open_run(self.store, settings, request)
             job = ActiveJob(run=run, request=request, settings=settings)
             self._active = job
@@ -313,8 +366,16 @@ class Runner:
             with contextlib.suppress(NotRunning):
                 self.cancel()
         if thread is not None:
-            # The worker kills the process at the deadline, then records and publishes the end.
-            thread.join(timeout=timeout_s + TICK_S + JOIN_TIMEOUT_S * 2)
+            # `submit` starts it once `queued` is published: a publish held up (a reconnect's announce)
+            # is no reason to fail the stop.
+            deadline = time.monotonic() + JOIN_TIMEOUT_S
+            while thread.ident is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if thread.ident is not None:
+                # The worker kills the process at the deadline, then records and publishes the end.
+                thread.join(timeout=timeout_s + TICK_S + JOIN_TIMEOUT_S * 2)
+        with self._lock:
+            self._record_unrecorded()
 
     def _work(self, job: ActiveJob) -> None:
         """The worker thread: running → events → outcome, and the row is always closed."""
@@ -344,6 +405,10 @@ class Runner:
         finally:
             if job.process is not None:
                 self._stop(job.process, grace_s=JOIN_TIMEOUT_S)
+                # A process killed mid-save leaves its staging folders; a clean end has removed them.
+                staging = artifacts.staging_dir(job.settings.storage.output_dir, run.run_identifier)
+                for folder in (staging, artifacts.trainer_scratch_dir(staging)):
+                    shutil.rmtree(folder, ignore_errors=True)
             if result is None:
                 result = crash_result(run, "the worker stopped unexpectedly")
             with self._lock:  # from here a cancel is refused: the one decision below is final
@@ -359,20 +424,69 @@ class Runner:
                     shutil.rmtree(result.run_dir, ignore_errors=True)
                 cancelled = {"status": RunStatus.CANCELLED, "run_dir": None, "decision": None, "decision_reason": None}
                 result = result.model_copy(update=cancelled)
-            try:
-                finished = conclude(self.store, self.settings, run, result)
+            recorded = self._recorded(run, result)
+            if recorded is None:
+                finished = run
+                with self._lock:
+                    self._unrecorded.append((run, result))
+            else:
+                finished = recorded
                 # As recorded: a run chosen but not servable (a disk that refuses) was kept out.
                 decided = {"decision": known(Decision, finished.decision), "decision_reason": finished.decision_reason}
                 result = result.model_copy(update={"promoted": bool(finished.promoted), **decided})
-            except Exception:
-                _LOGGER.exception("Could not record the end of run %s", run.run_identifier)
-                finished = run
             try:
                 # Published before the runner accepts the next run, so the two never interleave.
                 self.listener.run_finished(finished, result)
             finally:
                 with self._lock:
                     self._active = None
+
+    def _recorded(self, run: TrainingRun, result: RunResult) -> TrainingRun | None:
+        """The run's end recorded (and its adapter served where chosen); None when the history refuses."""
+        for attempt, delay_s in enumerate((0.0, *RECORD_RETRY_DELAYS_S)):
+            time.sleep(delay_s)
+            try:
+                if attempt and (row := self._closed_row(run)) is not None:
+                    return row  # recorded after all: its housekeeping was what failed
+                return conclude(self.store, self.settings, run, result)
+            except Exception as exc:
+                _LOGGER.warning(
+                    "Could not record the end of run %s: %s: %s",
+                    run.run_identifier,
+                    type(exc).__name__,
+                    first_line(exc),
+                )
+                _LOGGER.debug("The history's error", exc_info=True)
+        _LOGGER.error(
+            "Run %s stays open in the history; its end is recorded again before the next run", run.run_identifier
+        )
+        return None
+
+    def _closed_row(self, run: TrainingRun) -> TrainingRun | None:
+        """The run's row when it is no longer open (an attempt that failed after recording it)."""
+        row = self.store.get(run.id)  # type: ignore[arg-type]
+        return row if row is not None and row.status not in (RunStatus.QUEUED.value, RunStatus.RUNNING.value) else None
+
+    def _record_unrecorded(self) -> None:
+        """Record the ends the history refused before (under the lock); those it refuses again wait on."""
+        waiting, self._unrecorded = self._unrecorded, []
+        for run, result in waiting:
+            try:
+                if self._closed_row(run) is not None:
+                    continue
+                if result.decision is Decision.PROMOTED:  # too late to serve unasked: offered instead
+                    late = "its end could not be recorded in time, so it was not served; promote it to serve it"
+                    result = result.model_copy(update={"decision": Decision.KEPT_CURRENT, "decision_reason": late})
+                conclude(self.store, self.settings, run, result)
+                _LOGGER.info("Recorded the end of run %s (%s) after all", run.run_identifier, result.status.value)
+            except Exception as exc:
+                _LOGGER.warning(
+                    "Run %s's end is still not recorded: %s: %s",
+                    run.run_identifier,
+                    type(exc).__name__,
+                    first_line(exc),
+                )
+                self._unrecorded.append((run, result))
 
     def _follow(self, job: ActiveJob, process: TrainingProcess) -> RunResult:
         stall = self.settings.daemon.stall_timeout_s

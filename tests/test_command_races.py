@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -83,10 +84,37 @@ def test_a_cancel_while_a_finished_run_is_recorded_is_refused_not_promised(
     assert last["status"] == "completed" and app.runner.active is None
 
 
-def test_a_run_that_ends_while_the_history_is_unreachable_still_publishes_its_end(
-    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
-) -> None:
-    """A PostgreSQL history restarting as a run ended left `state` at `running` until the next run's end."""
+def _wait_idle(app: TrainerApp, timeout_s: float = 5) -> None:
+    """Until the runner takes runs again (it publishes a run's end, then lets go of it)."""
+    deadline = time.monotonic() + timeout_s
+    while app.runner.active is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert app.runner.active is None
+
+
+def _row_status(database: str, run_id: str) -> str:
+    with postgres.connect(database) as conn:
+        row = conn.execute("SELECT status FROM training_runs WHERE run_identifier = %s", (run_id,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+@contextlib.contextmanager
+def _history_gone(database: str) -> Iterator[None]:
+    """The server turns everyone away from `database`, the daemon's open sessions too, until the block ends."""
+    with postgres.connect() as conn:
+        conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+    try:
+        yield
+    finally:
+        with postgres.connect() as conn:
+            conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+
+
+@pytest.fixture
+def pg_history_daemon(make_settings: SettingsFactory, broker: Broker) -> Iterator[tuple[TrainerApp, str]]:
+    """A daemon whose history is a PostgreSQL database of its own, and that database's name."""
     with postgres.throwaway_database() as name:
         history = postgres.sqlalchemy_url(name).render_as_string(hide_password=False)
         settings = on_test_broker(make_settings, broker.port, storage={"history": history})
@@ -94,20 +122,44 @@ def test_a_run_that_ends_while_the_history_is_unreachable_still_publishes_its_en
         app.start()
         try:
             assert app.link.wait_connected(10)
-            run_id = watcher.request(CMD, RESP, {"action": "start"})["data"]["run_id"]
-            watcher.wait_for(f"{BASE}/state", lambda v: v["state"] == "running", timeout=10)
-            with postgres.connect() as conn:  # the server turns everyone away, the daemon's sessions too
-                conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            assert watcher.request(CMD, RESP, {"action": "cancel"})["status"] == "ok"
-            state = watcher.wait_for(f"{BASE}/state", lambda v: v["state"] != "running", timeout=15)
-            assert (state["state"], state["run_id"]) == ("cancelled", run_id)
-            assert app.runner.active is None
-            assert watcher.request(CMD, RESP, {"action": "status"})["data"]["state"]["state"] == "cancelled"
+            yield app, name
         finally:
-            with postgres.connect() as conn:
-                conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             app.stop()
+
+
+def test_a_run_that_ends_while_the_history_is_unreachable_is_published_and_recorded_later(
+    pg_history_daemon: tuple[TrainerApp, str], watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PostgreSQL history restarting as a run ended left `state` at `running` until the next run's end,
+    and the run's row `running` until the daemon restarted (then "interrupted when the daemon stopped")."""
+    app, database = pg_history_daemon
+    monkeypatch.setattr(runner_module, "RECORD_RETRY_DELAYS_S", (0.1,))
+    run_id = watcher.request(CMD, RESP, {"action": "start"})["data"]["run_id"]
+    watcher.wait_for(f"{BASE}/state", lambda v: v["state"] == "running", timeout=10)
+    with _history_gone(database):
+        assert watcher.request(CMD, RESP, {"action": "cancel"})["status"] == "ok"
+        state = watcher.wait_for(f"{BASE}/state", lambda v: v["state"] != "running", timeout=15)
+        assert (state["state"], state["run_id"]) == ("cancelled", run_id)
+        _wait_idle(app)
+        assert watcher.request(CMD, RESP, {"action": "status"})["data"]["state"]["state"] == "cancelled"
+    assert _row_status(database, run_id) == "running"  # the server is back, nothing has asked yet
+    assert watcher.request(CMD, RESP, {"action": "start"})["status"] == "ok"  # the next run records it first
+    assert _row_status(database, run_id) == "cancelled"
+    app.runner.cancel()
+
+
+def test_a_history_back_within_seconds_records_the_run_at_its_end(
+    pg_history_daemon: tuple[TrainerApp, str], watcher: Watcher
+) -> None:
+    app, database = pg_history_daemon
+    run_id = watcher.request(CMD, RESP, {"action": "start"})["data"]["run_id"]
+    watcher.wait_for(f"{BASE}/state", lambda v: v["state"] == "running", timeout=10)
+    with _history_gone(database):
+        assert watcher.request(CMD, RESP, {"action": "cancel"})["status"] == "ok"
+        time.sleep(1.0)  # a restart's length; the runner tries again after 2 s
+    last = watcher.wait_for(f"{BASE}/last_run", lambda v: v.get("run_id") == run_id, timeout=20)
+    assert last["status"] == "cancelled" and _row_status(database, run_id) == "cancelled"
+    _wait_idle(app)
 
 
 def test_a_cancel_while_a_start_counts_stops_that_start(daemon: Any, watcher: Watcher, slow_count: None) -> None:

@@ -203,3 +203,147 @@ def test_training_process_gets_only_an_allow_listed_environment(
     # What Python and Hugging Face need still arrives.
     assert env["PATH"] == os.environ["PATH"] and env["HF_HUB_OFFLINE"] == "1"
     assert env[PARENT_PID_ENV] == str(os.getpid())
+
+
+def _child(script: str) -> tuple[str, ...]:
+    """A training-process stand-in: `script` with `fd`, its event pipe, and `say(event)`; the real
+    worker's command line gets `--event-fd N` appended."""
+    prelude = (
+        "import os, signal, sys, time\n"
+        "from homeiq_trainer.worker import EventEnvelope\n"
+        "fd = int(sys.argv[sys.argv.index('--event-fd') + 1])\n"
+        "def say(event):\n"
+        "    os.write(fd, (EventEnvelope(event=event).model_dump_json() + '\\n').encode())\n"
+    )
+    return (sys.executable, "-c", prelude + script)
+
+
+def _training(settings: Settings, script: str) -> SubprocessTraining:
+    run = TrainingRun(run_identifier="run_20250101_000000", started_at=utcnow())
+    return SubprocessTraining(settings, JobRequest(params=TrainParams()), run, _child(script))
+
+
+def _gone(pid: int, timeout_s: float = 5) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_child_killed_while_what_it_forked_holds_its_pipe_ends_the_run_at_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Its end came only from the pipe's EOF: a forked helper kept the pipe open, so the run waited out
+    the stall timeout (900 s by default) and failed as silent, and the helper lived on, orphaned."""
+    pid_file = tmp_path / "helper.pid"
+    child = _training(
+        settings,
+        "helper = os.fork()\n"  # a fork-started data worker: it inherits every descriptor
+        "if helper == 0:\n"
+        "    time.sleep(3600)\n"
+        "    os._exit(0)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(helper))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n",
+    )
+    started = time.monotonic()
+    assert list(child.events(stall_timeout_s=60)) == []
+    assert time.monotonic() - started < 10
+    assert child.wait(10) == -9
+    assert "killed by SIGKILL (out of memory" in child.failure_text()
+    assert _gone(int(pid_file.read_text())), "the helper outlived the run"
+
+
+def test_what_the_training_process_started_is_killed_with_it(settings: Settings, tmp_path: Path) -> None:
+    """A helper it started (its own pipes closed) was orphaned to init when the run ended, holding memory."""
+    pid_file = tmp_path / "helper.pid"
+    child = _training(
+        settings,
+        "import subprocess\n"
+        "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(helper.pid))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n",
+    )
+    assert list(child.events(stall_timeout_s=60)) == []
+    assert child.wait(10) == -9
+    assert _gone(int(pid_file.read_text())), "the helper outlived the run"
+
+
+def test_a_child_that_closes_its_pipe_and_keeps_running_is_not_called_out_of_memory(settings: Settings) -> None:
+    child = _training(settings, "os.close(fd)\ntime.sleep(3600)\n")
+    assert list(child.events(stall_timeout_s=60)) == []
+    assert child.wait(0.5) is None
+    child.kill()
+    assert child.wait(10) == -9
+    text = child.failure_text()
+    assert "stopped reporting without a result and was killed" in text and "out of memory" not in text
+
+
+def test_an_event_line_without_end_is_dropped_not_buffered_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read copied the whole unfinished line: 32 MB took 10.8 s and +97 MiB in the daemon."""
+    from homeiq_trainer import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "MAX_EVENT_LINE_BYTES", 256 * 1024)
+    child = _training(
+        settings,
+        "from homeiq_trainer.messages import Phase, PhaseEvent\n"
+        "for _ in range(64):\n"
+        "    os.write(fd, b'x' * 65536)\n"  # 4 MiB, no newline
+        "os.write(fd, b'xx\\n')\n"
+        "say(PhaseEvent(phase=Phase.TRAINING, message='after it'))\n",
+    )
+    events = list(child.events(stall_timeout_s=60))
+    assert [(e.phase, e.message) for e in events] == [(Phase.TRAINING, "after it")]
+    assert len(child._pending) == 0
+    assert child.wait(10) == 0
+
+
+def test_a_process_killed_mid_save_leaves_no_staging_folders(settings: Settings) -> None:
+    from homeiq_trainer.training import artifacts
+
+    runner, listener, launcher, store = make_runner(settings, [PhaseEvent(phase=Phase.SAVING), "die"])
+    real_start = launcher.start
+
+    def start(run_settings: Settings, request: JobRequest, run: TrainingRun) -> object:
+        staging = artifacts.staging_dir(run_settings.storage.output_dir, run.run_identifier)
+        (staging / "adapter").mkdir(parents=True)  # what the child had saved when it was killed
+        artifacts.trainer_scratch_dir(staging).mkdir()
+        return real_start(run_settings, request, run)
+
+    launcher.start = start  # type: ignore[method-assign]
+    runner.submit(JobRequest(params=TrainParams()))
+    assert listener.done.wait(10)
+    assert listener.finished[0].status is RunStatus.FAILED
+    assert list(settings.storage.output_dir.iterdir()) == []
+    store.close()
+
+
+def test_a_shutdown_while_queued_is_still_being_published_stops_cleanly(settings: Settings) -> None:
+    """`submit` starts its thread after publishing `queued`; a shutdown then joined a thread not yet
+    started, and the daemon's stop ended in a RuntimeError (no clean offline, the lock kept)."""
+    runner, listener, _, store = make_runner(settings, ["hang", "result"])
+    publishing = threading.Event()
+    real_state = listener.run_state
+
+    def slow_state(run: TrainingRun, phase: Phase | None, message: str) -> None:
+        if phase is None:  # `queued`, held as a reconnect's announce holds the publisher
+            publishing.set()
+            time.sleep(0.5)
+        real_state(run, phase, message)
+
+    listener.run_state = slow_state  # type: ignore[method-assign]
+    submitter = threading.Thread(target=runner.submit, args=(JobRequest(params=TrainParams()),))
+    submitter.start()
+    assert publishing.wait(5)
+    runner.shutdown(timeout_s=2)
+    submitter.join(5)
+    assert listener.done.is_set() and listener.finished[0].status is RunStatus.CANCELLED
+    store.close()
