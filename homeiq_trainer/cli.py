@@ -245,6 +245,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return EXIT_OK
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"training runs ({masked(history)})")
     for column in ("id", "run", "status", "samples", "loss", "started", "finished"):
@@ -252,7 +253,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     table.add_column("note", overflow="fold")
     for row in rows:
         note = (row["error"] or "").strip().splitlines()
-        table.add_row(
+        cells = (
             str(row["id"]),
             row["run_id"],
             row["status"],
@@ -262,6 +263,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             _short_time(row["finished_at"]),
             (note[-1][:80] if note else f"by {row['triggered_by']}"),
         )
+        # Plain text: an error or a --triggered-by holding "[/x]" is no markup (it ended `runs` in a traceback).
+        table.add_row(*(Text(cell or "") for cell in cells))
     Console(width=max(120, Console().width)).print(table)
     return EXIT_OK
 

@@ -107,8 +107,10 @@ CHILD_ENV_NAMES = frozenset(
      "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
      "TOKENIZERS_PARALLELISM", "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES"}
 )  # fmt: skip
+# RAY_: Ray Client reads its TLS set-up (RAY_USE_TLS, RAY_TLS_*) and Ray Train its knobs from the
+# environment of the process that connects, which is the training process.
 CHILD_ENV_PREFIXES = ("LC_", "PYTHON", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "CUDA_", "NVIDIA_",
-                      "OMP_", "MKL_", "OPENBLAS_", "KMP_")  # fmt: skip
+                      "OMP_", "MKL_", "OPENBLAS_", "KMP_", "RAY_")  # fmt: skip
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:

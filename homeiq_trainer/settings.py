@@ -198,7 +198,8 @@ class RaySettings(_Section):
     use_gpu: bool = False
     """Give every worker one GPU (NCCL between workers) instead of CPUs only (gloo)."""
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
-    """Ray resources per worker, e.g. {"CPU": 4, "GPU": 1}; empty: Ray's default (1 CPU, and 1 GPU with use_gpu)."""
+    """Ray resources per worker, e.g. {"CPU": 4, "GPU": 1}; empty: Ray's default (1 CPU, or with use_gpu
+    1 GPU and no CPU)."""
     max_failures: int = Field(0, ge=0, le=100)
     """How often a run is restarted from the beginning after a worker died, before it fails."""
     connect_timeout_s: float = Field(15.0, gt=0, le=600)

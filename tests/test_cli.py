@@ -96,6 +96,14 @@ def test_failures_exit_non_zero_with_one_line(make_settings: SettingsFactory, tm
     listed = json.loads(cli("runs", "--json", env=env_of(settings)).stdout)
     assert [r["status"] for r in listed] == ["failed"]  # bad arguments never opened a run
 
+    # A path in the error that reads as rich markup ended `runs` in a MarkupError traceback.
+    missing_db = f"/tmp/[/gone-{os.getpid()}].db"  # short: the note shows the error's first 80 characters
+    odd = cli("train", env=env_of(settings) | {"HOMEIQ_DATA__SOURCE_DB": missing_db})
+    assert odd.returncode == 1 and not Path(missing_db).exists()
+    table = cli("runs", env=env_of(settings))
+    assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
+    assert f"[/gone-{os.getpid()}]" in table.stdout
+
 
 def test_demo_runs_the_daemon_end_to_end(tmp_path: Path) -> None:
     # The README's "run the main job" command, shortened to one epoch.

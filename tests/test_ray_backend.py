@@ -369,6 +369,7 @@ def test_cancel_reaches_the_cluster_within_seconds(
     assert took < app.settings.daemon.stop_timeout_s, took
     rows = HistoryStore(app.settings.storage.history_db).recent(5)
     assert [r.status for r in rows] == ["cancelled"]
+    assert (rows[0].parameters_json or {}).get("cluster") is None  # it did not train there: not "Trained on"
     assert not (app.settings.storage.output_dir / "latest").exists()
     deadline = time.monotonic() + 30
     while ray_head.train_workers() and time.monotonic() < deadline:

@@ -191,6 +191,11 @@ def test_training_process_gets_only_an_allow_listed_environment(
     }
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
+    # Ray Client's TLS set-up and Ray Train's knobs are read from the environment of the process that
+    # connects: without them a daemon's run met a TLS head in clear and failed as a wrong token.
+    ray = {"RAY_USE_TLS": "1", "RAY_TLS_CA_CERT": "/ssl/ca.pem", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"}
+    for name, value in ray.items():
+        monkeypatch.setenv(name, value)
     dump = tmp_path / "env.json"
     # A child that writes down what it inherited (the real worker's command line, another program).
     command = (sys.executable, "-c", f"import json, os; open({str(dump)!r}, 'w').write(json.dumps(dict(os.environ)))")
@@ -202,6 +207,7 @@ def test_training_process_gets_only_an_allow_listed_environment(
     assert not [value for value in secrets.values() if value in json.dumps(env)]
     # What Python and Hugging Face need still arrives.
     assert env["PATH"] == os.environ["PATH"] and env["HF_HUB_OFFLINE"] == "1"
+    assert {name: env.get(name) for name in ray} == ray
     assert env[PARENT_PID_ENV] == str(os.getpid())
 
 

@@ -230,7 +230,8 @@ def train_on_ray(
             trainer = _trainer(cluster, config, _scratch_on_cluster(ray))
         except ValueError as exc:  # Ray Train's own checks of the scaling settings
             raise ClusterError(f"Ray Train refused the job: {_last_line(exc)}") from None
-        return _fit(ray, trainer, channel, watcher, stopper, cluster, save_dir), _where(cluster, resources)
+        outcome = _fit(ray, trainer, channel, watcher, stopper, cluster, save_dir)
+        return outcome, None if outcome.cancelled else _where(cluster, resources)
     finally:
         ray.shutdown()
 
