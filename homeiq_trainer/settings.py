@@ -466,6 +466,12 @@ class Settings(BaseSettings):
                 "evaluation.max_generate_examples is 0: no run could be promoted; generate some, "
                 "or use promotion.metric = eval_loss"
             )
+        if self.data.eval_fraction == 0 and self.promotion.policy == "if_better":
+            raise ValueError(
+                "data.eval_fraction is 0 but promotion.policy is if_better: with nothing held out no run "
+                "after the first could be compared, so none would be served; hold some out, or use "
+                "promotion.policy = always or manual"
+            )
         return self
 
     @model_validator(mode="after")

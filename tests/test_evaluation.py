@@ -41,8 +41,37 @@ def test_split_is_chosen_by_content_not_by_order_or_run() -> None:
         Example(instruction=f"  {e.instruction.upper()} ", response=e.response, created_at=None) for e in examples
     ]
     assert [e.response for e in split_examples(respaced, 0.1, 20)[1]] == [e.response for e in held]
-    assert split_examples(examples[:19], 0.1, 20) == (examples[:19], [])
     assert split_examples(examples, 0.0, 20) == (examples, [])
+    assert split_examples(examples[:1], 0.99, 20) == (examples[:1], [])  # nothing else to train on
+
+
+def test_a_run_too_small_to_evaluate_never_trains_on_what_later_runs_hold_out() -> None:
+    """The first run on a new install (19 examples) trained on all of them and was served; the next,
+    larger run held some of those out and judged that adapter on examples it had learned."""
+    examples = _examples(400)
+    first_train, first_held = split_examples(examples[:19], 0.1, 20)
+    assert first_held == [] and 0 < len(first_train) < 19
+    _, later_held = split_examples(examples, 0.1, 20)
+    assert later_held and not {e.instruction for e in first_train} & {e.instruction for e in later_held}
+
+
+def test_an_adapter_trained_with_a_smaller_eval_fraction_is_judged_on_what_it_did_not_see(
+    make_settings: SettingsFactory,
+) -> None:
+    from homeiq_trainer.training.evaluate import held_out
+
+    settings = make_settings(evaluation={"max_generate_examples": 4, "max_new_tokens": 4})
+    store, first, _ = _run(settings)
+    assert first.promoted
+    wider = make_settings(data={"eval_fraction": 0.3}, evaluation={"max_generate_examples": 4, "max_new_tokens": 4})
+    _, _, result = _run(wider)
+    examples, _ = load_examples(settings.data.source_db, settings.data.max_samples)
+    _, held_now = split_examples(examples, 0.3, settings.data.min_eval_examples)
+    unseen = [e for e in held_now if held_out(e, 0.1)]
+    assert 0 < len(unseen) < len(held_now)
+    # Both adapters on the examples the first never trained on, not on the 30% it partly learned.
+    assert result.evaluation["served"]["run_id"] == first.run_identifier
+    assert result.evaluation["eval_examples"] == len(unseen)
 
 
 POLICY = PromotionSettings()

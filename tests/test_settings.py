@@ -127,3 +127,11 @@ def test_a_metric_of_generated_answers_needs_some_generated() -> None:
         load_settings(None, {"evaluation": {"max_generate_examples": 0}})
     for promotion in ({"metric": "eval_loss"}, {"policy": "manual"}, {"policy": "always"}):
         assert load_settings(None, {"evaluation": {"max_generate_examples": 0}, "promotion": promotion})
+
+
+def test_nothing_held_out_needs_a_policy_that_does_not_compare() -> None:
+    """With eval_fraction 0 every run after the first was kept_current: "no held-out chrF to compare"."""
+    with pytest.raises(ConfigError, match="data.eval_fraction is 0 but promotion.policy is if_better"):
+        load_settings(None, {"data": {"eval_fraction": 0}})
+    for policy in ("manual", "always"):
+        assert load_settings(None, {"data": {"eval_fraction": 0}, "promotion": {"policy": policy}})

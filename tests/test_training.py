@@ -482,3 +482,37 @@ def test_cpu_bf16_rounds_lengths_to_repeat_shapes_and_trains_without_flash_atten
     assert fp32 and all(flash for _, _, flash in fp32)
     assert {length % CPU_BF16_PAD_MULTIPLE for call in fp32 for length in call[:2]} != {0}
     assert fp32_rows and {r % CPU_BF16_ROW_MULTIPLE for r in fp32_rows} != {0}
+
+
+def test_progress_counts_from_training_not_from_loading(
+    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading and tokenizing were counted as training: their seconds, multiplied by every step still to
+    go, put the first ETA in the hours for a run of minutes; and tokenizing the held-out set counted from 0."""
+    import time
+
+    from homeiq_trainer.training import engine
+
+    real_load = engine.load_base_model
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(5.0)  # a big base model from a slow disk
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "load_base_model", slow_load)
+    messages: list[str] = []
+
+    class Messages(Recorder):
+        def phase(self, phase: Phase, message: str = "") -> None:
+            super().phase(phase, message)
+            messages.append(message)
+
+    observer = Messages()
+    settings = make_settings(training={"batch_size": 2, "batch_tokens": 64}, data={"max_samples": 60})
+    _, _, result = run_job(settings, observer=observer)
+    assert result.status is RunStatus.COMPLETED
+    first = next(e for e in observer.progress_events if e.eta_s is not None)
+    # The load alone would have added 5 s for each step to go; a step of this model takes milliseconds.
+    assert first.eta_s < 2.5 * (first.total_steps - first.step), first
+    counts = [int(m.split()[1]) for m in messages if m.startswith("tokenized ")]
+    assert counts == sorted(counts) and counts[-1] == 60, counts

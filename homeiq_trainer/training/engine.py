@@ -641,7 +641,9 @@ def _train(
 
     train_features = tokenize(tokenizer, train_set, hp.source_max_tokens, hp.target_max_tokens, tokenized)
     check_tokenizer_reads(tokenizer, train_features, hp.base_model)
-    eval_features = tokenize(tokenizer, eval_set, hp.source_max_tokens, hp.target_max_tokens, tokenized)
+    eval_features = tokenize(
+        tokenizer, eval_set, hp.source_max_tokens, hp.target_max_tokens, lambda done: tokenized(len(train_set) + done)
+    )
     reduce = sum_across_workers or _alone
     meter = _LossMeter(reduce=reduce)
     with hidden_states_out(base) as head:

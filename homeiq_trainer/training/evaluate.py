@@ -2,7 +2,9 @@
 
 The split comes from a hash of each example's instruction, not from a per-run shuffle: an example
 held out once is held out in every run, so the adapter in use never trained on the examples that
-judge its successor.
+judge its successor. That holds for a run with too few examples to evaluate (they are left out of
+its training all the same) and, by `comparable`, for an adapter trained with a smaller
+`data.eval_fraction`.
 """
 
 from __future__ import annotations
@@ -38,19 +40,36 @@ def _bucket(text: str) -> float:
     return int.from_bytes(hashlib.sha256(normal.encode("utf-8")).digest()[:8], "big") / _HASH_SPAN
 
 
+def held_out(example: Example, fraction: float) -> bool:
+    """Whether `example` is held out of training at `fraction`, in every run."""
+    return _bucket(example.instruction) < fraction
+
+
 def split_examples(
     examples: Sequence[Example], fraction: float, min_examples: int
 ) -> tuple[list[Example], list[Example]]:
-    """(train, eval): eval holds the examples whose instruction hashes below `fraction`; none if too few."""
-    if len(examples) < min_examples or fraction <= 0:
-        return list(examples), []
+    """(train, eval): eval holds the examples whose instruction hashes below `fraction`.
+
+    With fewer than `min_examples` there is no eval set, and those examples are still kept out of
+    training: the first run on a new install is served without a comparison, and the next one would
+    otherwise judge it on examples it learned. Only where nothing else would be left to train on
+    (an example or two) do they train.
+    """
     train: list[Example] = []
     held: list[Example] = []
     for example in examples:
-        (held if _bucket(example.instruction) < fraction else train).append(example)
-    if not held or not train:
+        (held if held_out(example, fraction) else train).append(example)
+    if not train:
         return list(examples), []
+    if len(examples) < min_examples:
+        return train, []
     return train, held
+
+
+def comparable(eval_set: Sequence[Example], trained_fraction: float) -> list[Example]:
+    """The examples of `eval_set` an adapter trained with `data.eval_fraction = trained_fraction`
+    never saw (a larger fraction now holds out examples it learned)."""
+    return [example for example in eval_set if held_out(example, trained_fraction)]
 
 
 @dataclass

@@ -346,9 +346,36 @@ def _evaluate(
         return None
     in_use = artifacts.latest_run(settings.storage.output_dir)
     served, note = _served_adapter(settings.storage.output_dir, in_use, hp.base_model)
+    if served is not None:
+        eval_set, note = _unseen_by(served, eval_set, hp.eval_fraction)
+        if not eval_set:  # no fair comparison: judged as if none were in use, so retraining never sticks
+            _, eval_set = split_examples(examples, hp.eval_fraction, hp.min_eval_examples)
+            served = None
     evaluation = evaluate_adapters(eval_set, hp, settings.evaluation, (run_identifier, staging), served, observer, stop)
     evaluation.served_note, evaluation.in_use = note or evaluation.served_note, in_use
     return evaluation
+
+
+def _unseen_by(served: tuple[str, Path], eval_set: list[Example], fraction: float) -> tuple[list[Example], str | None]:
+    """The held-out examples the adapter in use did not train on (all of them unless it was trained
+    with a smaller `data.eval_fraction`), and a note when none are left."""
+    from homeiq_trainer.training.evaluate import comparable
+
+    trained = artifacts.read_metadata(served[1]).hyperparameters.get("eval_fraction")
+    if not isinstance(trained, int | float) or isinstance(trained, bool) or trained >= fraction:
+        return eval_set, None
+    common = comparable(eval_set, float(trained))
+    _LOGGER.info(
+        "%s in use was trained with data.eval_fraction %g: both are scored on the %d of %d held-out examples "
+        "it did not train on",
+        served[0],
+        trained,
+        len(common),
+        len(eval_set),
+    )
+    if common:
+        return common, None
+    return [], f"{served[0]} in use was trained on every held-out example (data.eval_fraction {trained:g} then)"
 
 
 def _os_error_line(exc: OSError) -> str:

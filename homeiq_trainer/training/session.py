@@ -248,10 +248,15 @@ class _Progress(TrainerCallback):
     def __init__(self, session: TrainingSession) -> None:
         self.session = session
         self.every = max(1, session.total_steps // HISTORY_POINTS)
+        self.began = time.monotonic()
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # Rate and ETA from here: loading and tokenizing, counted in, were multiplied by every step to go.
+        self.began = time.monotonic()
 
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         session, meter, history = self.session, self.session.meter, self.session.history
-        elapsed = session.elapsed_s()
+        elapsed = time.monotonic() - self.began
         step = state.global_step
         loss = meter.take_window() if step % self.every == 0 or step == state.max_steps else None
         if loss is not None:
