@@ -41,7 +41,7 @@ from homeiq_trainer.mqtt import MqttLink
 from homeiq_trainer.publisher import Publisher
 from homeiq_trainer.reporter import RunReporter
 from homeiq_trainer.runner import Launcher, Runner
-from homeiq_trainer.settings import Settings
+from homeiq_trainer.settings import DEFAULT_BASE_TOPIC, DEFAULT_INSTANCE_ID, Settings
 from homeiq_trainer.settings_entities import SettingsEntities
 from homeiq_trainer.topics import Topics
 
@@ -92,6 +92,18 @@ class TrainerApp:
         Whatever was taken is given back if any step fails. `connect=False` serves commands given to
         `handle_command` only (tests and tools).
         """
+        mqtt, instance = self.settings.mqtt, self.settings.daemon.instance_id
+        if instance != DEFAULT_INSTANCE_ID and mqtt.base_topic == DEFAULT_BASE_TOPIC:
+            # Its own device and client id, but the default instance's topics: beside it, a press of
+            # either's Start button would start a run in both.
+            _LOGGER.warning(
+                "daemon.instance_id is %r but mqtt.base_topic is the default %r: a second instance needs its "
+                "own base_topic (say %s/%s), or both obey each other's commands and overwrite each other's state",
+                instance,
+                DEFAULT_BASE_TOPIC,
+                DEFAULT_BASE_TOPIC,
+                instance,
+            )
         with contextlib.ExitStack() as stack:
             lock = InstanceLock(self.settings)
             lock.acquire()

@@ -277,8 +277,7 @@ class MqttSettings(_Section):
     """MQTT client id; stable and unique per instance (`-<instance_id>` is added to the default where
     `daemon.instance_id` is not the default: two instances with one id would push each other off)."""
     base_topic: str = DEFAULT_BASE_TOPIC
-    """Every topic of this instance lives under this prefix (`/<instance_id>` is added to the default
-    where `daemon.instance_id` is not the default: two instances on one prefix obey each other's buttons)."""
+    """Every topic of this instance lives under this prefix."""
     discovery_prefix: str = "homeassistant"
     """Home Assistant's MQTT discovery prefix."""
     discovery: bool = True
@@ -434,12 +433,10 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _client_id_per_instance(cls, data: Any) -> Any:
-        """A second instance (its own `instance_id`) gets its own default client id and base topic.
+        """A second instance (its own `instance_id`) on the same host gets its own default client id.
 
         With one id the broker drops one daemon whenever the other connects, and both reconnect each
-        second for ever; on one base topic a press of either's Start button starts a run in both, each
-        overwrites the other's state, and one's `offline` marks the other unavailable. The default
-        instance keeps the id and topics it always had.
+        second for ever. The default instance keeps the id it always had.
         """
         if not isinstance(data, dict):
             return data
@@ -447,14 +444,9 @@ class Settings(BaseSettings):
         instance = daemon.get("instance_id") if isinstance(daemon, dict) else None
         # The sections arrive with their defaults filled in: the default id is recognised by its value.
         default = isinstance(mqtt, dict) and mqtt.get("client_id", _default_client_id()) == _default_client_id()
-        if not isinstance(mqtt, dict) or not isinstance(instance, str) or instance == DEFAULT_INSTANCE_ID:
-            return data
-        mqtt = dict(mqtt)
-        if default:
-            mqtt["client_id"] = f"{_default_client_id()}-{instance}"
-        if str(mqtt.get("base_topic", DEFAULT_BASE_TOPIC)).strip("/") == DEFAULT_BASE_TOPIC:
-            mqtt["base_topic"] = f"{DEFAULT_BASE_TOPIC}/{instance}"
-        return {**data, "mqtt": mqtt}
+        if default and isinstance(instance, str) and instance != DEFAULT_INSTANCE_ID:
+            data = {**data, "mqtt": {**mqtt, "client_id": f"{_default_client_id()}-{instance}"}}
+        return data
 
     @model_validator(mode="after")
     def _metric_needs_generations(self) -> Settings:
