@@ -13,7 +13,7 @@ from homeiq_trainer.messages import (
     TriggerEvent,
     known,
 )
-from homeiq_trainer.promotion import METRICS, offered
+from homeiq_trainer.promotion import METRICS, fmt_metric, offered
 from homeiq_trainer.settings import Settings
 
 # Home Assistant refuses a longer release_summary.
@@ -37,7 +37,7 @@ def update_payload(store: HistoryStore, settings: Settings) -> AdapterUpdate:
         row = store.by_identifier(served)
         value = (((row.evaluation_json if row else None) or {}).get("candidate") or {}).get(settings.promotion.metric)
         label = METRICS[settings.promotion.metric][0]
-        summary = f"serving {served}" + (f" ({label} {value:.1f})" if isinstance(value, int | float) else "")
+        summary = f"serving {served}" + (f" ({label} {fmt_metric(value)})" if isinstance(value, int | float) else "")
     else:
         summary = "no adapter served yet"
     installed = served or NOT_SERVED

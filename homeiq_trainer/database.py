@@ -156,6 +156,9 @@ def scrub(text: str, url: URL) -> str:
     return text
 
 
+TCP_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
 def postgres_connect_args(statement_timeout_s: float, connect_timeout_s: float, read_only: bool) -> dict[str, object]:
     """libpq parameters that keep our sessions short and visible to HomeIQ's operators."""
     timeout_ms = max(1, int(statement_timeout_s * 1000))
@@ -168,6 +171,9 @@ def postgres_connect_args(statement_timeout_s: float, connect_timeout_s: float, 
         "connect_timeout": max(2, math.ceil(connect_timeout_s)),  # libpq treats 1 as 2 anyway
         "application_name": APPLICATION_NAME,
         "options": " ".join(f"-c {option}" for option in options),
+        # A server whose host died after the connection was made: given up in about 25 s, not the
+        # kernel's two hours (the problem sensor's check and a run's read would hang that long).
+        **TCP_KEEPALIVES,
     }
 
 

@@ -223,7 +223,7 @@ class Dispatcher:
             data = promotion.promote_requested(self.store, self.settings, command.run_id, command.triggered_by)
         except promotion.PromotionError as exc:
             raise CommandError(exc.code, str(exc)) from None
-        self.reporter.refresh_serving()  # the switch is made: a history read failing now is no error
+        self._served(data["served"], f"installed by {command.triggered_by}")
         return data
 
     def _rollback(self, command: Command) -> Data:
@@ -231,8 +231,14 @@ class Dispatcher:
             served = promotion.rollback(self.store, self.settings, command.triggered_by)
         except promotion.PromotionError as exc:
             raise CommandError(exc.code, str(exc)) from None
-        self.reporter.refresh_serving()  # the switch is made: a history read failing now is no error
+        self._served(served, f"rolled back by {command.triggered_by}")
         return {"served": served}
+
+    def _served(self, run_id: str, reason: str) -> None:
+        """After a switch by hand: the topics, and `adapter_promoted`, on which an automation restarts
+        HomeIQ's service so it loads the adapter now served (a history read failing now is no error)."""
+        self.reporter.refresh_serving()
+        self.reporter.event(TriggerEvent(event="adapter_promoted", run_id=run_id, reason=reason))
 
     def _start(self, command: Command) -> Data | Later:
         self._refuse_if_busy()

@@ -27,8 +27,8 @@ CONNECT_TIMEOUT_S = 5.0
 # statement_timeout and lock_timeout bound the server's work, connect_timeout the connecting; nothing in
 # libpq bounds a wait for an answer on a connection made (a hung disk at COMMIT, a stopped backend).
 RECORD_WAIT_S = CONNECT_TIMEOUT_S + WRITE_TIMEOUT_S + 5.0
-# ... and a path that drops packets is given up by the kernel after this, not after ~15 minutes.
-TCP_ARGS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+# ... and a path that drops packets is given up by the kernel after this, not after ~15 minutes
+# (keepalives come with every PostgreSQL connection: `postgres_connect_args`).
 TCP_USER_TIMEOUT_MS = 30_000
 
 # HomeIQ's columns as its ai-training-service reads them; HomeIQ owns the table, we never create it.
@@ -68,7 +68,6 @@ class HomeIQRuns:
         self.url = url
         connect_args = {
             **postgres_connect_args(WRITE_TIMEOUT_S, CONNECT_TIMEOUT_S, False),
-            **TCP_ARGS,
             "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
         }
         self._engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)

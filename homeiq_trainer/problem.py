@@ -72,6 +72,8 @@ class SourceWatch:
         self.on_change = on_change
         self.interval_s = interval_s
         self.error: str | None = None
+        self.stale = False
+        """Set when the problem sensor could not be published: the next check publishes it again."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -95,7 +97,10 @@ class SourceWatch:
                 _LOGGER.info("The source database can be read again")
             else:
                 _LOGGER.warning("The source database cannot be read: %s", error)
-            self.on_change(error)
+        elif not self.stale:
+            return error
+        self.stale = False
+        self.on_change(error)
         return error
 
     def _loop(self) -> None:

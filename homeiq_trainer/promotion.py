@@ -42,7 +42,8 @@ class PromotionError(Exception):
         self.code = code
 
 
-def _fmt(value: float) -> str:
+def fmt_metric(value: float) -> str:
+    """A metric as the decision and the update entity show it: three decimals below 1."""
     return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3f}"
 
 
@@ -60,7 +61,9 @@ def decide(
     label, higher = METRICS[options.metric]
     mine = (candidate or {}).get(options.metric)
     theirs = (served or {}).get(options.metric)
-    versus = f"{label} {_fmt(mine)} vs {_fmt(theirs)} in use" if mine is not None and theirs is not None else ""
+    versus = (
+        f"{label} {fmt_metric(mine)} vs {fmt_metric(theirs)} in use" if mine is not None and theirs is not None else ""
+    )
     if options.policy == "manual":
         return Decision.AWAITING_APPROVAL, f"waiting for approval ({versus or 'policy manual'})"
     if options.policy == "always":

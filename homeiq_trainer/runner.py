@@ -190,6 +190,8 @@ class SubprocessTraining:
             while True:
                 if not selector.select(timeout=TICK_S):
                     if self.proc.poll() is not None:
+                        if selector.select(timeout=0):
+                            continue  # what it wrote just before it exited (its result) is read first
                         # Gone, with nothing left to read: a process it forked may still hold the
                         # pipe open, so its end would never come.
                         return
@@ -320,6 +322,8 @@ class Runner:
         self._active: ActiveJob | None = None
         self._thread: threading.Thread | None = None
         self._accepting = True
+        self._stopping = threading.Event()
+        """Set by `shutdown`: a run's end the history refuses is not waited on, only tried again once."""
         self._unrecorded: list[tuple[TrainingRun, RunResult]] = []
         """Ended runs the history refused to record; tried again before the next run and at shutdown."""
 
@@ -364,6 +368,7 @@ class Runner:
         with self._lock:
             self._accepting = False
             thread = self._thread
+        self._stopping.set()
         if self._active is not None:
             with contextlib.suppress(NotRunning):
                 self.cancel()
@@ -429,6 +434,7 @@ class Runner:
             recorded = self._recorded(run, result)
             if recorded is None:
                 finished = run
+                result = _not_served_late(result)  # what is published must not say "promoted"
                 with self._lock:
                     self._unrecorded.append((run, result))
             else:
@@ -446,7 +452,8 @@ class Runner:
     def _recorded(self, run: TrainingRun, result: RunResult) -> TrainingRun | None:
         """The run's end recorded (and its adapter served where chosen); None when the history refuses."""
         for attempt, delay_s in enumerate((0.0, *RECORD_RETRY_DELAYS_S)):
-            time.sleep(delay_s)
+            if attempt and self._stopping.wait(delay_s):
+                break  # shutting down: `shutdown` tries once more after the worker has published the end
             try:
                 if attempt and (row := self._closed_row(run)) is not None:
                     return row  # recorded after all: its housekeeping was what failed
@@ -476,9 +483,6 @@ class Runner:
             try:
                 if self._closed_row(run) is not None:
                     continue
-                if result.decision is Decision.PROMOTED:  # too late to serve unasked: offered instead
-                    late = "its end could not be recorded in time, so it was not served; promote it to serve it"
-                    result = result.model_copy(update={"decision": Decision.KEPT_CURRENT, "decision_reason": late})
                 conclude(self.store, self.settings, run, result)
                 _LOGGER.info("Recorded the end of run %s (%s) after all", run.run_identifier, result.status.value)
             except Exception as exc:
@@ -529,6 +533,14 @@ class Runner:
         if grace_s <= 0 or process.wait(grace_s) is None:
             process.kill()
             process.wait(JOIN_TIMEOUT_S)
+
+
+def _not_served_late(result: RunResult) -> RunResult:
+    """A chosen run whose end the history refused: never served unasked later, and not said to be."""
+    if result.decision is not Decision.PROMOTED:
+        return result
+    late = "chosen, but its end could not be recorded in time, so it was not served; promote it to serve it"
+    return result.model_copy(update={"decision": Decision.KEPT_CURRENT, "decision_reason": late})
 
 
 class ShuttingDown(Exception):

@@ -83,7 +83,12 @@ class SettingsEntities:
         try:
             last = self.store.latest_finished()
         except Exception as exc:  # the history's own database errors; the source check's thread lives on
-            _LOGGER.warning("Could not refresh the problem sensor: %s: %s", type(exc).__name__, first_line(exc))
+            _LOGGER.warning(
+                "Could not refresh the problem sensor (tried again at the next source check): %s: %s",
+                type(exc).__name__,
+                first_line(exc),
+            )
+            self.source_watch.stale = True
             return
         payload = problem_payload(last.status if last else None, self.source_watch.error)
         self.publisher.retain(self.topics.problem, json.dumps(payload))

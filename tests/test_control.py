@@ -321,3 +321,44 @@ def test_an_unexpected_error_while_checking_the_source_is_reported_without_the_p
     error = watch.check()
     assert error is not None and "RuntimeError" in error and "s3cret" not in error
     assert seen == [error] and problem_payload(None, error)["problem"]
+
+
+def test_a_problem_sensor_the_history_could_not_publish_is_published_at_the_next_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check reported only changes: a publish that failed (the history on the same server, down
+    too) left the sensor off for the whole outage."""
+    from sqlalchemy.exc import OperationalError
+
+    from homeiq_trainer import problem
+    from homeiq_trainer.history import HistoryStore
+    from homeiq_trainer.settings_entities import SettingsEntities
+    from homeiq_trainer.topics import Topics
+
+    settings = load_settings(None, {"storage": {"history_db": str(tmp_path / "h.db"), "output_dir": str(tmp_path)}})
+    monkeypatch.setattr(problem, "probe_source", lambda _settings: "cannot read ask_ai_queries: server down")
+    published: list[tuple[str, str]] = []
+
+    class Publisher:
+        def retain(self, topic: str, payload: str) -> None:
+            published.append((topic, payload))
+
+    store = HistoryStore(settings.storage.history_db)
+    entities = SettingsEntities(settings, Topics.from_settings(settings), store, Publisher())  # type: ignore[arg-type]
+    real = store.latest_finished
+    down = {"now": True}
+
+    def latest_finished() -> object:
+        if down["now"]:
+            raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+        return real()
+
+    monkeypatch.setattr(store, "latest_finished", latest_finished)
+    entities.source_watch.check()
+    assert published == [] and entities.source_watch.stale
+    down["now"] = False
+    entities.source_watch.check()  # the same answer as before: published only because the last one failed
+    assert len(published) == 1 and json.loads(published[0][1])["problem"] is True
+    entities.source_watch.check()
+    assert len(published) == 1
+    store.close()

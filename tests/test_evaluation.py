@@ -195,3 +195,20 @@ def test_a_diverged_run_fails_and_its_result_survives_the_pipe(make_settings: Se
     back = parse_event(line)
     assert back.status is RunStatus.FAILED and back.loss_history[1]["loss"] is None
     assert not (settings.storage.output_dir / "run_20250101_000000").exists()
+
+
+def test_an_adapter_an_earlier_version_trained_on_every_example_is_not_compared_on_them(tmp_path: Path) -> None:
+    """Small runs of earlier versions trained on all they had, held-out share recorded all the same."""
+    from homeiq_trainer.messages import RunMetadata
+    from homeiq_trainer.training.run import _unseen_by
+
+    served = tmp_path / "run_20260101_000000"
+    served.mkdir()
+    meta = {"samples_used": 19, "train_examples": 19, "eval_examples": 0, "hyperparameters": {"eval_fraction": 0.1}}
+    artifacts.write_metadata(served, RunMetadata(run_id=served.name, **meta))
+    _, held = split_examples(_examples(400), 0.1, 20)
+    kept, note = _unseen_by((served.name, served), held, 0.1)
+    assert kept == [] and note is not None and "trained on every held-out example" in note
+    # One that held its share out (this version's small runs too) is compared on all of them.
+    artifacts.write_metadata(served, RunMetadata(run_id=served.name, **{**meta, "train_examples": 17}))
+    assert _unseen_by((served.name, served), held, 0.1) == (held, None)

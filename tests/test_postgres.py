@@ -203,6 +203,9 @@ def test_reader_session_is_read_only(current_db: str) -> None:
             "statement_timeout": "5000",
             "transaction_read_only": "on",
         }
+        # A server whose host dies mid-session is given up in seconds, not after the kernel's two hours.
+        dsn = conn.connection.driver_connection.info.dsn  # type: ignore[union-attr]
+        assert "keepalives=1" in dsn and "keepalives_idle=10" in dsn and "keepalives_count=3" in dsn
         conn.rollback()
         with pytest.raises(DBAPIError) as caught:
             conn.execute(text("INSERT INTO automation.ask_ai_queries (id, user_query) VALUES ('x', 'y')"))

@@ -353,3 +353,75 @@ def test_a_shutdown_while_queued_is_still_being_published_stops_cleanly(settings
     submitter.join(5)
     assert listener.done.is_set() and listener.finished[0].status is RunStatus.CANCELLED
     store.close()
+
+
+def test_the_result_written_just_before_the_process_exits_is_read(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty wait that ended just as the process wrote its result and exited: the exit was seen
+    first, and a completed run was recorded as failed, "exited with code 0 without a result"."""
+    import selectors
+
+    from homeiq_trainer import runner as runner_module
+
+    real_selector = selectors.DefaultSelector
+
+    class LateSelector:
+        def __init__(self) -> None:
+            self.inner = real_selector()
+            self.first = True
+
+        def register(self, *args: object) -> object:
+            return self.inner.register(*args)
+
+        def select(self, timeout: float | None = None) -> list:
+            if self.first and timeout == runner_module.TICK_S:
+                self.first = False
+                time.sleep(2.0)  # meanwhile the process writes and exits
+                return []
+            return self.inner.select(timeout)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    child = _training(
+        settings,
+        "time.sleep(0.5)\nsay(PhaseEvent(phase=Phase.SAVING, message='done'))\n".replace(
+            "say(", "from homeiq_trainer.messages import Phase, PhaseEvent\nsay("
+        ),
+    )
+    monkeypatch.setattr(runner_module.selectors, "DefaultSelector", LateSelector)
+    events = list(child.events(stall_timeout_s=60))
+    assert [(e.phase, e.message) for e in events] == [(Phase.SAVING, "done")]
+    assert child.wait(10) == 0
+
+
+def test_a_shutdown_does_not_wait_out_the_retries_of_an_unrecorded_end(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retries slept through the stop's whole wait: the run's end was published after the daemon
+    had closed its connection, and a run the gate chose was announced as promoted although unserved."""
+    from homeiq_trainer import runner as runner_module
+    from homeiq_trainer.messages import Decision
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise OSError("the history refuses")
+
+    monkeypatch.setattr(runner_module, "conclude", refused)
+    monkeypatch.setattr(runner_module, "RECORD_RETRY_DELAYS_S", (60.0,))
+    chosen = RunResult(
+        run_identifier="x", status=RunStatus.COMPLETED, base_model="m", decision=Decision.PROMOTED, decision_reason="ok"
+    )
+    runner, listener, _, store = make_runner(settings, ["hang", chosen])
+    run = runner.submit(JobRequest(params=TrainParams()))
+    while runner.active is None or runner.active.process is None:
+        time.sleep(0.01)
+    started = time.monotonic()
+    runner.shutdown(timeout_s=2)
+    assert time.monotonic() - started < 30  # not the 60 s retry pause
+    assert listener.done.is_set()
+    assert (
+        listener.finished[0].decision is Decision.KEPT_CURRENT and "not served" in listener.finished[0].decision_reason
+    )
+    assert store.get(run.id).status == "running"  # still refused at shutdown; the next start records it
+    store.close()

@@ -135,6 +135,9 @@ def test_manual_candidate_waits_install_promotes_rollback_restores(manual: Train
     watcher.publish(CMD, install)
     watcher.wait_for(ADAPTER, lambda u: u.get("installed_version") == first, timeout=10)
     assert artifacts.latest_run(out) == first and artifacts.read_current(out).run_id == first
+    # The trigger an automation restarts HomeIQ's service on: it fired only when a run served itself.
+    served = watcher.wait_for(EVENT, lambda e: e["event"] == "adapter_promoted", timeout=10)
+    assert served["run_id"] == first and served["reason"].startswith("installed by ")
 
     second, last = _train(watcher, learning_rate=0.01, epochs=2)
     assert last["decision"] == "awaiting_approval" and artifacts.latest_run(out) == first
@@ -146,6 +149,8 @@ def test_manual_candidate_waits_install_promotes_rollback_restores(manual: Train
 
     watcher.publish(CMD, press_rollback)  # the "Roll back adapter" button
     watcher.wait_for(MODEL, lambda m: m.get("run_id") == first, timeout=10)
+    back = watcher.wait_for(EVENT, lambda e: e["event"] == "adapter_promoted" and e["run_id"] == first, timeout=10)
+    assert back["reason"].startswith("rolled back by ")
     assert artifacts.latest_run(out) == first and artifacts.read_current(out).run_id == first
     update = watcher.wait_for(ADAPTER, lambda u: u.get("installed_version") == first, timeout=10)
     assert update["latest_version"] == first  # the rolled-back run is not offered again by itself

@@ -361,7 +361,10 @@ def _unseen_by(served: tuple[str, Path], eval_set: list[Example], fraction: floa
     with a smaller `data.eval_fraction`), and a note when none are left."""
     from homeiq_trainer.training.evaluate import comparable
 
-    trained = artifacts.read_metadata(served[1]).hyperparameters.get("eval_fraction")
+    meta = artifacts.read_metadata(served[1])
+    trained = meta.hyperparameters.get("eval_fraction")
+    if not meta.eval_examples and meta.train_examples is not None and meta.train_examples == meta.samples_used:
+        trained = 0.0  # it trained on every example it had (a small run of an earlier version): none is unseen
     if not isinstance(trained, int | float) or isinstance(trained, bool) or trained >= fraction:
         return eval_set, None
     common = comparable(eval_set, float(trained))
