@@ -219,8 +219,14 @@ class Dispatcher:
         return {"run_id": run.run_identifier}
 
     def _promote(self, command: Command) -> Data:
+        run_id = command.run_id
+        if run_id is None:
+            # Install: the candidate Home Assistant showed, not one that a run ending meanwhile ranks higher.
+            run_id = self.reporter.offered()
+            if run_id is None:
+                raise CommandError("nothing_to_install", "no candidate is awaiting approval; name a run_id")
         try:
-            data = promotion.promote_requested(self.store, self.settings, command.run_id, command.triggered_by)
+            data = promotion.promote_requested(self.store, self.settings, run_id, command.triggered_by)
         except promotion.PromotionError as exc:
             raise CommandError(exc.code, str(exc)) from None
         self._served(data["served"], f"installed by {command.triggered_by}")

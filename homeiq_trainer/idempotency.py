@@ -3,7 +3,9 @@
 The same request id with the same content gets the remembered answer again (a retry never starts a
 second run); the same id with other content, another action included, is a conflict. Only commands
 that executed are remembered, so a temporary refusal (`busy` at 03:00) is never replayed to a retry
-that would now succeed. The memory is bounded in bytes, oldest forgotten first.
+that would now succeed. The memory is bounded in bytes, oldest forgotten first, and an answer is
+forgotten a day after it was given (a fixed id such as "nightly" must start tomorrow's run, not
+replay today's answer); it lives in the daemon's memory, so a restart forgets it too.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import collections
 import hashlib
 import json
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 # What one remembered answer costs beyond its text and id (the entry, the digest, dict slots).
 ENTRY_OVERHEAD_BYTES = 200
 DEFAULT_MAX_BYTES = 1_048_576
+DEFAULT_TTL_S = 24 * 3600.0
 
 
 def fingerprint(content: Any) -> str:
@@ -39,6 +44,8 @@ class Remembered:
     action: str | None
     digest: str
     response: str
+    at: float = 0.0
+    """When it was answered (the memory's clock)."""
 
     @property
     def cost_bytes(self) -> int:
@@ -57,8 +64,15 @@ class RequestIdConflict(Exception):
 class RequestMemory:
     """Answers of executed commands by request id, at most `max_bytes` of them."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        ttl_s: float = DEFAULT_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.clock = clock
         self._entries: collections.OrderedDict[str, Remembered] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -75,6 +89,10 @@ class RequestMemory:
         """The remembered answer for this id and content; `RequestIdConflict` for other content."""
         with self._lock:
             earlier = self._entries.get(request_id)
+            if earlier is not None and self.clock() - earlier.at > self.ttl_s:
+                del self._entries[request_id]  # a day old: the id is free for a new command
+                self._bytes -= earlier.cost_bytes + len(request_id)
+                earlier = None
         if earlier is None:
             return None
         if earlier.digest != digest:
@@ -83,7 +101,7 @@ class RequestMemory:
 
     def remember(self, request_id: str, action: str | None, digest: str, response: str) -> None:
         """Keep an executed command's answer; forget the oldest beyond the byte budget."""
-        entry = Remembered(action, digest, response)
+        entry = Remembered(action, digest, response, self.clock())
         cost = entry.cost_bytes + len(request_id)
         if cost > self.max_bytes:
             return  # larger than the whole budget: remembering it would forget everything else

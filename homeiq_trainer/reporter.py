@@ -72,6 +72,7 @@ class RunReporter:
         self._progress = ProgressPayload()
         self._runs: list[RunRecord] = []
         self._last_progress_at = 0.0
+        self._offered: str | None = None
 
     # --- answers for commands --------------------------------------------------------------------
 
@@ -147,8 +148,16 @@ class RunReporter:
         """The served adapter, the update entity, the last decision and the history that records them."""
         self.publish_model()
         self.publish_history()
-        self.publisher.retain(self.topics.adapter, update_payload(self.store, self.settings))
+        update = update_payload(self.store, self.settings)
+        with self._lock:
+            self._offered = update.latest_version if update.latest_version != update.installed_version else None
+        self.publisher.retain(self.topics.adapter, update)
         self.publisher.retain(self.topics.decision, decision_payload(self.store))
+
+    def offered(self) -> str | None:
+        """The candidate the update entity last showed for install (what its Install button means)."""
+        with self._lock:
+            return self._offered
 
     def refresh_serving(self) -> bool:
         """`publish_serving` after a change already made (a run's end, a promote): a history that

@@ -56,6 +56,21 @@ def test_same_id_same_content_gets_the_same_answer_and_one_run(app: TrainerApp, 
     assert len(app.store.recent(10)) == 1
 
 
+def test_a_request_id_is_remembered_for_a_day_not_for_ever(app: TrainerApp, launcher: FakeLauncher) -> None:
+    """An automation sending the same id every night got the first night's answer every night, no run."""
+    now = [1_000.0]
+    app.memory.clock = lambda: now[0]
+    body = {"action": "start", "request_id": "nightly"}
+    first = ask(app, body)
+    assert first["status"] == "ok" and ask(app, body) == first  # a retry the same night: the same answer
+    app.runner.cancel()
+    wait_idle(app)
+    now[0] += 24 * 3600 + 1
+    tomorrow = ask(app, body)
+    assert tomorrow["status"] == "ok" and tomorrow["data"]["run_id"] != first["data"]["run_id"]
+    assert len(launcher.started) == 2
+
+
 def test_same_id_other_content_is_a_conflict_and_does_nothing(app: TrainerApp) -> None:
     started = ask(app, {"action": "start", "request_id": "r-1"})
     assert started["status"] == "ok"

@@ -155,3 +155,25 @@ def test_manual_candidate_waits_install_promotes_rollback_restores(manual: Train
     update = watcher.wait_for(ADAPTER, lambda u: u.get("installed_version") == first, timeout=10)
     assert update["latest_version"] == first  # the rolled-back run is not offered again by itself
     _assert_no_nan(watcher)
+
+
+def test_install_serves_the_candidate_home_assistant_showed(
+    manual: TrainerApp, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Install sends a plain `promote`; it installed whichever candidate ranked first when it arrived,
+    one a run had recorded but not yet shown."""
+    from homeiq_trainer import promotion
+
+    out = manual.settings.storage.output_dir
+    shown, _ = _train(watcher, learning_rate=0.01)
+    watcher.wait_for(ADAPTER, lambda u: u.get("latest_version") == shown, timeout=10)
+    reporter = manual._started().reporter
+    monkeypatch.setattr(reporter, "refresh_serving", lambda: True)  # the next run's end is not shown yet
+    started = watcher.request(CMD, RESP, {"action": "start", "params": {"learning_rate": 0.01}}, timeout=20)
+    unseen = started["data"]["run_id"]
+    watcher.wait_for(STATE, lambda s: s.get("run_id") == unseen and s["state"] in DONE, timeout=240)
+    unseen_row = manual.store.by_identifier(unseen)
+    monkeypatch.setattr(promotion, "offered", lambda *_args: unseen_row)  # and ranks first
+    install = watcher.request(CMD, RESP, {"action": "promote"}, timeout=10)
+    assert install["status"] == "ok" and install["data"]["served"] == shown, install
+    assert artifacts.latest_run(out) == shown
