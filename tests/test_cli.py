@@ -121,7 +121,8 @@ def test_demo_runs_the_daemon_end_to_end(tmp_path: Path) -> None:
     history = {"HOMEIQ_STORAGE__HISTORY_DB": str(tmp_path / "demo" / "homeiq_trainer.db")}
     runs = json.loads(cli("runs", "--json", env=history).stdout)
     assert [run["status"] for run in runs] == ["completed", "completed"]  # the second was not cut short
-    assert os.readlink(latest) == first or os.readlink(latest) == runs[0]["run_id"]
+    served = runs[0]["run_id"] if runs[0]["promoted"] else first  # the newest run, where the gate chose it
+    assert os.readlink(latest) == served
 
 
 def test_train_refuses_while_the_daemon_owns_the_history(make_settings: SettingsFactory) -> None:

@@ -277,18 +277,56 @@ def test_discovery_validates_with_and_without_entity_ids(default_entity_ids: boo
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "why"),
     [
-        {"platform": "number", "unique_id": "a", "name": "x", "state_topic": "s", "min": 1, "max": 2},
-        {"platform": "number", "unique_id": "a", "name": "x", "state_topic": "s", "command_topic": "c", "min": 2},
-        {"platform": "number", "unique_id": "a", "name": "x", "state_topic": "s", "command_topic": "c", "step": 1e-4},
-        {"platform": "select", "unique_id": "a", "name": "x", "state_topic": "s", "command_topic": "c"},
-        {"platform": "select", "unique_id": "a", "name": "x", "state_topic": "s", "command_topic": "c", "min": 1},
-        {"platform": "button", "unique_id": "a", "name": "x", "command_topic": "c", "object_id": "x"},
+        (
+            {"platform": "number", "unique_id": "a", "name": "x", "state_topic": "s", "min": 1, "max": 2},
+            "command_topic",
+        ),
+        (
+            {
+                "platform": "number",
+                "unique_id": "a",
+                "name": "x",
+                "state_topic": "s",
+                "command_topic": "c",
+                "min": 2,
+                "max": 2,
+            },
+            "min below max",
+        ),
+        (
+            {
+                "platform": "number",
+                "unique_id": "a",
+                "name": "x",
+                "state_topic": "s",
+                "command_topic": "c",
+                "step": 1e-4,
+            },
+            "step",
+        ),
+        (
+            {"platform": "select", "unique_id": "a", "name": "x", "state_topic": "s", "command_topic": "c"},
+            "needs options",
+        ),
+        (
+            {
+                "platform": "select",
+                "unique_id": "a",
+                "name": "x",
+                "state_topic": "s",
+                "command_topic": "c",
+                "options": ["a"],
+                "min": 1,
+            },
+            r"select does not take \['min'\]",
+        ),
+        ({"platform": "button", "unique_id": "a", "name": "x", "command_topic": "c", "object_id": "x"}, "go together"),
     ],
 )
-def test_new_platforms_are_checked_like_the_old(bad: dict) -> None:
-    with pytest.raises(ValidationError):
+def test_new_platforms_are_checked_like_the_old(bad: dict, why: str) -> None:
+    with pytest.raises(ValidationError, match=why):
         Component.model_validate(bad)
 
 

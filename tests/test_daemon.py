@@ -292,6 +292,7 @@ def test_daemon_sigkilled_mid_run_then_restarted(
     watcher.publish(CMD, "start")
     watcher.wait_for(STATE, lambda s: s.get("phase") == "training", timeout=60)
     children = psutil.Process(proc.pid).children(recursive=True)
+    assert children  # the training process
     proc.kill()
     proc.wait(timeout=10)
     # The will says offline, and no training process outlives the daemon.

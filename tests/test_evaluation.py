@@ -88,7 +88,14 @@ POLICY = PromotionSettings()
         (POLICY, {"chrf": 1.0}, None, "run_a", Decision.PROMOTED, "another base model"),
         (POLICY, {"chrf": None}, {}, "run_a", Decision.KEPT_CURRENT, "no held-out"),
         (PromotionSettings(metric="eval_loss"), {"eval_loss": 2.0}, {"eval_loss": 2.5}, "r", Decision.PROMOTED, "2.0"),
-        (PromotionSettings(metric="eval_loss"), {"eval_loss": 3.0}, {"eval_loss": 2.5}, "r", Decision.KEPT_CURRENT, ""),
+        (
+            PromotionSettings(metric="eval_loss"),
+            {"eval_loss": 3.0},
+            {"eval_loss": 2.5},
+            "r",
+            Decision.KEPT_CURRENT,
+            "eval loss 3.0 vs 2.5 in use",
+        ),
         (PromotionSettings(policy="always"), {"chrf": 1.0}, {"chrf": 43.0}, "r", Decision.PROMOTED, "always"),
         (
             PromotionSettings(policy="manual"),
