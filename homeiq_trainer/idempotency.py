@@ -4,7 +4,7 @@ The same request id with the same content gets the remembered answer again (a re
 second run); the same id with other content, another action included, is a conflict. Only commands
 that executed are remembered, so a temporary refusal (`busy` at 03:00) is never replayed to a retry
 that would now succeed. The memory is bounded in bytes, oldest forgotten first, and an answer is
-forgotten a day after it was given (a fixed id such as "nightly" must start tomorrow's run, not
+forgotten 20 hours after it was given (a fixed id such as "nightly" must start tomorrow's run, not
 replay today's answer); it lives in the daemon's memory, so a restart forgets it too.
 """
 
@@ -22,7 +22,9 @@ from typing import Any
 # What one remembered answer costs beyond its text and id (the entry, the digest, dict slots).
 ENTRY_OVERHEAD_BYTES = 200
 DEFAULT_MAX_BYTES = 1_048_576
-DEFAULT_TTL_S = 24 * 3600.0
+DEFAULT_TTL_S = 20 * 3600.0
+"""A retry the same day gets the same answer; the same id at the same time the next day (an
+automation with a fixed id) starts a new run, however long the first one's count took to answer."""
 
 
 def fingerprint(content: Any) -> str:
@@ -90,7 +92,7 @@ class RequestMemory:
         with self._lock:
             earlier = self._entries.get(request_id)
             if earlier is not None and self.clock() - earlier.at > self.ttl_s:
-                del self._entries[request_id]  # a day old: the id is free for a new command
+                del self._entries[request_id]  # expired: the id is free for a new command
                 self._bytes -= earlier.cost_bytes + len(request_id)
                 earlier = None
         if earlier is None:

@@ -49,7 +49,7 @@ LAST_RUN_ERROR_CHARS = 2_000
 
 
 def within_attribute_limit(record: RunRecord) -> RunRecord:
-    """`record` clipped for `last_run`: the error's last `ERROR_TAIL_CHARS`, then probes from the end."""
+    """`record` clipped for `last_run`: the error's last `LAST_RUN_ERROR_CHARS`, then probes from the end."""
     if record.error and len(record.error) > LAST_RUN_ERROR_CHARS:
         record = record.model_copy(update={"error": "…" + record.error[-LAST_RUN_ERROR_CHARS:]})
     samples = list(record.samples)

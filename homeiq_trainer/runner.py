@@ -454,45 +454,35 @@ class Runner:
         for attempt, delay_s in enumerate((0.0, *RECORD_RETRY_DELAYS_S)):
             if attempt and self._stopping.wait(delay_s):
                 break  # shutting down: `shutdown` tries once more after the worker has published the end
-            try:
-                if attempt and (row := self._closed_row(run)) is not None:
-                    return row  # recorded after all: its housekeeping was what failed
-                return conclude(self.store, self.settings, run, result)
-            except Exception as exc:
-                _LOGGER.warning(
-                    "Could not record the end of run %s: %s: %s",
-                    run.run_identifier,
-                    type(exc).__name__,
-                    first_line(exc),
-                )
-                _LOGGER.debug("The history's error", exc_info=True)
+            if (row := self._try_record(run, result)) is not None:
+                return row
         _LOGGER.error(
             "Run %s stays open in the history; its end is recorded again before the next run", run.run_identifier
         )
         return None
 
-    def _closed_row(self, run: TrainingRun) -> TrainingRun | None:
-        """The run's row when it is no longer open (an attempt that failed after recording it)."""
-        row = self.store.get(run.id)  # type: ignore[arg-type]
-        return row if row is not None and row.status not in (RunStatus.QUEUED.value, RunStatus.RUNNING.value) else None
+    def _try_record(self, run: TrainingRun, result: RunResult) -> TrainingRun | None:
+        """One attempt at recording the run's end; its row as recorded, or None (logged) when refused."""
+        try:
+            row = self.store.get(run.id)  # type: ignore[arg-type]
+            if row is not None and row.status not in (RunStatus.QUEUED.value, RunStatus.RUNNING.value):
+                return row  # recorded by an attempt whose housekeeping was what failed
+            return conclude(self.store, self.settings, run, result)
+        except Exception as exc:
+            _LOGGER.warning(
+                "Could not record the end of run %s: %s: %s", run.run_identifier, type(exc).__name__, first_line(exc)
+            )
+            _LOGGER.debug("The history's error", exc_info=True)
+            return None
 
     def _record_unrecorded(self) -> None:
         """Record the ends the history refused before (under the lock); those it refuses again wait on."""
         waiting, self._unrecorded = self._unrecorded, []
         for run, result in waiting:
-            try:
-                if self._closed_row(run) is not None:
-                    continue
-                conclude(self.store, self.settings, run, result)
-                _LOGGER.info("Recorded the end of run %s (%s) after all", run.run_identifier, result.status.value)
-            except Exception as exc:
-                _LOGGER.warning(
-                    "Run %s's end is still not recorded: %s: %s",
-                    run.run_identifier,
-                    type(exc).__name__,
-                    first_line(exc),
-                )
+            if self._try_record(run, result) is None:
                 self._unrecorded.append((run, result))
+            else:
+                _LOGGER.info("Recorded the end of run %s (%s) after all", run.run_identifier, result.status.value)
 
     def _follow(self, job: ActiveJob, process: TrainingProcess) -> RunResult:
         stall = self.settings.daemon.stall_timeout_s

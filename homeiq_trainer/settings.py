@@ -76,9 +76,10 @@ class DataSettings(_Section):
     """How long to wait for a PostgreSQL server to answer, in seconds."""
     max_samples: int = parameter("max_samples").field(2000)
     eval_fraction: float = Field(0.1, ge=0.0, le=0.5)
-    """Share of examples held out to report eval_loss."""
+    """Share of examples held out (never trained on) for eval_loss and the quality gate; 0 needs a policy
+    other than if_better."""
     min_eval_examples: int = Field(20, ge=1, le=100_000)
-    """Below this many examples no evaluation split is made."""
+    """Below this many examples there is no evaluation (the held-out examples are still left out of training)."""
     busy_timeout_s: float = Field(10.0, gt=0, le=600)
     """How long to wait for HomeIQ's writers (PostgreSQL: for each statement) before a clear error, in seconds."""
 
@@ -277,7 +278,7 @@ class MqttSettings(_Section):
     """MQTT client id; stable and unique per instance (`-<instance_id>` is added to the default where
     `daemon.instance_id` is not the default: two instances with one id would push each other off)."""
     base_topic: str = DEFAULT_BASE_TOPIC
-    """Every topic of this instance lives under this prefix."""
+    """Every topic of this instance lives under this prefix; a second instance needs its own."""
     discovery_prefix: str = "homeassistant"
     """Home Assistant's MQTT discovery prefix."""
     discovery: bool = True

@@ -347,9 +347,10 @@ def _evaluate(
     in_use = artifacts.latest_run(settings.storage.output_dir)
     served, note = _served_adapter(settings.storage.output_dir, in_use, hp.base_model)
     if served is not None:
-        eval_set, note = _unseen_by(served, eval_set, hp.eval_fraction)
-        if not eval_set:  # no fair comparison: judged as if none were in use, so retraining never sticks
-            _, eval_set = split_examples(examples, hp.eval_fraction, hp.min_eval_examples)
+        unseen, note = _unseen_by(served, eval_set, hp.eval_fraction)
+        if unseen:
+            eval_set = unseen
+        else:  # no fair comparison: judged as if none were in use, so retraining never sticks
             served = None
     evaluation = evaluate_adapters(eval_set, hp, settings.evaluation, (run_identifier, staging), served, observer, stop)
     evaluation.served_note, evaluation.in_use = note or evaluation.served_note, in_use
