@@ -94,6 +94,14 @@ def on_test_broker(make_settings: SettingsFactory, port: int, **sections: dict[s
     return make_settings(mqtt=mqtt, **sections)
 
 
+def wait_idle(app: Any, timeout_s: float = 10) -> None:
+    """Until `app`'s runner takes runs again (a run's end is published, then the runner lets go of it)."""
+    deadline = time.monotonic() + timeout_s
+    while app.runner.active is not None:
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(0.02)
+
+
 def train_and_serve(settings: Settings) -> Path:
     """One run trained at `settings` and served, as the daemon does it; returns `<output_dir>/latest`."""
     from homeiq_trainer.history import HistoryStore

@@ -4,7 +4,6 @@ the instance lock and what `start()` gives back when it fails. No broker, no tor
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.jobs import InstanceBusy
 from homeiq_trainer.messages import Phase, PhaseEvent
 
-from .conftest import SettingsFactory
+from .conftest import SettingsFactory, wait_idle
 from .fakes import FakeLauncher
 
 HANG = [PhaseEvent(phase=Phase.TRAINING), "hang", "result"]
@@ -37,13 +36,6 @@ def app(make_settings: SettingsFactory, launcher: FakeLauncher) -> Iterator[Trai
 def ask(app: TrainerApp, body: dict[str, Any] | bytes) -> dict[str, Any]:
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     return json.loads(app.handle_command(payload))
-
-
-def wait_idle(app: TrainerApp, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while app.runner.active is not None:
-        assert time.monotonic() < deadline, "the run did not end"
-        time.sleep(0.01)
 
 
 def test_same_id_same_content_gets_the_same_answer_and_one_run(app: TrainerApp, launcher: FakeLauncher) -> None:

@@ -19,7 +19,7 @@ from homeiq_trainer.messages import Phase, PhaseEvent
 from tests import postgres
 from tests.fakes import FakeLauncher
 
-from .conftest import Broker, SettingsFactory, on_test_broker
+from .conftest import Broker, SettingsFactory, on_test_broker, wait_idle
 from .mqtt_client import Watcher
 
 BASE = "homeiq/trainer"
@@ -84,14 +84,6 @@ def test_a_cancel_while_a_finished_run_is_recorded_is_refused_not_promised(
     assert last["status"] == "completed" and app.runner.active is None
 
 
-def _wait_idle(app: TrainerApp, timeout_s: float = 5) -> None:
-    """Until the runner takes runs again (it publishes a run's end, then lets go of it)."""
-    deadline = time.monotonic() + timeout_s
-    while app.runner.active is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert app.runner.active is None
-
-
 def _row_status(database: str, run_id: str) -> str:
     with postgres.connect(database) as conn:
         row = conn.execute("SELECT status FROM training_runs WHERE run_identifier = %s", (run_id,)).fetchone()
@@ -140,7 +132,7 @@ def test_a_run_that_ends_while_the_history_is_unreachable_is_published_and_recor
         assert watcher.request(CMD, RESP, {"action": "cancel"})["status"] == "ok"
         state = watcher.wait_for(f"{BASE}/state", lambda v: v["state"] != "running", timeout=15)
         assert (state["state"], state["run_id"]) == ("cancelled", run_id)
-        _wait_idle(app)
+        wait_idle(app)
         assert watcher.request(CMD, RESP, {"action": "status"})["data"]["state"]["state"] == "cancelled"
     assert _row_status(database, run_id) == "running"  # the server is back, nothing has asked yet
     assert watcher.request(CMD, RESP, {"action": "start"})["status"] == "ok"  # the next run records it first
@@ -164,7 +156,7 @@ def test_a_history_back_within_seconds_records_the_run_at_its_end(
     # The server is back within the 2 s before the runner tries again.
     last = watcher.wait_for(f"{BASE}/last_run", lambda v: v.get("run_id") == run_id, timeout=20)
     assert last["status"] == "cancelled" and _row_status(database, run_id) == "cancelled"
-    _wait_idle(app)
+    wait_idle(app)
 
 
 def test_a_cancel_while_a_start_counts_stops_that_start(daemon: Any, watcher: Watcher, slow_count: None) -> None:
@@ -202,8 +194,7 @@ def test_a_damaged_newest_example_in_the_last_run_counts_from_its_start(daemon: 
     app = daemon(["result"])
     run_id = watcher.request(CMD, RESP, {"action": "start"})["data"]["run_id"]
     watcher.wait_for(f"{BASE}/last_run", lambda v: v.get("run_id") == run_id, timeout=15)
-    while app.runner.active is not None:
-        time.sleep(0.02)
+    wait_idle(app)
     with sqlite3.connect(app.settings.storage.history_db) as conn:
         conn.execute("""UPDATE training_runs SET data_report_json = '{"newest_created_at": "2026-13-01"}'""")
     refused = watcher.request(CMD, RESP, {"action": "start", "params": {"min_new_samples": 100_000}})

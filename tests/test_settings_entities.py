@@ -17,7 +17,7 @@ from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.settings import Settings
 
-from .conftest import Broker, SettingsFactory, on_test_broker
+from .conftest import Broker, SettingsFactory, on_test_broker, wait_idle
 from .fakes import FakeLauncher
 from .mqtt_client import Watcher
 
@@ -73,9 +73,7 @@ def run_once(app: TrainerApp, watcher: Watcher, payload: str = "start") -> dict[
     assert response["status"] == "ok", response
     run_id = response["data"]["run_id"]
     last_run = watcher.wait_for(f"{BASE}/last_run", lambda r: r.get("run_id") == run_id, timeout=30)
-    deadline = time.monotonic() + 10
-    while app.runner.active is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_idle(app)
     return last_run
 
 
