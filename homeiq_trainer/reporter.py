@@ -159,7 +159,7 @@ class RunReporter:
         with self._lock:
             return self._offered
 
-    def refresh_serving(self) -> bool:
+    def refresh_serving(self) -> None:
         """`publish_serving` after a change already made (a run's end, a promote): a history that
         cannot be read now (a PostgreSQL restarting) leaves those topics as they were and is logged,
         and never keeps the caller from answering or from publishing the run's final state."""
@@ -172,8 +172,6 @@ class RunReporter:
                 type(exc).__name__,
                 first_line(exc),
             )
-            return False
-        return True
 
     def event(self, event: TriggerEvent) -> None:
         """Fire one device trigger."""

@@ -168,7 +168,7 @@ def test_install_serves_the_candidate_home_assistant_showed(
     shown, _ = _train(watcher, learning_rate=0.01)
     watcher.wait_for(ADAPTER, lambda u: u.get("latest_version") == shown, timeout=10)
     reporter = manual._started().reporter
-    monkeypatch.setattr(reporter, "refresh_serving", lambda: True)  # the next run's end is not shown yet
+    monkeypatch.setattr(reporter, "refresh_serving", lambda: None)  # the next run's end is not shown yet
     started = watcher.request(CMD, RESP, {"action": "start", "params": {"learning_rate": 0.01}}, timeout=20)
     unseen = started["data"]["run_id"]
     watcher.wait_for(STATE, lambda s: s.get("run_id") == unseen and s["state"] in DONE, timeout=240)
