@@ -101,9 +101,29 @@ def masked(url: URL) -> str:
     return url.update_query_dict(hidden).render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
 
 
+def _query_value(url: URL, key: str) -> str | None:
+    value = url.query.get(key)
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    return value or None
+
+
+def _endpoint(url: URL) -> tuple[str, int | str]:
+    """Host and port a PostgreSQL URL connects to: its own, else libpq's `?host=`/`?port=`, else libpq's defaults.
+
+    A `?host=` that starts with `/` is the folder of a unix socket.
+    """
+    host = url.host or _query_value(url, "host") or "localhost"
+    port = url.port or _query_value(url, "port") or POSTGRES_DEFAULT_PORT
+    return host, port
+
+
 def server(url: URL) -> str:
-    """`host:port` of a PostgreSQL URL (libpq's defaults filled in)."""
-    return f"{url.host or 'localhost'}:{url.port or POSTGRES_DEFAULT_PORT}"
+    """`host:port` of a PostgreSQL URL (libpq's defaults filled in); a socket's folder for a unix socket."""
+    host, port = _endpoint(url)
+    if host.startswith("/"):
+        return f"the socket in {host} (port {port})"
+    return f"{host}:{port}"
 
 
 def where(url: URL) -> str:
@@ -128,16 +148,14 @@ def same_database(a: URL, b: URL) -> bool:
     path_a, path_b = sqlite_path(a), sqlite_path(b)
     if path_a is not None or path_b is not None:
         return path_a is not None and path_b is not None and path_a.resolve() == path_b.resolve()
-    return (_host(a), a.port or POSTGRES_DEFAULT_PORT, a.database) == (
-        _host(b),
-        b.port or POSTGRES_DEFAULT_PORT,
-        b.database,
-    )
+    return (*_server_key(a), a.database) == (*_server_key(b), b.database)
 
 
-def _host(url: URL) -> str:
-    host = (url.host or "localhost").lower()
-    return "localhost" if host in _LOOPBACK else host
+def _server_key(url: URL) -> tuple[str, str]:
+    host, port = _endpoint(url)
+    # A unix socket is this machine's, most likely the server that localhost at its port reaches.
+    host = "localhost" if host.startswith("/") or host.lower() in _LOOPBACK else host.lower()
+    return host, str(port)
 
 
 def secret_words(url: URL) -> list[str]:

@@ -126,6 +126,15 @@ def test_history_on_another_database_of_the_server_is_fine() -> None:
     assert settings.storage.history_url().database == "trainer"
 
 
+def test_a_unix_socket_url_is_named_by_its_socket_and_counts_as_this_machine() -> None:
+    """libpq's `?host=/run/postgresql` was named `localhost:5432`, a server the URL never reaches."""
+    socket_url = database_url("postgresql://homeiq@/homeiq?host=/run/postgresql&port=5433")
+    assert where(socket_url) == "database homeiq on the socket in /run/postgresql (port 5433)"
+    assert where(database_url("postgresql://homeiq@/homeiq?host=db.lan")) == "database homeiq on db.lan:5432"
+    assert same_database(socket_url, database_url("postgresql://t@127.0.0.1:5433/homeiq"))
+    assert not same_database(socket_url, database_url("postgresql://t@127.0.0.1:5432/homeiq"))
+
+
 def test_homeiq_runs_needs_postgres(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="homeiq_runs needs a PostgreSQL"):
         load_settings(None, {"data": {"source_db": str(tmp_path / "a.db")}, "storage": {"homeiq_runs": True}})
