@@ -146,6 +146,11 @@ def supervisor_mqtt_service(
             body = response.read(_MAX_RESPONSE_BYTES)
     except urllib.error.HTTPError as exc:
         detail = _supervisor_message(exc.read(_MAX_RESPONSE_BYTES) if exc.fp else b"")
+        if exc.code == 400 and "not enabled" in detail:  # `mqtt:need` does not stop the add-on's start
+            raise AddonError(
+                "no MQTT service: no broker add-on (e.g. Mosquitto) has registered with the Supervisor; "
+                "install and start it, or set mqtt_host"
+            ) from None
         message = f"the Supervisor refused the MQTT service query at {base}: HTTP {exc.code}{detail}"
         raise AddonError(_scrub(message, token)) from None
     except (OSError, http.client.HTTPException) as exc:  # URLError, refused, reset, timeouts
@@ -205,7 +210,11 @@ def addon_settings_source(env: Mapping[str, str] | None = None) -> dict[str, Any
     if token is not None and not mqtt.get("host") and not env.get("HOMEIQ_MQTT__HOST"):
         broker = supervisor_mqtt_service(token, env.get(SUPERVISOR_URL_ENV) or None)
         mqtt = source.setdefault("mqtt", {})
+        # A login is a pair: a user name from the options never goes out with the Supervisor's password.
+        own_login = "username" in mqtt or "password" in mqtt
         for key in _BROKER_KEYS:
+            if key in ("username", "password") and own_login:
+                continue
             if broker[key] is not None:
                 mqtt.setdefault(key, broker[key])
         _LOGGER.info(

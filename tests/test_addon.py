@@ -512,6 +512,22 @@ def test_supervisor_login_is_used_when_the_options_give_none(tmp_path: Path, sup
     assert settings.mqtt.password is not None and settings.mqtt.password.get_secret_value() == BROKER_PASSWORD
 
 
+@pytest.mark.parametrize("own", [{"mqtt_username": "trainer"}, {"mqtt_password": "own-secret-pass"}])
+def test_a_login_is_never_half_the_supervisors(tmp_path: Path, supervisor: FakeSupervisor, own: dict[str, str]) -> None:
+    _write_options(tmp_path, own)
+    settings = load_settings(addon_options=addon_settings_source(_env(tmp_path, supervisor)))
+    assert settings.mqtt.host == "core-mosquitto"
+    assert settings.mqtt.username != "addons"
+    assert settings.mqtt.password is None or settings.mqtt.password.get_secret_value() != BROKER_PASSWORD
+
+
+def test_no_broker_registered_is_named() -> None:
+    # What the Supervisor answers when no add-on provides MQTT: `mqtt:need` does not stop the start.
+    body = b'{"result": "error", "message": "Service not enabled"}'
+    with FakeSupervisor(lambda _handler: (400, body)) as fake, pytest.raises(AddonError, match="no MQTT service"):
+        supervisor_mqtt_service(TOKEN, fake.url)
+
+
 def test_supervisor_is_not_asked_when_the_options_name_a_broker(tmp_path: Path, supervisor: FakeSupervisor) -> None:
     _write_options(tmp_path, {"mqtt_host": "broker.lan", "mqtt_port": 1884})
     settings = load_settings(addon_options=addon_settings_source(_env(tmp_path, supervisor)))
@@ -636,6 +652,11 @@ def test_cpu_torch_is_installed_before_the_package() -> None:
         "https://download.pytorch.org/whl/cpu",
     ]
     assert "HOMEIQ_TRAINER_SOURCE" in package_run and "torch" not in package_run
+    # A dependency that wants another torch fails the build instead of pulling PyPI's CUDA build.
+    instructions = _dockerfile_instructions()
+    constraint = next(i for i, (k, rest) in enumerate(instructions) if k == "ENV" and "PIP_CONSTRAINT=" in rest)
+    package = next(i for i, (k, rest) in enumerate(instructions) if k == "RUN" and rest == package_run)
+    assert constraint < package
 
 
 def _source_tree(destination: Path) -> Path:
