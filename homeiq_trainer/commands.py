@@ -38,12 +38,17 @@ BUTTON = "button"
 
 
 class CommandError(Exception):
-    """A command that is refused; `code` is machine-readable."""
+    """A command that is refused; `code` is machine-readable.
 
-    def __init__(self, code: str, message: str, data: dict[str, Any] | None = None) -> None:
+    `of_state`: the refusal depends on the daemon's state, not the command alone, so a retry with the same
+    request id is judged again rather than given this answer back.
+    """
+
+    def __init__(self, code: str, message: str, data: dict[str, Any] | None = None, *, of_state: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.data = data
+        self.of_state = of_state
 
 
 def parse_json_object(payload: bytes, max_bytes: int) -> dict[str, Any] | Command:

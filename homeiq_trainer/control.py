@@ -232,7 +232,11 @@ class SettingsPanel:
         return control, new_value
 
     def answer(self, name: str, payload: bytes) -> Response:
-        """`change`, applied (the log level at once) or refused, as the response to publish."""
+        """`change`, applied (the log level at once) or refused, as the response to publish.
+
+        `data.setting` is the name of the topic the value came on, whatever the answer; an applied value
+        also says its configuration `path` and the `value` as stored.
+        """
         try:
             control, value = self.change(name, payload)
         except SettingRefused as exc:
@@ -247,4 +251,5 @@ class SettingsPanel:
             return Response(request_id=None, action="set", status="error", data={"setting": name}, error=error)
         if control.path == "log_level":
             apply_log_level(value)
-        return Response(request_id=None, action="set", status="ok", data={"setting": control.path, "value": value})
+        data = {"setting": name, "path": control.path, "value": value}
+        return Response(request_id=None, action="set", status="ok", data=data)

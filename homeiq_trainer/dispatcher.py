@@ -65,6 +65,8 @@ class _Context:
     inline: bool = False
     action: str | None = None
     replayed: str | None = field(default=None)
+    holds_id: bool = False
+    """This command put its request id in `_in_progress` (a start counting): only its own answer frees it."""
 
 
 class Dispatcher:
@@ -154,7 +156,8 @@ class Dispatcher:
         try:
             outcome = step()
         except CommandError as exc:
-            self._answer(context, refusal(context.request_id, context.action, exc), exc.code in REMEMBERED_ERRORS)
+            remember = exc.code in REMEMBERED_ERRORS and not exc.of_state
+            self._answer(context, refusal(context.request_id, context.action, exc), remember)
             return
         except Exception as exc:  # the command's outermost frame: answer, log, carry on
             _LOGGER.exception("Command failed")
@@ -169,6 +172,7 @@ class Dispatcher:
         elif isinstance(outcome, Later):
             if context.request_id is not None:
                 self._in_progress[context.request_id] = context.digest
+                context.holds_id = True
             if context.inline:
                 self._later(context, outcome, post=lambda task: task())
             else:
@@ -200,8 +204,9 @@ class Dispatcher:
         self._run(context, step)
 
     def _answer(self, context: _Context, text: str, remember: bool) -> None:
-        if context.request_id is not None and self._in_progress.get(context.request_id) == context.digest:
-            del self._in_progress[context.request_id]  # its own answer: the id is free again
+        if context.holds_id and context.request_id is not None:  # its own answer, not a repeat's `busy`
+            self._in_progress.pop(context.request_id, None)  # the id is free again
+            context.holds_id = False
         if remember and context.request_id is not None:
             self.memory.remember(context.request_id, context.action, context.digest, text)
         context.reply(text)
@@ -313,6 +318,7 @@ class Dispatcher:
                 raise CommandError(
                     "base_model_not_allowed",
                     f"run {params.resume_from} was trained on a base model that is not allowed any more",
+                    of_state=params.resume_from == artifacts.LATEST,  # `latest` moves with a promote or rollback
                 )
 
     def _submit(self, command: Command, extra: Data) -> Data:

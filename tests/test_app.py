@@ -12,7 +12,8 @@ import pytest
 
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.jobs import InstanceBusy
-from homeiq_trainer.messages import Phase, PhaseEvent
+from homeiq_trainer.messages import Phase, PhaseEvent, RunMetadata
+from homeiq_trainer.training import artifacts
 
 from .conftest import SettingsFactory, wait_idle
 from .fakes import FakeLauncher
@@ -97,6 +98,29 @@ def test_deterministic_refusals_are_remembered(app: TrainerApp) -> None:
     assert refused["error"]["code"] == "base_model_not_allowed"
     assert ask(app, {"action": "start", "request_id": "bad-2"})["error"]["code"] == "request_id_conflict"
     assert app.runner.active is None
+
+
+def test_a_refusal_of_the_served_adapters_base_is_judged_again_after_a_promote(app: TrainerApp) -> None:
+    """`resume_from: latest` names whatever is served: its refusal was replayed for 20 hours after a promote."""
+    output_dir = app.settings.storage.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for run_id, base in (
+        ("run_20260101_000000", "retired/model"),
+        ("run_20260102_000000", app.settings.training.base_model),
+    ):
+        run_dir = output_dir / run_id
+        run_dir.mkdir()
+        (run_dir / "adapter_config.json").write_text("{}")
+        (run_dir / artifacts.ADAPTER_WEIGHTS).write_bytes(b"")
+        artifacts.write_metadata(run_dir, RunMetadata(run_id=run_id, base_model=base))
+    artifacts.promote(output_dir, "run_20260101_000000")
+    body = {"action": "start", "request_id": "resume-1", "params": {"resume_from": "latest"}}
+    assert ask(app, body)["error"]["code"] == "base_model_not_allowed"
+    artifacts.promote(output_dir, "run_20260102_000000")
+    assert ask(app, body)["status"] == "ok"
+    # A base_model outside the allow-list depends on the command alone: still remembered.
+    refused = ask(app, {"action": "start", "request_id": "r-2", "params": {"base_model": "evil/model"}})
+    assert ask(app, {"action": "start", "request_id": "r-2", "params": {"base_model": "evil/model"}}) == refused
 
 
 @pytest.mark.parametrize("request_id", ["\ud800", "ok\udfff", "x" * 129, "a b", "é"])

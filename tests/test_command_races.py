@@ -249,3 +249,20 @@ def test_settings_messages_share_the_commands_rate_and_never_bring_their_bulk(
         assert time.monotonic() < deadline, (seen, caplog.text)
         time.sleep(0.05)
     assert len(seen) - 1 <= 4  # the burst's one token left, and a few more refilled meanwhile
+
+
+def test_a_repeat_answered_busy_does_not_free_the_id_of_the_counting_start(
+    daemon: Any, watcher: Watcher, slow_count: None
+) -> None:
+    """The repeat's `busy` freed the id: a `cancel` with it then ran and stopped the start, and the
+    start's retry was refused `request_id_conflict` (with that cancel) for 20 hours."""
+    app = daemon(["hang"])
+    since = len(watcher.messages(RESP))
+    start = json.dumps({"action": "start", "request_id": "r2", "params": {"min_new_samples": 1}})
+    watcher.publish(CMD, start)
+    watcher.publish(CMD, start)
+    watcher.publish(CMD, json.dumps({"action": "cancel", "request_id": "r2"}))
+    got = answers(watcher, since, 3)
+    assert [a["error"]["code"] for a in got[:2]] == ["busy", "request_id_conflict"]
+    assert got[2]["action"] == "start" and got[2]["status"] == "ok"
+    app.runner.cancel()

@@ -98,6 +98,7 @@ def test_each_entity_sets_the_next_run_and_survives_a_restart(
         for name, (payload, value) in changes.items():
             response = set_value(watcher, name, payload)
             assert response["status"] == "ok" and response["data"]["value"] == value, response
+            assert response["data"]["setting"] == name, response  # the topic's name, as a refusal says it
             assert watcher.wait_for(SETTINGS, lambda s, n=name, v=value: s[n] == v, timeout=5)[name] == value
         late = Watcher(broker.port)  # what Home Assistant gets when it (re)subscribes
         retained = late.wait_for(SETTINGS, timeout=5)
@@ -211,6 +212,7 @@ def test_bad_value_is_refused_with_the_schemas_message_and_changes_nothing(
         response = set_value(watcher, name, payload)
         assert response["status"] == "error" and response["error"]["code"] == "invalid_setting"
         assert message in response["error"]["message"], response
+        assert response["data"] == {"setting": name}
         assert watcher.wait_for(SETTINGS) == before
         assert app.panel.store.load() == {}
         assert app.panel.effective == settings
