@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Table, Text, TypeDecorator, delete, event, inspect, text
+from sqlalchemy import JSON, Column, DateTime, Index, Table, Text, TypeDecorator, delete, event, inspect, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
@@ -25,7 +26,7 @@ from homeiq_trainer.database import (
     sqlite_when_unlocked,
 )
 from homeiq_trainer.homeiq_runs import HomeIQRuns
-from homeiq_trainer.messages import Decision, RunRecord, RunStatus, first_line, known, utcnow
+from homeiq_trainer.messages import Decision, RunRecord, RunStatus, first_line, json_safe, known, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ HISTORY_TIMEOUT_S = 10.0
 INTERRUPTED_MESSAGE = "interrupted: the process running it stopped before the run finished"
 # How many unreadable rows a read of the newest rows reads past.
 UNREADABLE_ROWS_SKIPPED = 20
+# More candidates awaiting approval than anyone reviews; the newest are listed.
+AWAITING_MAX = 1000
 
 
 def _storable(text: str) -> str:
@@ -68,6 +71,35 @@ class JsonOf(TypeDecorator[Any]):
         return value if isinstance(value, self.shape) else None
 
 
+class _LenientSqliteDateTime(sqlite.DATETIME):
+    """SQLite's text timestamps, a value that is no time read as None (and logged) instead of failing the statement."""
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
+        parse = super().result_processor(dialect, coltype)
+        if parse is None:
+            return None
+
+        def lenient(value: Any) -> Any:
+            try:
+                return parse(value)
+            except (ValueError, TypeError):
+                _LOGGER.warning("Ignoring a time in the history database that is no time: %.40r", value)
+                return None
+
+        return lenient
+
+
+class Timestamp(TypeDecorator[datetime]):
+    """A timestamp column. On SQLite a value edited by hand or damaged reads as None: every start reads the
+    open runs and the served adapters, and one such value failed each of those reads, so the daemon."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        return dialect.type_descriptor(_LenientSqliteDateTime() if dialect.name == "sqlite" else DateTime())
+
+
 class TrainingRun(SQLModel, table=True):
     """One training run; HomeIQ's columns and meanings, plus ours at the end."""
 
@@ -81,8 +113,8 @@ class TrainingRun(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     training_type: str = Field(default="soft_prompt", max_length=20)
     status: str = Field(default=RunStatus.QUEUED.value, max_length=20)
-    started_at: datetime
-    finished_at: datetime | None = None
+    started_at: datetime = Field(sa_type=Timestamp)
+    finished_at: datetime | None = Field(default=None, sa_type=Timestamp)
     dataset_size: int | None = None
     base_model: str | None = None
     output_dir: str | None = None
@@ -111,11 +143,11 @@ class ServedAdapter(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     run_identifier: str = Field(index=True)
-    served_at: datetime
+    served_at: datetime = Field(sa_type=Timestamp)
     action: str = Field(max_length=20)
     """`promote`, or `adopt` for a `latest` found without a record; a rollback withdraws instead."""
     triggered_by: str = "training"
-    withdrawn_at: datetime | None = None
+    withdrawn_at: datetime | None = Field(default=None, sa_type=Timestamp)
     withdrawn_by: str | None = None
 
 
@@ -235,7 +267,8 @@ class _ServedAdapters:
             )
             rows = list(session.exec(query).all())
         for row in rows:
-            row.served_at = _aware(row.served_at) or row.served_at
+            # A time that could not be read (see `Timestamp`) shows as the epoch; which adapter is served holds.
+            row.served_at = _aware(row.served_at) or datetime.fromtimestamp(0, UTC)
         return rows
 
     def serve(self, run_identifier: str, action: str, triggered_by: str) -> ServedAdapter:
@@ -265,14 +298,49 @@ class _ServedAdapters:
     def awaiting(self) -> list[TrainingRun]:
         """Completed runs awaiting approval, newer than the current served adapter's promotion."""
         stack = self.served_stack()
+        query = select(TrainingRun).where(
+            TrainingRun.status == RunStatus.COMPLETED.value,
+            TrainingRun.decision == Decision.AWAITING_APPROVAL.value,
+        )
+        if stack:
+            query = query.where(TrainingRun.finished_at > stack[0].served_at)  # type: ignore[operator]
+        return self._readable(query.order_by(TrainingRun.id.desc()), AWAITING_MAX)  # type: ignore[union-attr]
+
+    def _readable(self, query: Any, limit: int) -> list[TrainingRun]:
+        """Up to `limit` rows of `query` that can be read and published, in its order.
+
+        A value edited by hand or damaged (a date that is no date, a loss that is no number) fails the
+        whole statement, and every start reads the newest rows: then the rows are read one by one and
+        those that fail are left out, each named in the log.
+        """
         with Session(self._engine, expire_on_commit=False) as session:
-            query = select(TrainingRun).where(
-                TrainingRun.status == RunStatus.COMPLETED.value,
-                TrainingRun.decision == Decision.AWAITING_APPROVAL.value,
-            )
-            if stack:
-                query = query.where(TrainingRun.finished_at > stack[0].served_at)  # type: ignore[operator]
-            return list(session.exec(query.order_by(TrainingRun.id.desc())).all())  # type: ignore[union-attr]
+            try:
+                rows = list(session.exec(query.limit(limit)).all())
+                for row in rows:
+                    run_record(row)
+                return rows
+            except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+                pass
+        rows = []
+        with Session(self._engine, expire_on_commit=False) as session:
+            ids = session.exec(query.with_only_columns(TrainingRun.id).limit(limit + UNREADABLE_ROWS_SKIPPED)).all()
+        for row_id in ids:
+            with Session(self._engine, expire_on_commit=False) as session:
+                try:
+                    row = session.get(TrainingRun, row_id)
+                    if row is not None:
+                        run_record(row)
+                        rows.append(row)
+                except (ValueError, TypeError) as exc:
+                    _LOGGER.warning(
+                        "Leaving out row %s of the history, which cannot be read: %s: %s",
+                        row_id,
+                        type(exc).__name__,
+                        first_line(exc),
+                    )
+            if len(rows) == limit:
+                break
+        return rows
 
 
 class HistoryUnavailable(Exception):
@@ -420,14 +488,14 @@ class HistoryStore(_ServedAdapters):
             "dataset_size": dataset_size,
             "final_loss": final_loss,
             "eval_loss": eval_loss,
-            "iteration_history_json": loss_history,
+            "iteration_history_json": json_safe(loss_history),
             "metadata_path": metadata_path,
-            "data_report_json": data_report,
+            "data_report_json": json_safe(data_report),
             "error_message": _storable(error[-ERROR_TAIL_CHARS:]) if error else None,
             "promoted": serve,
             "decision": decision.value if decision else None,
             "decision_reason": _storable(decision_reason) if decision_reason else None,
-            "evaluation_json": evaluation,
+            "evaluation_json": json_safe(evaluation),  # PostgreSQL's JSON refuses NaN and Infinity
             "peak_rss_mb": peak_rss_mb,
         }
         if output_dir is not None:
@@ -477,7 +545,7 @@ class HistoryStore(_ServedAdapters):
 
     def recent(self, limit: int = 25) -> list[TrainingRun]:
         """The newest runs first (rows that cannot be read left out)."""
-        query = select(TrainingRun).order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
+        query = select(TrainingRun).order_by(TrainingRun.id.desc())  # type: ignore[union-attr]  # not by a clock that can go back
         return self._readable(query, limit)
 
     def latest_finished(self) -> TrainingRun | None:
@@ -489,58 +557,19 @@ class HistoryStore(_ServedAdapters):
         )
         return next(iter(self._readable(query, 1)), None)
 
-    def _readable(self, query: Any, limit: int) -> list[TrainingRun]:
-        """Up to `limit` rows of `query` that can be read and published, in its order.
-
-        A value edited by hand or damaged (a date that is no date, a loss that is no number) fails the
-        whole statement, and every start reads the newest rows: then the rows are read one by one and
-        those that fail are left out, each named in the log.
-        """
-        with Session(self._engine, expire_on_commit=False) as session:
-            try:
-                rows = list(session.exec(query.limit(limit)).all())
-                for row in rows:
-                    run_record(row)
-                return rows
-            except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
-                pass
-        rows = []
-        with Session(self._engine, expire_on_commit=False) as session:
-            ids = session.exec(query.with_only_columns(TrainingRun.id).limit(limit + UNREADABLE_ROWS_SKIPPED)).all()
-        for row_id in ids:
-            with Session(self._engine, expire_on_commit=False) as session:
-                try:
-                    row = session.get(TrainingRun, row_id)
-                    if row is not None:
-                        run_record(row)
-                        rows.append(row)
-                except (ValueError, TypeError) as exc:
-                    _LOGGER.warning(
-                        "Leaving out row %s of the history, which cannot be read: %s: %s",
-                        row_id,
-                        type(exc).__name__,
-                        first_line(exc),
-                    )
-            if len(rows) == limit:
-                break
-        return rows
-
     def latest_completed(self) -> TrainingRun | None:
-        """The newest completed run."""
-        with Session(self._engine, expire_on_commit=False) as session:
-            query = (
-                select(TrainingRun)
-                .where(TrainingRun.status == RunStatus.COMPLETED.value)
-                .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
-            )
-            return session.exec(query.limit(1)).first()
+        """The newest completed run (rows that cannot be read left out)."""
+        query = (
+            select(TrainingRun).where(TrainingRun.status == RunStatus.COMPLETED.value).order_by(TrainingRun.id.desc())  # type: ignore[union-attr]  # the order they began in, whatever the clock said
+        )
+        return next(iter(self._readable(query, 1)), None)
 
     def prune(self, keep: int, protect: Iterable[str] = ()) -> int:
         """Delete finished rows beyond the newest `keep`, never those of `protect` (runs that may be served)."""
         with self._lock, Session(self._engine) as session:
             newest = (
                 select(TrainingRun.id)
-                .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())  # type: ignore[attr-defined,union-attr]
+                .order_by(TrainingRun.id.desc())  # type: ignore[union-attr]  # a clock set back must not prune the newest
                 .limit(keep)
             )
             doomed = delete(TrainingRun).where(

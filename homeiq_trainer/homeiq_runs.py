@@ -52,6 +52,8 @@ training_runs = Table(
     implicit_returning=False,  # RETURNING id would need SELECT; the role has INSERT only
 )
 TABLE_NAME = f"{HOMEIQ_SCHEMA}.training_runs"
+# The statuses HomeIQ's admin page knows; ours beyond them (`cancelled`) are recorded as `failed`, with the reason.
+HOMEIQ_STATUSES = frozenset({"queued", "running", "completed", "failed"})
 
 
 def _naive_utc(value: datetime | None) -> datetime | None:
@@ -79,6 +81,9 @@ class HomeIQRuns:
         }
         values["started_at"] = _naive_utc(values["started_at"])
         values["finished_at"] = _naive_utc(values["finished_at"])
+        if values["status"] not in HOMEIQ_STATUSES:
+            values["error_message"] = values["error_message"] or f"{values['status']} on request"
+            values["status"] = "failed"
         outcome: list[bool] = []
         writer = threading.Thread(
             target=lambda: outcome.append(self._insert(values)), name="homeiq-runs-record", daemon=True

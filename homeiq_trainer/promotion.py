@@ -279,6 +279,14 @@ def _reconciled(store: HistoryStore, output_dir: Path) -> str | None:
 def _make_agree(store: HistoryStore, output_dir: Path) -> str | None:
     on_disk = artifacts.latest_run(output_dir)
     stack = store.served_stack()
+    if stack and not output_dir.is_dir():
+        # Not mounted yet (the add-on's /share), or `storage.output_dir` mistyped: withdrawing every adapter
+        # would lose the served list, and each roll-back, for good. Serve nothing now; the history stays.
+        _LOGGER.error(
+            "The output directory %s is not there; serving no adapter, and the history's served list is kept",
+            output_dir,
+        )
+        return None
     while stack and not artifacts.is_complete(output_dir / stack[0].run_identifier):
         _LOGGER.warning("Served run %s has no complete directory; withdrawing it", stack[0].run_identifier)
         store.withdraw(stack[0].id, triggered_by="recovery")  # type: ignore[arg-type]

@@ -7,11 +7,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
+from homeiq_trainer import history
 from homeiq_trainer.history import HistoryStore, HistoryUnavailable, run_record
 from homeiq_trainer.jobs import prune_history
 from homeiq_trainer.messages import RunStatus
@@ -60,6 +62,45 @@ def test_a_row_damaged_by_hand_is_left_out_not_fatal(tmp_path: Path, damage: str
     latest = store.latest_finished()
     assert latest is not None and latest.run_identifier in names
     store.close()
+
+
+def test_a_clock_set_back_neither_prunes_nor_hides_the_newest_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Raspberry Pi starts with an old clock until NTP answers: its runs began 'before' older ones."""
+    store = HistoryStore(tmp_path / "history.db")
+    for i in range(4):
+        run = store.create(f"run_20260101_00000{i}", "m", str(tmp_path), "test", {})
+        store.finish(run.id, RunStatus.COMPLETED)  # type: ignore[arg-type]
+    monkeypatch.setattr(history, "utcnow", lambda: datetime(2020, 1, 1, tzinfo=UTC))
+    newest = store.create("run_20260101_000004", "m", str(tmp_path), "test", {})
+    store.finish(newest.id, RunStatus.COMPLETED)  # type: ignore[arg-type]
+    assert store.recent(1)[0].run_identifier == newest.run_identifier
+    assert store.latest_completed().run_identifier == newest.run_identifier  # type: ignore[union-attr]
+    assert store.prune(2) == 3 and store.by_identifier(newest.run_identifier) is not None
+    store.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_an_infinite_loss_in_an_evaluation_is_stored(engine: str, tmp_path: Path) -> None:
+    """PostgreSQL's JSON refuses Infinity: the run's end was not recorded (a CLI run whose served adapter's loss is)."""
+    with contextlib.ExitStack() as stack:
+        target = str(tmp_path / "history.db")
+        if engine == "postgresql":
+            target = postgres.sqlalchemy_url(stack.enter_context(postgres.throwaway_database())).render_as_string(
+                hide_password=False
+            )
+        store = HistoryStore(target)
+        run = store.create("run_20260101_000000", "m", str(tmp_path), "test", {})
+        evaluation = {"served": {"eval_loss": float("inf")}, "candidate": {"eval_loss": 1.5}}
+        row = store.finish(run.id, RunStatus.COMPLETED, evaluation=evaluation, loss_history=[{"loss": float("nan")}])  # type: ignore[arg-type]
+        assert row is not None and row.status == RunStatus.COMPLETED.value
+        stored = store.get(run.id)  # type: ignore[arg-type]
+        assert stored is not None and stored.evaluation_json == {
+            "served": {"eval_loss": None},
+            "candidate": {"eval_loss": 1.5},
+        }
+        store.close()
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])

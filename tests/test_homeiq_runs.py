@@ -186,3 +186,24 @@ def test_a_run_a_stopped_process_left_is_recorded_when_it_is_marked_failed(homei
     with postgres.connect(homeiq_db) as conn:
         said = conn.execute("SELECT error_message FROM automation.training_runs").fetchall()
     assert said == [(INTERRUPTED_MESSAGE,)]
+
+
+def test_a_cancelled_run_is_failed_in_homeiqs_table_with_the_reason(homeiq_db: str, tmp_path: Path) -> None:
+    """HomeIQ's admin page knows queued, running, completed and failed; `cancelled` is none of them."""
+    from homeiq_trainer.database import database_url
+    from homeiq_trainer.history import HistoryStore
+    from homeiq_trainer.homeiq_runs import HomeIQRuns
+
+    store = HistoryStore(tmp_path / "history.db", HomeIQRuns(database_url(role_url(homeiq_db))))
+    try:
+        row = store.create("run_20990303_000000", "m", "/out/run_20990303_000000", "home_assistant", {})
+        store.finish(row.id, RunStatus.CANCELLED)  # type: ignore[arg-type]
+    finally:
+        store.close()
+    assert [r["status"] for r in homeiq_runs(homeiq_db)] == ["failed"]
+    with postgres.connect(homeiq_db) as conn:
+        said = conn.execute("SELECT error_message FROM automation.training_runs").fetchall()
+    assert said == [("cancelled on request",)]
+    ours = HistoryStore(tmp_path / "history.db")
+    assert ours.get(row.id).status == RunStatus.CANCELLED.value  # type: ignore[arg-type,union-attr]
+    ours.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -127,6 +129,37 @@ def test_restart_finishes_a_switch_a_crash_interrupted(serving: tuple[Settings, 
     shutil.rmtree(out / "run_20250101_000000")
     assert reconcile(store, out) is None and store.served_stack() == []
     assert not (out / "latest").is_symlink() and artifacts.read_current(out).run_id is None
+
+
+def test_damaged_times_in_the_history_do_not_stop_a_start(serving: tuple[Settings, Path, HistoryStore]) -> None:
+    """Every start closes the open runs and reconciles the served list; one time edited by hand failed each."""
+    settings, out, store = serving
+    _fake_run(store, settings, "run_20250101_000000", Decision.PROMOTED, serve=True)
+    reconcile(store, out)
+    _fake_run(store, settings, "run_20250102_000000", Decision.AWAITING_APPROVAL)
+    open_run = store.create("run_20250103_000000", "tiny", str(out), "test", {})
+    with contextlib.closing(sqlite3.connect(settings.storage.history_db)) as conn:
+        conn.execute("UPDATE served_adapters SET served_at = 'garbage'")
+        conn.execute("UPDATE training_runs SET started_at = '2025-13-45 99:00:00'")
+        conn.commit()
+    assert [run.id for run in store.mark_interrupted()] == [open_run.id]
+    assert store.get(open_run.id).status == RunStatus.FAILED.value  # type: ignore[arg-type,union-attr]
+    assert reconcile(store, out) == "run_20250101_000000" == artifacts.latest_run(out)
+    assert store.latest_completed() is not None
+    store.awaiting()  # read without an error; whether a row without times counts is the row's loss
+
+
+def test_an_output_dir_not_there_keeps_the_served_list(serving: tuple[Settings, Path, HistoryStore]) -> None:
+    """The add-on's /share not mounted yet withdrew every served adapter, and each roll-back, for good."""
+    settings, out, store = serving
+    _fake_run(store, settings, "run_20250101_000000", Decision.PROMOTED, serve=True)
+    _fake_run(store, settings, "run_20250102_000000", Decision.PROMOTED, serve=True)
+    assert reconcile(store, out) == "run_20250102_000000"
+    served = [row.run_identifier for row in store.served_stack()]
+    assert served[:2] == ["run_20250102_000000", "run_20250101_000000"]
+    assert reconcile(store, out.parent / "not-mounted") is None
+    assert [row.run_identifier for row in store.served_stack()] == served
+    assert reconcile(store, out) == "run_20250102_000000"
 
 
 def test_every_file_is_fsynced_before_the_rename(make_settings: SettingsFactory, monkeypatch) -> None:
