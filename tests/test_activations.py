@@ -102,8 +102,10 @@ def test_rounded_up_rows_multiply_few_shapes_and_give_the_same_numbers() -> None
             return func(*args, **(kwargs or {}))
 
     model = _model()
+    model[2].weight.requires_grad_(False)  # both frozen: a trainable layer (LoRA's) is left alone
     rounding = RowRounding([model, model[0]], 16)
     assert len(rounding) == 2  # a layer reachable twice is hooked once
+    assert len(RowRounding([_model()], 16)) == 1
 
     def run(x: torch.Tensor, rounded: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         model.zero_grad()
@@ -131,7 +133,7 @@ def test_rounded_up_rows_multiply_few_shapes_and_give_the_same_numbers() -> None
             assert plain_rows != rows  # without it, the odd row count itself
         # Zero rows change no other row and add nothing to a weight gradient: the same numbers.
         torch.testing.assert_close(out, plain_out, rtol=1e-2, atol=1e-2)
-        assert len(grads) == len(plain_grads) == 3
+        assert len(grads) == len(plain_grads) == 2  # the biases
         for a, b in zip(grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
     # A call that fails between the two hooks leaves nothing behind for the next call of that layer.
@@ -143,3 +145,20 @@ def test_rounded_up_rows_multiply_few_shapes_and_give_the_same_numbers() -> None
     with pytest.raises(RuntimeError), rounding.applied():
         model(torch.randn(4, 3))
     assert run(torch.randn(3, 7, 256), False)[2] == plain_rows_of_21
+
+
+def test_adapter_layers_compute_in_fp32_under_autocast_and_as_before_outside_it() -> None:
+    from homeiq_trainer.training.frozen_bf16 import fp32_adapter_layers
+
+    model = _model()  # its first layer frozen, its last trainable (as LoRA's are)
+    x = torch.randn(64, 256)
+    reference = model(x)
+    assert fp32_adapter_layers([model, model[2]]) == 1  # the trainable one, once
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model[1](model[0](x))
+        out = model[2](hidden)
+    assert hidden.dtype == torch.bfloat16 and out.dtype == torch.float32  # autocast would give bf16
+    assert torch.equal(out, torch.nn.functional.linear(hidden.float(), model[2].weight, model[2].bias))
+    out.square().mean().backward()
+    assert model[2].weight.grad is not None and model[2].weight.grad.dtype == torch.float32
+    assert torch.equal(model(x), reference)  # outside autocast nothing changed

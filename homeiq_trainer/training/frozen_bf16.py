@@ -11,6 +11,7 @@ weight for backward already.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -54,3 +55,24 @@ class FrozenBf16Weights:
         finally:
             for layer, full, _ in self._swaps:
                 layer.weight = full
+
+
+def fp32_adapter_layers(modules: Iterable[torch.nn.Module]) -> int:
+    """Make the trainable plain `nn.Linear` layers of `modules` (LoRA's A and B) compute in fp32 under autocast.
+
+    Under CPU autocast each of LoRA's small multiplies (rank × width) cast its input and weight to bf16
+    and ran as a oneDNN bf16 kernel: 40-50 µs a call, where MKL's fp32 takes 11-25 µs on the same
+    shapes, and 14,500 calls an epoch (measured on the AMX Xeon). The adapter's output is cast to the
+    base layer's dtype by peft, as before. Returns how many layers were changed.
+    """
+    layers = [layer for layer in plain_linear_layers(modules) if layer.weight.requires_grad]
+    for layer in layers:
+        layer.forward = functools.partial(_fp32_forward, layer)  # type: ignore[method-assign]
+    return len(layers)
+
+
+def _fp32_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_autocast_enabled(x.device.type):
+        return torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)

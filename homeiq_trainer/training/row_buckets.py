@@ -4,7 +4,7 @@ oneDNN, which runs torch's bf16 matrix multiplies on a CPU, builds a kernel for 
 keeps it (about 0.5 MiB each, up to its cache's 1,024). A linear layer multiplies batch × length
 rows, and token-budget batches bring hundreds of row counts to every layer, forward and backward:
 a 2,000-example bf16 run on a Zen 5 EPYC peaked at 995-1,012 MiB of anonymous memory against fp32's
-538. While `RowRounding.applied`, each plain `nn.Linear` flattens its input to rows, adds zero rows up
+538. While `RowRounding.applied`, each frozen plain `nn.Linear` flattens its input to rows, adds zero rows up
 to the multiple, multiplies, and drops them again: the same numbers up to bf16 rounding (a zero
 row changes no other row, nor any weight gradient; another row count may get another kernel), from
 far fewer kernels. Rounded to 32 rows that run peaked at 805-818 MiB of anonymous memory in the
@@ -27,7 +27,7 @@ from homeiq_trainer.training.frozen_bf16 import plain_linear_layers
 
 
 class RowRounding:
-    """Hooks on the plain `nn.Linear` layers of `modules` that round their rows up while `applied`.
+    """Hooks on the frozen plain `nn.Linear` layers of `modules` that round their rows up while `applied`.
 
     Registered once (for 241 layers that took 1.3 ms, too much to repeat every step); outside
     `applied` they pass everything through untouched.
@@ -38,7 +38,8 @@ class RowRounding:
         self._active = False
         # Leading shape of each layer's input between its two hooks (a linear layer never calls itself).
         self._leading: dict[int, torch.Size] = {}
-        self._layers = plain_linear_layers(modules)
+        # Frozen layers only: the trainable ones (LoRA's) compute in fp32 (`fp32_adapter_layers`).
+        self._layers = [layer for layer in plain_linear_layers(modules) if not layer.weight.requires_grad]
         for layer in self._layers:
             layer.register_forward_pre_hook(self._pad)
             layer.register_forward_hook(self._unpad)

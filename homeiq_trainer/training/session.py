@@ -45,7 +45,7 @@ from homeiq_trainer.training.engine import (
     feature_lengths,
     return_freed_memory,
 )
-from homeiq_trainer.training.frozen_bf16 import FrozenBf16Weights
+from homeiq_trainer.training.frozen_bf16 import FrozenBf16Weights, fp32_adapter_layers
 from homeiq_trainer.training.row_buckets import RowRounding
 
 # About this many points of loss history per run, whatever its length.
@@ -197,6 +197,7 @@ class TrainingSession:
             head = self.token_loss.head
             trainer.frozen_bf16 = FrozenBf16Weights([self.model] if head is None else [self.model, head])
             trainer.row_rounding = RowRounding([self.model], CPU_BF16_ROW_MULTIPLE)
+            fp32_adapter_layers([self.model])
         # fp32 on a CPU: keep what backward needs in bf16 (under autocast most of it is bf16 already).
         trainer.bf16_activations = self.device == "cpu" and self.precision == "fp32"
         # With its tqdm bar off the Trainer prints raw metric dicts to stdout; our observer reports instead.
