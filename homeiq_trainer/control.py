@@ -189,6 +189,15 @@ class SettingsPanel:
         ignored.update(refused)
         for path, why in ignored.items():
             _LOGGER.warning("Ignoring the value set from Home Assistant for %s: %s", path, why)
+        for path in sorted(stored.keys() - ignored.keys()):
+            wins, configured_value = value_at(self.effective, path), value_at(configured, path)
+            if wins != configured_value:  # so an edited option that seems to do nothing is explained
+                _LOGGER.info(
+                    "%s is %s, set from Home Assistant; the configuration's %s applies again once it is set there",
+                    path,
+                    _jsonable(wins),
+                    _jsonable(configured_value),
+                )
 
     def options(self, control: Control) -> list[str]:
         """The choices of a select control, from the configured (not the changed) settings."""

@@ -78,7 +78,7 @@ def run_once(app: TrainerApp, watcher: Watcher, payload: str = "start") -> dict[
 
 
 def test_each_entity_sets_the_next_run_and_survives_a_restart(
-    make_settings: SettingsFactory, broker: Broker, watcher: Watcher
+    make_settings: SettingsFactory, broker: Broker, watcher: Watcher, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = app_settings(make_settings, broker)
     launcher = FakeLauncher(COMPLETES)
@@ -141,8 +141,13 @@ def test_each_entity_sets_the_next_run_and_survives_a_restart(
     broker.restart()
     fresh = Watcher(broker.port)
     launcher = FakeLauncher(COMPLETES)
-    app = start_app(settings, launcher)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="homeiq_trainer.control"):
+        app = start_app(settings, launcher)
     try:
+        # An option edited in the configuration that seems to do nothing is explained at start.
+        assert "training.epochs is 5, set from Home Assistant; the configuration's 1 applies again" in caplog.text
+        assert "daemon.min_new_samples is" not in caplog.text  # set back to the configuration's own 0
         state = fresh.wait_for(SETTINGS, timeout=10)
         assert {key: state[key] for key in changes} == kept
         assert logging.getLogger().level == logging.WARNING
