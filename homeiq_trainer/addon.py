@@ -211,7 +211,7 @@ def addon_settings_source(env: Mapping[str, str] | None = None) -> dict[str, Any
         broker = supervisor_mqtt_service(token, env.get(SUPERVISOR_URL_ENV) or None)
         mqtt = source.setdefault("mqtt", {})
         # A login is a pair: a user name from the options never goes out with the Supervisor's password.
-        own_login = "username" in mqtt or "password" in mqtt
+        own_login = any(key in mqtt or env.get(f"HOMEIQ_MQTT__{key.upper()}") for key in ("username", "password"))
         for key in _BROKER_KEYS:
             if key in ("username", "password") and own_login:
                 continue

@@ -93,11 +93,19 @@ class Timestamp(TypeDecorator[datetime]):
     """A timestamp column. On SQLite a value edited by hand or damaged reads as None: every start reads the
     open runs and the served adapters, and one such value failed each of those reads, so the daemon."""
 
-    impl = DateTime
+    impl = DateTime(timezone=True)  # as SQLModel's `datetime` mapping made it: TIMESTAMPTZ on PostgreSQL
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> Any:
-        return dialect.type_descriptor(_LenientSqliteDateTime() if dialect.name == "sqlite" else DateTime())
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(_LenientSqliteDateTime(timezone=True))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else _aware(value).astimezone(UTC)  # type: ignore[union-attr]
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else _aware(value).astimezone(UTC)  # type: ignore[union-attr]
 
 
 class TrainingRun(SQLModel, table=True):
@@ -267,8 +275,9 @@ class _ServedAdapters:
             )
             rows = list(session.exec(query).all())
         for row in rows:
-            # A time that could not be read (see `Timestamp`) shows as the epoch; which adapter is served holds.
-            row.served_at = _aware(row.served_at) or datetime.fromtimestamp(0, UTC)
+            # A time that could not be read (see `Timestamp`) counts as now, so no candidate passed over before
+            # is offered again; which adapter is served holds.
+            row.served_at = _aware(row.served_at) or utcnow()
         return rows
 
     def serve(self, run_identifier: str, action: str, triggered_by: str) -> ServedAdapter:
@@ -553,7 +562,7 @@ class HistoryStore(_ServedAdapters):
         query = (
             select(TrainingRun)
             .where(TrainingRun.finished_at.is_not(None))  # type: ignore[union-attr]
-            .order_by(TrainingRun.finished_at.desc(), TrainingRun.id.desc())  # type: ignore[union-attr]
+            .order_by(TrainingRun.id.desc())  # type: ignore[union-attr]  # one run at a time: ends in this order too
         )
         return next(iter(self._readable(query, 1)), None)
 

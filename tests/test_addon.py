@@ -521,6 +521,17 @@ def test_a_login_is_never_half_the_supervisors(tmp_path: Path, supervisor: FakeS
     assert settings.mqtt.password is None or settings.mqtt.password.get_secret_value() != BROKER_PASSWORD
 
 
+@pytest.mark.parametrize("variable", ["HOMEIQ_MQTT__USERNAME", "HOMEIQ_MQTT__PASSWORD"])
+def test_a_login_from_the_environment_is_never_paired_with_the_supervisors(
+    tmp_path: Path, supervisor: FakeSupervisor, variable: str
+) -> None:
+    """The environment outranks the options: half a login there went out with the Supervisor's other half."""
+    _write_options(tmp_path, {})
+    source = addon_settings_source(_env(tmp_path, supervisor, **{variable: "from-env"}))
+    assert source["mqtt"]["host"] == "core-mosquitto"
+    assert "username" not in source["mqtt"] and "password" not in source["mqtt"]
+
+
 def test_no_broker_registered_is_named() -> None:
     # What the Supervisor answers when no add-on provides MQTT: `mqtt:need` does not stop the start.
     body = b'{"result": "error", "message": "Service not enabled"}'

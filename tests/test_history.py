@@ -38,15 +38,15 @@ def test_prune_keeps_the_newest_rows_and_the_served_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "damage",
+    ("damage", "published"),
     [
-        "started_at = '2025-13-45 99:00:00'",
-        "finished_at = 'garbage'",
-        "final_loss = 'n/a'",
-        "evaluation_json = '" + "[" * 50_000 + "]" * 50_000 + "'",
+        ("started_at = '2025-13-45 99:00:00'", 3),  # a time that is no time reads as none
+        ("finished_at = 'garbage'", 3),
+        ("final_loss = 'n/a'", 2),  # a loss that is no number: the row is left out
+        ("evaluation_json = '" + "[" * 50_000 + "]" * 50_000 + "'", 3),  # JSON that cannot be read: none
     ],
 )
-def test_a_row_damaged_by_hand_is_left_out_not_fatal(tmp_path: Path, damage: str) -> None:
+def test_a_row_damaged_by_hand_is_left_out_not_fatal(tmp_path: Path, damage: str, published: int) -> None:
     """Every daemon start reads the newest rows; one such value failed the whole read, and the start."""
     store = HistoryStore(tmp_path / "history.db")
     names = []
@@ -58,9 +58,12 @@ def test_a_row_damaged_by_hand_is_left_out_not_fatal(tmp_path: Path, damage: str
         conn.execute(f"UPDATE training_runs SET {damage} WHERE run_identifier = ?", (names[2],))
         conn.commit()
     readable = [run_record(run).run_id for run in store.recent(10)]  # what the daemon publishes
-    assert set(readable) >= {names[0], names[1]} and len(readable) in (2, 3)  # a bad JSON value reads as none
+    assert set(readable) >= {names[0], names[1]} and len(readable) == published
     latest = store.latest_finished()
-    assert latest is not None and latest.run_identifier in names
+    assert latest is not None and latest.run_identifier == (names[2] if published == 3 else names[1])
+    newer = store.create("run_20250101_000009", "m", str(tmp_path), "test", {})
+    store.finish(newer.id, RunStatus.FAILED, error="x")  # type: ignore[arg-type]
+    assert store.latest_finished().run_identifier == newer.run_identifier  # type: ignore[union-attr]
     store.close()
 
 
@@ -79,6 +82,26 @@ def test_a_clock_set_back_neither_prunes_nor_hides_the_newest_run(
     assert store.latest_completed().run_identifier == newest.run_identifier  # type: ignore[union-attr]
     assert store.prune(2) == 3 and store.by_identifier(newest.run_identifier) is not None
     store.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_times_are_stored_with_their_zone_and_read_back_in_utc(engine: str, tmp_path: Path) -> None:
+    """`timestamptz` on PostgreSQL, as SQLModel made the columns; every time read back carries UTC."""
+    with contextlib.ExitStack() as stack:
+        target = str(tmp_path / "history.db")
+        if engine == "postgresql":
+            url = postgres.sqlalchemy_url(stack.enter_context(postgres.throwaway_database()))
+            target = url.render_as_string(hide_password=False)
+        store = HistoryStore(target)
+        run = store.create("run_20260101_000000", "m", str(tmp_path), "test", {})
+        store.finish(run.id, RunStatus.COMPLETED)  # type: ignore[arg-type]
+        row = store.get(run.id)  # type: ignore[arg-type]
+        assert row is not None and row.started_at.utcoffset() is not None and row.finished_at is not None
+        assert row.started_at.tzinfo == UTC and row.finished_at.tzinfo == UTC
+        if engine == "postgresql":
+            columns = {c["name"]: c["type"] for c in inspect(create_engine(target)).get_columns("training_runs")}
+            assert columns["started_at"].timezone and columns["finished_at"].timezone  # type: ignore[attr-defined]
+        store.close()
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
