@@ -88,10 +88,7 @@ def test_a_clock_set_back_neither_prunes_nor_hides_the_newest_run(
 def test_times_are_stored_with_their_zone_and_read_back_in_utc(engine: str, tmp_path: Path) -> None:
     """`timestamptz` on PostgreSQL, as SQLModel made the columns; every time read back carries UTC."""
     with contextlib.ExitStack() as stack:
-        target = str(tmp_path / "history.db")
-        if engine == "postgresql":
-            url = postgres.sqlalchemy_url(stack.enter_context(postgres.throwaway_database()))
-            target = url.render_as_string(hide_password=False)
+        target, _ = _new_history_target(engine, tmp_path / "history.db", stack)
         store = HistoryStore(target)
         run = store.create("run_20260101_000000", "m", str(tmp_path), "test", {})
         store.finish(run.id, RunStatus.COMPLETED)  # type: ignore[arg-type]
@@ -108,11 +105,7 @@ def test_times_are_stored_with_their_zone_and_read_back_in_utc(engine: str, tmp_
 def test_an_infinite_loss_in_an_evaluation_is_stored(engine: str, tmp_path: Path) -> None:
     """PostgreSQL's JSON refuses Infinity: the run's end was not recorded (a CLI run whose served adapter's loss is)."""
     with contextlib.ExitStack() as stack:
-        target = str(tmp_path / "history.db")
-        if engine == "postgresql":
-            target = postgres.sqlalchemy_url(stack.enter_context(postgres.throwaway_database())).render_as_string(
-                hide_password=False
-            )
+        target, _ = _new_history_target(engine, tmp_path / "history.db", stack)
         store = HistoryStore(target)
         run = store.create("run_20260101_000000", "m", str(tmp_path), "test", {})
         evaluation = {"served": {"eval_loss": float("inf")}, "candidate": {"eval_loss": 1.5}}
