@@ -85,37 +85,26 @@ def test_a_clock_set_back_neither_prunes_nor_hides_the_newest_run(
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_times_are_stored_with_their_zone_and_read_back_in_utc(engine: str, tmp_path: Path) -> None:
-    """`timestamptz` on PostgreSQL, as SQLModel made the columns; every time read back carries UTC."""
-    with contextlib.ExitStack() as stack:
-        target, _ = _new_history_target(engine, tmp_path / "history.db", stack)
-        store = HistoryStore(target)
-        run = store.create("run_20260101_000000", "m", str(tmp_path), "test", {})
-        store.finish(run.id, RunStatus.COMPLETED)  # type: ignore[arg-type]
-        row = store.get(run.id)  # type: ignore[arg-type]
-        assert row is not None and row.started_at.utcoffset() is not None and row.finished_at is not None
-        assert row.started_at.tzinfo == UTC and row.finished_at.tzinfo == UTC
-        if engine == "postgresql":
-            columns = {c["name"]: c["type"] for c in inspect(create_engine(target)).get_columns("training_runs")}
-            assert columns["started_at"].timezone and columns["finished_at"].timezone  # type: ignore[attr-defined]
-        store.close()
-
-
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_an_infinite_loss_in_an_evaluation_is_stored(engine: str, tmp_path: Path) -> None:
-    """PostgreSQL's JSON refuses Infinity: the run's end was not recorded (a CLI run whose served adapter's loss is)."""
+def test_a_runs_times_keep_their_zone_and_non_finite_numbers_are_stored_as_null(engine: str, tmp_path: Path) -> None:
+    """`timestamptz` on PostgreSQL, as SQLModel made the columns, and UTC on every read; PostgreSQL's JSON
+    refuses Infinity, so the end of a CLI run whose served adapter's loss was infinite was not recorded."""
     with contextlib.ExitStack() as stack:
         target, _ = _new_history_target(engine, tmp_path / "history.db", stack)
         store = HistoryStore(target)
         run = store.create("run_20260101_000000", "m", str(tmp_path), "test", {})
         evaluation = {"served": {"eval_loss": float("inf")}, "candidate": {"eval_loss": 1.5}}
-        row = store.finish(run.id, RunStatus.COMPLETED, evaluation=evaluation, loss_history=[{"loss": float("nan")}])  # type: ignore[arg-type]
-        assert row is not None and row.status == RunStatus.COMPLETED.value
-        stored = store.get(run.id)  # type: ignore[arg-type]
-        assert stored is not None and stored.evaluation_json == {
+        ended = store.finish(run.id, RunStatus.COMPLETED, evaluation=evaluation, loss_history=[{"loss": float("nan")}])  # type: ignore[arg-type]
+        assert ended is not None and ended.status == RunStatus.COMPLETED.value
+        row = store.get(run.id)  # type: ignore[arg-type]
+        assert row is not None and row.evaluation_json == {
             "served": {"eval_loss": None},
             "candidate": {"eval_loss": 1.5},
         }
+        assert row.started_at.utcoffset() is not None and row.finished_at is not None
+        assert row.started_at.tzinfo == UTC and row.finished_at.tzinfo == UTC
+        if engine == "postgresql":
+            columns = {c["name"]: c["type"] for c in inspect(create_engine(target)).get_columns("training_runs")}
+            assert columns["started_at"].timezone and columns["finished_at"].timezone  # type: ignore[attr-defined]
         store.close()
 
 
