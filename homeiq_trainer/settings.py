@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 from sqlalchemy.engine import URL
@@ -35,6 +37,8 @@ from homeiq_trainer.parameters import parameter
 CONFIG_ENV = "HOMEIQ_CONFIG"
 REVEAL_SECRETS = "reveal_secrets"
 """`model_dump(context={REVEAL_SECRETS: True})` writes secrets that a training process needs in clear."""
+
+_LOGGER = logging.getLogger(__name__)
 
 
 def _reveal_if_asked(value: SecretStr, info: SerializationInfo) -> str:
@@ -57,6 +61,15 @@ def _default_client_id() -> str:
 class _Section(BaseModel):
     # NaN passes no range check ("NaN <= 1" is false), so say what it is: not a finite number.
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: Any, info: Any) -> Any:
+        # Path("") is Path("."): an empty path would silently mean the working directory.
+        field = cls.model_fields[info.field_name]
+        if isinstance(value, str) and not value.strip() and field.annotation in (Path, Path | None):
+            raise ValueError("must not be empty (leave the key out for the default)")
+        return value
 
 
 class DataSettings(_Section):
@@ -189,6 +202,9 @@ class TrainingSettings(_Section):
     """`local`: train in the training process on this machine; `ray`: on the Ray cluster in `[ray]`."""
 
 
+_RAY_BUILTIN = {"cpu": "CPU", "gpu": "GPU"}
+
+
 class RaySettings(_Section):
     """The Ray cluster that trains when `training.backend` is `ray` (needs `homeiq-trainer[ray]`)."""
 
@@ -221,7 +237,9 @@ class RaySettings(_Section):
     def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
         if any(not name.strip() or amount <= 0 for name, amount in value.items()):
             raise ValueError("needs resource names with amounts above 0")
-        return value
+        # Environment variable names arrive lower-cased (HOMEIQ_RAY__RESOURCES_PER_WORKER__CPU=4 gives
+        # "cpu"), and Ray's resource names are case-sensitive: "cpu" would be a custom resource no node has.
+        return {_RAY_BUILTIN.get(name.lower(), name): amount for name, amount in value.items()}
 
 
 class EvaluationSettings(_Section):
@@ -518,6 +536,11 @@ def load_settings(
     toml_file = Path(path) if path else None
     if toml_file is not None and not toml_file.is_file():
         raise ConfigError(f"configuration file not found: {toml_file}")
+    for name in os.environ:
+        section = name.upper().removeprefix("HOMEIQ_").split("__")[0].lower()
+        if name.upper().startswith("HOMEIQ_") and "__" in name and section not in Settings.model_fields:
+            # Warned, not refused: another program's HOMEIQ_ variable must not stop the daemon.
+            _LOGGER.warning("Ignoring the environment variable %s: %r is no configuration section", name, section)
     with _CONTEXT_LOCK:
         _CONTEXT.update(toml_file=toml_file, addon_options=addon_options)
         try:
@@ -525,6 +548,11 @@ def load_settings(
         except ValidationError as exc:
             message = describe_validation_error(exc, "invalid configuration")
             raise ConfigError(message if addon_options is None else _with_addon_option_names(message)) from None
+        except SettingsError as exc:  # an environment variable that is not the JSON its list or table needs
+            raise ConfigError(
+                f"invalid configuration: {exc}: a list or table set as HOMEIQ_<SECTION>__<KEY> must be JSON, "
+                'e.g. HOMEIQ_LORA__TARGET_MODULES=\'["q", "v"]\''
+            ) from None
         except ValueError as exc:  # TOML syntax errors arrive as tomllib.TOMLDecodeError
             raise ConfigError(f"cannot read {toml_file}: {exc}") from None
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 
@@ -135,3 +136,35 @@ def test_nothing_held_out_needs_a_policy_that_does_not_compare() -> None:
         load_settings(None, {"data": {"eval_fraction": 0}})
     for policy in ("manual", "always"):
         assert load_settings(None, {"data": {"eval_fraction": 0}, "promotion": {"policy": policy}})
+
+
+def test_an_env_list_that_is_not_json_names_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("")
+    monkeypatch.setenv("HOMEIQ_LORA__TARGET_MODULES", "q,k")
+    with pytest.raises(ConfigError, match="must be JSON") as caught:
+        load_settings(toml)
+    assert "cannot read" not in str(caught.value)
+
+
+def test_an_env_section_typo_is_named(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """It was ignored without a word, so the setting seemed to do nothing."""
+    monkeypatch.setenv("HOMEIQ_TRAINNIG__EPOCHS", "5")
+    monkeypatch.setenv("HOMEIQ_POSTGRES_HOST_PORT", "5432")  # HomeIQ's own: no section of ours, and no `__`
+    with caplog.at_level(logging.WARNING):
+        settings = load_settings()
+    assert settings.training.epochs != 5
+    assert "HOMEIQ_TRAINNIG__EPOCHS: 'trainnig' is no configuration section" in caplog.text
+    assert "HOMEIQ_POSTGRES_HOST_PORT" not in caplog.text
+
+
+def test_ray_resource_names_from_the_env_keep_rays_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOMEIQ_RAY__RESOURCES_PER_WORKER__CPU", "4")
+    assert load_settings().ray.resources_per_worker == {"CPU": 4.0}
+
+
+@pytest.mark.parametrize("key", ["HOMEIQ_STORAGE__OUTPUT_DIR", "HOMEIQ_STORAGE__HISTORY_DB", "HOMEIQ_DATA__SOURCE_DB"])
+def test_an_empty_path_is_refused(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    monkeypatch.setenv(key, "")
+    with pytest.raises(ConfigError, match="must not be empty"):
+        load_settings()
