@@ -224,11 +224,23 @@ class RaySettings(_Section):
     auth_token: Secret | None = None
     """The cluster's token (`ray get-auth-token` on the head); never logged or published."""
 
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        # `auth_token = ""` (the example TOML's line uncommented) would switch Ray's token mode on with no token.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("address")
     @classmethod
     def _ray_client_address(cls, value: str) -> str:
         host, _, port = value.removeprefix("ray://").rpartition(":")
-        if not value.startswith("ray://") or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if (
+            not value.startswith("ray://")
+            or not host
+            or not port.isascii()
+            or not port.isdigit()
+            or not 0 < int(port) < 65536
+        ):
             raise ValueError("must be a Ray Client address, ray://<host>:<port>")
         return value
 

@@ -168,3 +168,9 @@ def test_an_empty_path_is_refused(monkeypatch: pytest.MonkeyPatch, key: str) -> 
     monkeypatch.setenv(key, "")
     with pytest.raises(ConfigError, match="must not be empty"):
         load_settings()
+
+
+def test_an_empty_ray_token_is_no_token_and_a_port_is_ascii_digits() -> None:
+    assert load_settings(None, {"ray": {"auth_token": ""}}).ray.auth_token is None
+    with pytest.raises(ConfigError, match="Ray Client address"):
+        load_settings(None, {"ray": {"address": "ray://head:\u0661\u0660\u0660"}})
