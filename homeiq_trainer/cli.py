@@ -17,7 +17,7 @@ from homeiq_trainer import __version__
 from homeiq_trainer.history import HistoryUnavailable
 from homeiq_trainer.jobs import InstanceBusy
 from homeiq_trainer.messages import Phase, ProgressEvent, RunStatus, TrainParams
-from homeiq_trainer.parameters import PARAMETERS
+from homeiq_trainer.parameters import PARAMETERS, parameter
 from homeiq_trainer.settings import ConfigError, Settings, load_settings
 
 _LOGGER = logging.getLogger("homeiq_trainer")
@@ -59,6 +59,14 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _demo_epochs(text: str) -> int:
+    value = _positive_int(text)
+    highest = parameter("epochs").le
+    if highest is not None and value > highest:
+        raise argparse.ArgumentTypeError(f"must be at most {highest:g}, got {value}")
     return value
 
 
@@ -413,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="end-to-end demo with a local broker, demo data and a tiny model")
     demo.add_argument("--directory", default="demo", help="where the demo keeps its files (default: ./demo)")
-    demo.add_argument("--epochs", type=int, default=6)
+    demo.add_argument("--epochs", type=_demo_epochs, default=6, help="passes over the demo data (default: 6)")
     demo.add_argument("--train-only", action="store_true", help="no broker or daemon, only `train`")
     demo.set_defaults(func=cmd_demo)
 

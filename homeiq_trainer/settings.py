@@ -547,7 +547,8 @@ def load_settings(
     path = config_file or os.environ.get(CONFIG_ENV) or None
     toml_file = Path(path) if path else None
     if toml_file is not None and not toml_file.is_file():
-        raise ConfigError(f"configuration file not found: {toml_file}")
+        what = "is not a file" if toml_file.exists() else "not found"
+        raise ConfigError(f"configuration file {what}: {toml_file}")
     for name in os.environ:
         section = name.upper().removeprefix("HOMEIQ_").split("__")[0].lower()
         if name.upper().startswith("HOMEIQ_") and "__" in name and section not in Settings.model_fields:

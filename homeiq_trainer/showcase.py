@@ -139,8 +139,14 @@ def _press_start_and_follow(port: int, base: str, daemon_alive: Callable[[], boo
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        with changed:
-            if not changed.wait_for(lambda: latest.get(f"{base}/availability") == "online", DAEMON_ONLINE_TIMEOUT_S):
+        online_deadline = time.monotonic() + DAEMON_ONLINE_TIMEOUT_S
+        while True:
+            with changed:  # woken by a message, or each 0.5 s to notice a daemon that exited
+                if changed.wait_for(lambda: latest.get(f"{base}/availability") == "online", 0.5):
+                    break
+            if not daemon_alive():
+                raise SystemExit("error: the daemon exited before coming online (its log is above)")
+            if time.monotonic() > online_deadline:
                 raise SystemExit("error: the daemon did not come online")
         discovery: dict[str, Any] = next((v for k, v in latest.items() if k.startswith("homeassistant/device/")), {})
         entities = ", ".join(c["name"] for c in discovery.get("components", {}).values() if "name" in c)

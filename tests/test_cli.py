@@ -87,6 +87,9 @@ def test_failures_exit_non_zero_with_one_line(make_settings: SettingsFactory, tm
 
     bad = cli("train", "--epochs", "0", env=env_of(settings))
     assert bad.returncode == 2 and "epochs" in bad.stderr and "Traceback" not in bad.stderr
+    for epochs in ("0", "101"):  # before: the demo's daemon refused it, and the demo waited 30 s, exit 1
+        demo = cli("demo", "--epochs", epochs, "--directory", str(tmp_path / "demo"), env=env_of(settings))
+        assert demo.returncode == 2 and "--epochs" in demo.stderr and not (tmp_path / "demo").exists()
 
     config = tmp_path / "c.toml"
     config.write_text("[training]\nepoch = 1\n")
@@ -212,7 +215,7 @@ def test_the_demo_follows_the_run_its_start_made_not_the_last_ones_state(broker,
     """A stand-in daemon that answers the start before its state moves off the last run's `completed`."""
     import threading
 
-    from homeiq_trainer.showcase import _press_start_and_follow
+    from homeiq_trainer.showcase import DAEMON_ONLINE_TIMEOUT_S, _press_start_and_follow
 
     base = "demo/trainer"
     watcher.publish(f"{base}/availability", "online", retain=True)
@@ -235,3 +238,7 @@ def test_the_demo_follows_the_run_its_start_made_not_the_last_ones_state(broker,
     assert final[f"{base}/state"]["run_id"] == "run_new1"  # before: the demo ended on run_old's state
     with pytest.raises(SystemExit, match="the daemon exited during the run"):
         _press_start_and_follow(broker.port, base, lambda: False)  # before: waited out 15 minutes
+    started = time.monotonic()
+    with pytest.raises(SystemExit, match="the daemon exited before coming online"):
+        _press_start_and_follow(broker.port, "demo/never-online", lambda: False)  # before: waited 30 s
+    assert time.monotonic() - started < DAEMON_ONLINE_TIMEOUT_S

@@ -174,3 +174,10 @@ def test_an_empty_ray_token_is_no_token_and_a_port_is_ascii_digits() -> None:
     assert load_settings(None, {"ray": {"auth_token": ""}}).ray.auth_token is None
     with pytest.raises(ConfigError, match="Ray Client address"):
         load_settings(None, {"ray": {"address": "ray://head:\u0661\u0660\u0660"}})
+
+
+def test_a_configuration_that_is_a_folder_is_named_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="configuration file is not a file: "):
+        load_settings(tmp_path)
+    with pytest.raises(ConfigError, match="configuration file not found: "):
+        load_settings(tmp_path / "missing.toml")

@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -521,3 +522,12 @@ def test_progress_counts_from_training_not_from_loading(
     assert first.eta_s < 2.5 * (first.total_steps - first.step), first
     counts = [int(m.split()[1]) for m in messages if m.startswith("tokenized ")]
     assert counts == sorted(counts) and counts[-1] == 60, counts
+
+
+@pytest.mark.parametrize("path", ["/nonexistent-model", "./nonexistent-model", "~/nonexistent-model"])
+def test_a_base_model_folder_that_is_not_there_is_named(path: str) -> None:
+    """transformers took it for a hub id: 'Repo id must use alphanumeric chars'."""
+    from homeiq_trainer.training.engine import RunInputError, load_base_model
+
+    with pytest.raises(RunInputError, match=f"cannot load the base model {re.escape(path)}: no such directory"):
+        load_base_model(path, "cpu", False)

@@ -443,6 +443,9 @@ def load_base_model(base_model: str, device: str, bf16_weights: bool) -> tuple[A
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     dtype = torch.bfloat16 if bf16_weights else torch.float32
+    if base_model.startswith(("/", "./", "../", "~")) and not Path(base_model).expanduser().is_dir():
+        # Else transformers takes it for a hub id and answers "Repo id must use alphanumeric chars".
+        raise RunInputError(f"cannot load the base model {base_model}: no such directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
         model = AutoModelForSeq2SeqLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
