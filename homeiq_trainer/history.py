@@ -90,8 +90,9 @@ class _LenientSqliteDateTime(sqlite.DATETIME):
 
 
 class Timestamp(TypeDecorator[datetime]):
-    """A timestamp column. On SQLite a value edited by hand or damaged reads as None: every start reads the
-    open runs and the served adapters, and one such value failed each of those reads, so the daemon."""
+    """A timestamp column, stored with its zone and read back in UTC. On SQLite a value edited by hand or
+    damaged reads as None: every start reads the open runs and the served adapters, and one such value
+    failed each of those reads, and with them the daemon's start."""
 
     impl = DateTime(timezone=True)  # as SQLModel's `datetime` mapping made it: TIMESTAMPTZ on PostgreSQL
     cache_ok = True
@@ -99,7 +100,7 @@ class Timestamp(TypeDecorator[datetime]):
     def load_dialect_impl(self, dialect: Dialect) -> Any:
         if dialect.name == "sqlite":
             return dialect.type_descriptor(_LenientSqliteDateTime(timezone=True))
-        return dialect.type_descriptor(DateTime(timezone=True))
+        return super().load_dialect_impl(dialect)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else _aware(value).astimezone(UTC)  # type: ignore[union-attr]
