@@ -103,10 +103,15 @@ class Timestamp(TypeDecorator[datetime]):
         return super().load_dialect_impl(dialect)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else _aware(value).astimezone(UTC)  # type: ignore[union-attr]
+        return None if value is None else _utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else _aware(value).astimezone(UTC)  # type: ignore[union-attr]
+        return None if value is None else _utc(value)
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite keeps naive timestamps; ours are always UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class TrainingRun(SQLModel, table=True):
@@ -160,13 +165,6 @@ class ServedAdapter(SQLModel, table=True):
     withdrawn_by: str | None = None
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite keeps naive timestamps; ours are always UTC.
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
 def run_record(run: TrainingRun) -> RunRecord:
     """The row as published and printed (timestamps with a zone)."""
     return RunRecord(
@@ -174,8 +172,8 @@ def run_record(run: TrainingRun) -> RunRecord:
         run_id=run.run_identifier,
         status=known(RunStatus, run.status),
         triggered_by=run.triggered_by,
-        started_at=_aware(run.started_at),
-        finished_at=_aware(run.finished_at),
+        started_at=run.started_at,
+        finished_at=run.finished_at,
         dataset_size=run.dataset_size,
         base_model=run.base_model,
         output_dir=run.output_dir,
@@ -278,7 +276,7 @@ class _ServedAdapters:
         for row in rows:
             # A time that could not be read (see `Timestamp`) counts as now, so no candidate passed over before
             # is offered again; which adapter is served holds.
-            row.served_at = _aware(row.served_at) or utcnow()
+            row.served_at = row.served_at or utcnow()
         return rows
 
     def serve(self, run_identifier: str, action: str, triggered_by: str) -> ServedAdapter:
@@ -319,8 +317,8 @@ class _ServedAdapters:
     def _readable(self, query: Any, limit: int) -> list[TrainingRun]:
         """Up to `limit` rows of `query` that can be read and published, in its order.
 
-        A value edited by hand or damaged (a date that is no date, a loss that is no number) fails the
-        whole statement, and every start reads the newest rows: then the rows are read one by one and
+        A value edited by hand or damaged (a loss that is no number; a time reads as None, see `Timestamp`)
+        fails the whole statement, and every start reads the newest rows: then the rows are read one by one and
         those that fail are left out, each named in the log.
         """
         with Session(self._engine, expire_on_commit=False) as session:
