@@ -28,6 +28,7 @@ EXIT_USAGE = 2
 EXIT_CANCELLED = 130
 # Plain progress lines when stdout is not a terminal: at most one per this many seconds.
 LOG_PROGRESS_EVERY_S = 5.0
+WORKER_COMMAND = "_worker"  # the training process the daemon starts (runner.WORKER_COMMAND); not for users
 
 
 def _setup_logging(level: str) -> None:
@@ -368,7 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     parser = argparse.ArgumentParser(prog="homeiq-trainer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    # The metavar keeps the internal `_worker` command out of the usage line; it has no help line either.
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -424,18 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_demo_epochs, default=6, help="passes over the demo data (default: 6)")
     demo.add_argument("--train-only", action="store_true", help="no broker or daemon, only `train`")
     demo.set_defaults(func=cmd_demo)
+    return parser
 
-    worker = sub.add_parser("_worker")
+
+def _worker_parser() -> argparse.ArgumentParser:
+    """The internal `_worker` command's own parser: kept out of the public one, so that neither its
+    usage line nor an invalid-choice error lists it."""
+    worker = argparse.ArgumentParser(prog="homeiq-trainer _worker")
     worker.add_argument("--event-fd", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
-    return parser
+    return worker
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    internal = given[:1] == [WORKER_COMMAND]
+    args = _worker_parser().parse_args(given[1:]) if internal else build_parser().parse_args(given)
     try:
         return int(args.func(args))
     except ConfigError as exc:

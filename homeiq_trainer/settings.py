@@ -584,6 +584,11 @@ def _with_addon_option_names(message: str) -> str:
     return message
 
 
+def _environment_names() -> set[str]:
+    """The environment's variable names in upper case, as the settings read them (case-insensitively)."""
+    return {name.upper() for name in os.environ}
+
+
 def describe_validation_error(exc: ValidationError, what: str) -> str:
     """One line naming every offending key, without echoing input values (they may be secrets)."""
     parts = []
@@ -591,6 +596,8 @@ def describe_validation_error(exc: ValidationError, what: str) -> str:
         loc = [str(part) for part in error["loc"]]
         key = ".".join(loc) or "(root)"
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        env = f" (HOMEIQ_{'__'.join(loc).upper()})" if len(loc) == 2 and what == "invalid configuration" else ""
-        parts.append(f"{key}{env}: {message}")
+        env = f"HOMEIQ_{'__'.join(loc).upper()}"
+        # The variable is named where it set the value: the same key in a TOML file is named alone.
+        shown = f" ({env})" if len(loc) == 2 and what == "invalid configuration" and env in _environment_names() else ""
+        parts.append(f"{key}{shown}: {message}")
     return f"{what}: " + "; ".join(parts)

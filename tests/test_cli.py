@@ -209,6 +209,9 @@ def test_help_lists_every_user_command_and_hides_the_internal_one() -> None:
     for command in ("train", "runs", "promote", "rollback", "generate", "serve", "discovery", "demo"):
         assert f"\n    {command}" in shown.stdout, command
     assert "_worker" not in shown.stdout and "SUPPRESS" not in shown.stdout
+    # argparse's invalid-choice error lists every command it knows.
+    typo = cli("trian")
+    assert typo.returncode == 2 and "'train'" in typo.stderr and "_worker" not in typo.stderr
 
 
 def test_the_demo_follows_the_run_its_start_made_not_the_last_ones_state(broker, watcher) -> None:

@@ -59,7 +59,7 @@ def test_env_names(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_toml_key_is_named(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("[training]\nepochs = 2\nepoch = 3\n")
-    with pytest.raises(ConfigError, match=r"training\.epoch .*unknown key"):
+    with pytest.raises(ConfigError, match=r"training\.epoch: unknown key"):
         load_settings(config)
     config.write_text("[trainig]\nepochs = 2\n")
     with pytest.raises(ConfigError, match="trainig"):
@@ -74,6 +74,20 @@ def test_out_of_range_env_is_named(monkeypatch: pytest.MonkeyPatch, env: str, va
     monkeypatch.setenv(env, value)
     with pytest.raises(ConfigError, match=env):
         load_settings()
+
+
+def test_a_bad_value_in_the_file_is_not_blamed_on_an_unset_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[training]\nepochs = 0\n")
+    monkeypatch.delenv("HOMEIQ_TRAINING__EPOCHS", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    assert "training.epochs: " in str(info.value) and "HOMEIQ_" not in str(info.value)
+    monkeypatch.setenv("homeiq_training__epochs", "0")  # read case-insensitively, named as it is read
+    with pytest.raises(ConfigError, match=r"training\.epochs \(HOMEIQ_TRAINING__EPOCHS\): "):
+        load_settings(config)
 
 
 def test_missing_or_broken_config_file(tmp_path: Path) -> None:
