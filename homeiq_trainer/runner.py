@@ -97,6 +97,7 @@ class Launcher(Protocol):
     def start(self, settings: Settings, request: JobRequest, run: TrainingRun) -> TrainingProcess: ...
 
 
+SHUTDOWN_CANCEL_REASON = "cancelled because the daemon stopped"
 WORKER_COMMAND = (sys.executable, "-m", "homeiq_trainer", "_worker")
 # What the training process may inherit: what Python, torch, Hugging Face and the locale need. Anything
 # else (the Supervisor's tokens, our MQTT password in any spelling) stays with the daemon; the child
@@ -431,6 +432,9 @@ class Runner:
                     shutil.rmtree(result.run_dir, ignore_errors=True)
                 cancelled = {"status": RunStatus.CANCELLED, "run_dir": None, "decision": None, "decision_reason": None}
                 result = result.model_copy(update=cancelled)
+            if result.status is RunStatus.CANCELLED and not self._accepting and not result.error:
+                # Not a user's cancel: the history and HomeIQ's table say why the run did not finish.
+                result = result.model_copy(update={"error": SHUTDOWN_CANCEL_REASON})
             recorded = self._recorded(run, result)
             if recorded is None:
                 finished = run

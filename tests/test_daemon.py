@@ -280,7 +280,8 @@ def test_sigterm_cancels_publishes_offline_and_exits_zero(
     assert watcher.wait_for(STATE, is_done, timeout=5)["state"] == "cancelled"
     assert watcher.wait_for(f"{BASE}/availability", lambda v: v == "offline", timeout=5) == "offline"
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
-    assert [r.status for r in HistoryStore(settings.storage.history_db).recent(5)] == ["cancelled"]
+    ended = HistoryStore(settings.storage.history_db).recent(5)
+    assert [(r.status, r.error_message) for r in ended] == [("cancelled", "cancelled because the daemon stopped")]
 
 
 def test_daemon_sigkilled_mid_run_then_restarted(

@@ -14,7 +14,15 @@ import pytest
 from homeiq_trainer.history import HistoryStore, TrainingRun
 from homeiq_trainer.jobs import JobRequest
 from homeiq_trainer.messages import Phase, PhaseEvent, ProgressEvent, RunResult, RunStatus, TrainParams, utcnow
-from homeiq_trainer.runner import Busy, NotRunning, Runner, ShuttingDown, Stalled, SubprocessTraining
+from homeiq_trainer.runner import (
+    SHUTDOWN_CANCEL_REASON,
+    Busy,
+    NotRunning,
+    Runner,
+    ShuttingDown,
+    Stalled,
+    SubprocessTraining,
+)
 from homeiq_trainer.settings import Settings, load_settings
 from homeiq_trainer.worker import PARENT_PID_ENV
 
@@ -86,7 +94,8 @@ def test_busy_then_cancel(settings: Settings) -> None:
     runner.cancel()
     assert listener.done.wait(10)
     assert listener.finished[0].status is RunStatus.CANCELLED
-    assert store.by_identifier(run.run_identifier).status == "cancelled"
+    cancelled = store.by_identifier(run.run_identifier)
+    assert cancelled is not None and (cancelled.status, cancelled.error_message) == ("cancelled", None)
     with pytest.raises(NotRunning):
         runner.cancel()
 
@@ -144,6 +153,8 @@ def test_shutdown_cancels_and_refuses_new_work(settings: Settings) -> None:
     runner.submit(JobRequest(params=TrainParams()))
     runner.shutdown(timeout_s=5)
     assert listener.finished and listener.finished[0].status is RunStatus.CANCELLED
+    # Said in the history (and in HomeIQ's table, where a user's cancel reads "cancelled on request").
+    assert [(r.status, r.error_message) for r in store.recent(5)] == [("cancelled", SHUTDOWN_CANCEL_REASON)]
     with pytest.raises(ShuttingDown, match="shutting down"):
         runner.submit(JobRequest(params=TrainParams()))
 
