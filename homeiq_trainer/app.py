@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from homeiq_trainer.commands import CommandQueue, Intake, TokenBucket, TopicHandler
+from homeiq_trainer.commands import CommandQueue, Intake, TokenBucket, TopicHandler, TopicRefusal
 from homeiq_trainer.control import SettingsPanel
 from homeiq_trainer.discovery import build_discovery
 from homeiq_trainer.dispatcher import Dispatcher
@@ -141,8 +141,12 @@ class TrainerApp:
             topics.reannounce: lambda topic, payload: entities.on_reannounce(topic, payload),
             **self._routes,  # a route given to `route()` wins
         }
+        # A setting dropped for the rate is answered like one refused, so an automation can retry it.
+        refusals: dict[str, TopicRefusal] = {
+            topics.setting_commands: lambda topic, error: entities.refused_setting(topic, error),
+        }
         for subscription, handler in routes.items():
-            intake.route(subscription, handler)
+            intake.route(subscription, handler, refusals.get(subscription))
         subscriptions = {topics.command: 1, topics.ha_status: 1} | dict.fromkeys(routes, 1)
         link = MqttLink(
             settings.mqtt,

@@ -33,6 +33,8 @@ ROUTE_PAYLOAD_BYTES = 4096
 
 Task = Callable[[], None]
 TopicHandler = Callable[[str, bytes], None]
+# Told, on the network thread, of a routed message dropped for the rate limit or a full queue.
+TopicRefusal = Callable[[str, "CommandError"], None]
 BUTTON = "button"
 """`triggered_by` of a plain-word command: what Home Assistant's buttons send."""
 
@@ -212,10 +214,14 @@ class Intake:
         self._on_birth = on_birth
         self.birth_topic = birth_topic
         self.routes: dict[str, TopicHandler] = {}
+        self.refusals: dict[str, TopicRefusal] = {}
 
-    def route(self, subscription: str, handler: TopicHandler) -> None:
-        """Run `handler(topic, payload)` on the command thread for messages matching `subscription`."""
+    def route(self, subscription: str, handler: TopicHandler, refused: TopicRefusal | None = None) -> None:
+        """Run `handler(topic, payload)` on the command thread for messages matching `subscription`;
+        `refused(topic, error)`, where given, answers one dropped as too fast or too many."""
         self.routes[subscription] = handler
+        if refused is not None:
+            self.refusals[subscription] = refused
 
     def on_message(self, message: paho.MQTTMessage) -> None:
         """Route one incoming message (the network thread: nothing slow here)."""
@@ -236,12 +242,17 @@ class Intake:
             if paho.topic_matches_sub(subscription, topic):
                 # Settings and Re-announce share the commands' rate and queue, and never need more than
                 # a few bytes: a flood or a huge payload must not starve commands or fill memory.
+                refused = self.refusals.get(subscription)
                 if not self.bucket.take():
                     _LOGGER.warning("Too many messages; dropped one on %s", topic)
+                    if refused is not None:
+                        refused(topic, CommandError("rate_limited", "too many messages; try again in a moment"))
                     return
                 kept = payload[: ROUTE_PAYLOAD_BYTES + 1]  # longer is refused as longer, without the bulk
                 if not self.commands.offer(lambda h=handler, p=kept: h(topic, p)):  # type: ignore[misc]
                     _LOGGER.warning("Command queue full; dropped a message on %s", topic)
+                    if refused is not None:
+                        refused(topic, CommandError("overloaded", "too many commands waiting; try again in a moment"))
                 return
 
     def _command(self, payload: bytes) -> None:

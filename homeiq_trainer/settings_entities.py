@@ -13,9 +13,10 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from homeiq_trainer.commands import CommandError
 from homeiq_trainer.control import SettingsPanel, apply_log_level
 from homeiq_trainer.history import HistoryStore, TrainingRun
-from homeiq_trainer.messages import Phase, ProgressEvent, RunResult, first_line
+from homeiq_trainer.messages import ErrorInfo, Phase, ProgressEvent, Response, RunResult, first_line
 from homeiq_trainer.overrides import OverridesStore, pinned_settings
 from homeiq_trainer.problem import SourceWatch, problem_payload
 from homeiq_trainer.publisher import Publisher
@@ -68,6 +69,15 @@ class SettingsEntities:
         # Also after a refusal: Home Assistant's entity snaps back to the value in force.
         self.publish_settings()
         self.publisher.respond(response.model_dump_json())
+
+    def refused_setting(self, topic: str, error: CommandError) -> None:
+        """A value dropped before it was read (too many messages): answered, nothing changed. On the
+        network thread; the entity in Home Assistant never left the value in force."""
+        name = self.topics.setting_name(topic)
+        if name is not None:
+            info = ErrorInfo(code=error.code, message=str(error))
+            response = Response(request_id=None, action="set", status="error", data={"setting": name}, error=info)
+            self.publisher.respond(response.model_dump_json())
 
     def on_reannounce(self, topic: str, payload: bytes) -> None:
         """The Re-announce button: discovery and every retained value again."""
