@@ -207,11 +207,15 @@ def addon_settings_source(env: Mapping[str, str] | None = None) -> dict[str, Any
     mqtt = source.get("mqtt", {})
     # The environment outranks add-on options in load_settings, so a host given there also means the
     # Supervisor has nothing to add (and must not be asked: outside Home Assistant it does not exist).
-    if token is not None and not mqtt.get("host") and not env.get("HOMEIQ_MQTT__HOST"):
+    from homeiq_trainer.overrides import pinned_settings  # here: this module needs only the standard library
+
+    # In any spelling the settings read: `homeiq_mqtt__host`, or `HOMEIQ_MQTT='{"host": ...}'` (empty ones are none).
+    from_env = pinned_settings({name: value for name, value in env.items() if value})
+    if token is not None and not mqtt.get("host") and "mqtt.host" not in from_env:
         broker = supervisor_mqtt_service(token, env.get(SUPERVISOR_URL_ENV) or None)
         mqtt = source.setdefault("mqtt", {})
         # A login is a pair: a user name from the options never goes out with the Supervisor's password.
-        own_login = any(key in mqtt or env.get(f"HOMEIQ_MQTT__{key.upper()}") for key in ("username", "password"))
+        own_login = any(key in mqtt or f"mqtt.{key}" in from_env for key in ("username", "password"))
         for key in _BROKER_KEYS:
             if key in ("username", "password") and own_login:
                 continue

@@ -521,13 +521,21 @@ def test_a_login_is_never_half_the_supervisors(tmp_path: Path, supervisor: FakeS
     assert settings.mqtt.password is None or settings.mqtt.password.get_secret_value() != BROKER_PASSWORD
 
 
-@pytest.mark.parametrize("variable", ["HOMEIQ_MQTT__USERNAME", "HOMEIQ_MQTT__PASSWORD"])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HOMEIQ_MQTT__USERNAME", "from-env"),
+        ("HOMEIQ_MQTT__PASSWORD", "from-env"),
+        ("homeiq_mqtt__password", "from-env"),  # the settings read names in any case
+        ("HOMEIQ_MQTT", '{"username": "from-env"}'),  # and a whole section as JSON
+    ],
+)
 def test_a_login_from_the_environment_is_never_paired_with_the_supervisors(
-    tmp_path: Path, supervisor: FakeSupervisor, variable: str
+    tmp_path: Path, supervisor: FakeSupervisor, variable: str, value: str
 ) -> None:
     """The environment outranks the options: half a login there went out with the Supervisor's other half."""
     _write_options(tmp_path, {})
-    source = addon_settings_source(_env(tmp_path, supervisor, **{variable: "from-env"}))
+    source = addon_settings_source(_env(tmp_path, supervisor, **{variable: value}))
     assert source["mqtt"]["host"] == "core-mosquitto"
     assert "username" not in source["mqtt"] and "password" not in source["mqtt"]
 
@@ -546,13 +554,23 @@ def test_supervisor_is_not_asked_when_the_options_name_a_broker(tmp_path: Path, 
     assert (settings.mqtt.host, settings.mqtt.port, settings.mqtt.username) == ("broker.lan", 1884, None)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HOMEIQ_MQTT__HOST", "env-broker"),
+        ("homeiq_mqtt__host", "env-broker"),
+        ("HOMEIQ_MQTT", '{"host": "env-broker"}'),
+    ],
+)
 def test_supervisor_is_not_asked_when_the_environment_names_a_broker(
-    tmp_path: Path, supervisor: FakeSupervisor
+    tmp_path: Path, supervisor: FakeSupervisor, variable: str, value: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _write_options(tmp_path, {"epochs": 2})
-    source = addon_settings_source(_env(tmp_path, supervisor, HOMEIQ_MQTT__HOST="env-broker"))
+    source = addon_settings_source(_env(tmp_path, supervisor, **{variable: value}))
     assert supervisor.requests == []
     assert source is not None and "mqtt" not in source
+    monkeypatch.setenv(variable, value)
+    assert load_settings(addon_options=source).mqtt.host == "env-broker"  # as the settings read it
 
 
 def test_supervisor_failure_stops_the_start_with_one_line(tmp_path: Path) -> None:
