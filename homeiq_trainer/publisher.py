@@ -63,10 +63,11 @@ class Publisher:
                 self.link.publish(topic, text, qos=qos, retain=True)
 
     def event(self, topic: str, payload: BaseModel) -> None:
-        """Publish one event (not retained: a trigger fires once); dropped while disconnected."""
+        """Publish one event (not retained: a trigger fires once). While the broker is away it waits
+        in the client's bounded queue (`mqtt.max_queued_messages`) and goes out on the reconnect, as
+        answers do: a run ending during a broker restart still fires `run_completed`."""
         with self._lock:
-            if self.link.connected:
-                self.link.publish(topic, payload.model_dump_json(), qos=QOS_RELIABLE)
+            self.link.publish(topic, payload.model_dump_json(), qos=QOS_RELIABLE)
 
     def respond(self, text: str) -> None:
         """Publish one command answer (not retained)."""

@@ -15,7 +15,7 @@ from homeiq_trainer.settings import Settings
 
 
 class FakeProcess:
-    """Scripted events; `hang` waits for a terminate."""
+    """Scripted events; `hang` waits for a terminate, a `threading.Event` until it is set."""
 
     def __init__(self, script: list, run: TrainingRun) -> None:
         self.script = script
@@ -28,6 +28,11 @@ class FakeProcess:
         for item in self.script:
             if item == "hang":
                 while not self.terminated.is_set() and not self.killed:
+                    yield None
+                    time.sleep(0.01)
+                continue
+            if isinstance(item, threading.Event):  # a gate: ticks until the test sets it
+                while not item.is_set():
                     yield None
                     time.sleep(0.01)
                 continue

@@ -19,10 +19,12 @@ import pytest
 
 from homeiq_trainer.app import TrainerApp
 from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.messages import Phase, PhaseEvent
 from homeiq_trainer.overrides import OverridesStore
 from homeiq_trainer.settings import Settings
 
-from .conftest import Broker, SettingsFactory, on_test_broker
+from .conftest import Broker, SettingsFactory, on_test_broker, wait_idle
+from .fakes import FakeLauncher
 from .mqtt_client import Watcher
 
 BASE = "homeiq/trainer"
@@ -220,6 +222,42 @@ def test_broker_restart_during_run(app: TrainerApp, watcher: Watcher, broker: Br
         assert fresh.request(CMD, RESP, {"action": "status"})["status"] == "ok"
     finally:
         fresh.close()
+
+
+def test_a_run_that_ends_while_the_broker_is_away_still_fires_its_triggers(
+    make_settings: SettingsFactory, broker: Broker
+) -> None:
+    """A run ending during a Mosquitto restart (an add-on update at night) fired no `run_completed` or
+    `adapter_promoted`, so an automation restarting HomeIQ on the new adapter never ran."""
+    gate = threading.Event()
+    launcher = FakeLauncher([PhaseEvent(phase=Phase.TRAINING), gate, "result"])
+    app = TrainerApp(daemon_settings(make_settings, broker), launcher=launcher)
+    app.start()
+    try:
+        assert app.link.wait_connected(10)
+        assert json.loads(app.handle_command(b'{"action": "start"}'))["status"] == "ok"
+        while not launcher.started:
+            time.sleep(0.01)
+        broker.stop()
+        while app.link.connected:
+            time.sleep(0.01)
+        gate.set()  # the run ends with no broker
+        wait_idle(app)
+        broker.start()  # no persistence: nothing retained survives
+        fresh = Watcher(broker.port)
+        try:
+            state = fresh.wait_for(STATE, is_done, timeout=60)
+            assert state["state"] == "completed"
+            fresh.wait_for(f"{BASE}/availability", lambda v: v == "online", timeout=30)
+            assert fresh.retained.get(f"{BASE}/availability") is False  # subscribed before the daemon was back
+            events = [json.loads(raw) for raw in fresh.messages(f"{BASE}/event")]
+            # `run_started` too where the broker went before it was acknowledged (QoS 1: at least once).
+            assert [e["event"] for e in events][-1:] == ["run_completed"]  # before: none
+            assert {e["run_id"] for e in events} == {state["run_id"]}
+        finally:
+            fresh.close()
+    finally:
+        app.stop()
 
 
 def test_training_child_killed_fails_run_daemon_lives(app: TrainerApp, watcher: Watcher) -> None:
