@@ -87,6 +87,7 @@ class ConsoleObserver:
         self.interactive = interactive
         self._progress: Any = None
         self._task: Any = None
+        self._bar_phase: Phase | None = None
         self._last_log = 0.0
 
     def phase(self, phase: Phase, message: str = "") -> None:
@@ -97,6 +98,8 @@ class ConsoleObserver:
     def progress(self, event: ProgressEvent) -> None:
         loss = f"{event.loss:.4f}" if event.loss is not None else "-"
         if self.interactive:
+            if self._bar_phase is not event.phase:  # the final scoring counts its own steps: a bar of its own
+                self.close()
             if self._progress is None:
                 from rich.progress import (
                     BarColumn,
@@ -107,7 +110,7 @@ class ConsoleObserver:
                 )
 
                 self._progress = Progress(
-                    TextColumn("training"),
+                    TextColumn("{task.description}"),
                     BarColumn(),
                     MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}"),
@@ -116,13 +119,17 @@ class ConsoleObserver:
                     transient=False,
                 )
                 self._progress.start()
-                self._task = self._progress.add_task("train", total=event.total_steps, loss="-", rate="")
+                self._task = self._progress.add_task(event.phase.value, total=event.total_steps, loss="-", rate="")
+                self._bar_phase = event.phase
             rate = f"{event.samples_per_s:.1f} samples/s" if event.samples_per_s else ""
             self._progress.update(self._task, completed=event.step, loss=loss, rate=rate)
             return
         now = time.monotonic()
         if now - self._last_log >= LOG_PROGRESS_EVERY_S or event.step == event.total_steps:
             self._last_log = now
+            if event.phase is Phase.EVALUATING:
+                _LOGGER.info("scoring step %d/%d (%.0f%%)", event.step, event.total_steps, event.percent)
+                return
             _LOGGER.info(
                 "step %d/%d (%.0f%%) epoch %.2f loss %s eta %ss",
                 event.step,
@@ -137,6 +144,7 @@ class ConsoleObserver:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+            self._bar_phase = None
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -142,12 +142,15 @@ class PhaseEvent(_Wire):
 
 
 class ProgressEvent(_Wire):
-    """A training step finished."""
+    """A training step finished, or (phase `evaluating`) a share of the final scoring of the adapters,
+    counted in its own steps: the daemon shows that one in the state's message, never as the run's
+    progress, which stays where training left it."""
 
     kind: Literal["progress"] = "progress"
     step: int
     total_steps: int
     epoch: float
+    phase: Literal[Phase.TRAINING, Phase.EVALUATING] = Phase.TRAINING
     loss: float | None = None
     samples_per_s: float | None = None
     eta_s: float | None = None

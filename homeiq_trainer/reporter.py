@@ -72,6 +72,7 @@ class RunReporter:
         self._progress = ProgressPayload()
         self._runs: list[RunRecord] = []
         self._last_progress_at = 0.0
+        self._phase_message = ""
         self._offered: str | None = None
 
     # --- answers for commands --------------------------------------------------------------------
@@ -180,6 +181,7 @@ class RunReporter:
     # --- runner events ---------------------------------------------------------------------------
 
     def run_state(self, run: TrainingRun, phase: Phase | None, message: str) -> None:
+        self._phase_message = message
         self._publish_state(State.QUEUED if phase is None else State.RUNNING, run.run_identifier, phase, message)
         if phase is None:
             self.event(TriggerEvent(event="run_started", run_id=run.run_identifier))
@@ -192,6 +194,12 @@ class RunReporter:
         if not final and now - self._last_progress_at < self.settings.daemon.progress_interval_s:
             return
         self._last_progress_at = now
+        if event.phase is Phase.EVALUATING:
+            # The adapters' scoring after training counts its own steps: said in the state's message,
+            # so `progress` (the run's percent) never falls back from 100 to a few.
+            message = f"{self._phase_message}: {event.step} of {event.total_steps} scoring steps"
+            self._publish_state(State.RUNNING, run.run_identifier, Phase.EVALUATING, message)
+            return
         payload = ProgressPayload(
             run_id=run.run_identifier,
             percent=event.percent,

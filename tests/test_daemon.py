@@ -84,6 +84,13 @@ def test_start_button_runs_to_completed(app: TrainerApp, watcher: Watcher) -> No
     assert datetime.fromisoformat(watcher.json(f"{BASE}/last_run")["finished_at"]).tzinfo is not None
     progress = watcher.wait_for(PROGRESS, lambda p: p["percent"] == 100.0, timeout=10)
     assert progress["run_id"] == run_id and progress["step"] == progress["total_steps"] > 0
+    # The scoring after training counts its own steps in the state's message; `progress` never left
+    # training's count (before: it fell from 100% to a few and climbed again, in scoring steps).
+    ours = [p for p in map(json.loads, watcher.messages(PROGRESS)) if p["run_id"] == run_id and p["total_steps"]]
+    assert {p["total_steps"] for p in ours} == {progress["total_steps"]}
+    assert [p["percent"] for p in ours] == sorted(p["percent"] for p in ours)
+    messages = [json.loads(p)["message"] for p in watcher.messages(STATE)]
+    assert any(m.endswith(" scoring steps") for m in messages), messages
     last_run = watcher.wait_for(f"{BASE}/last_run", lambda r: r.get("run_id") == run_id, timeout=10)
     assert last_run["status"] == "completed" and last_run["final_loss"] > 0 and last_run["dataset_size"] == 175
     assert last_run["triggered_by"] == "button"

@@ -108,6 +108,13 @@ def test_end_to_end_run_writes_everything_and_agrees(make_settings: SettingsFact
     assert (
         recorder.evaluation_events and recorder.evaluation_events[-1].step == recorder.evaluation_events[-1].total_steps
     )
+    # ... marked as the scoring's, which the daemon keeps out of the run's progress.
+    assert {e.phase for e in recorder.evaluation_events} == {Phase.EVALUATING}
+    assert {e.phase for e in recorder.progress_events} == {Phase.TRAINING}
+    # The heartbeats of a held-out evaluation during training repeat the last step's loss, rate and ETA
+    # (before: none of them, so those sensors turned unknown on every evaluation).
+    after_first = recorder.progress_events[[e.loss is not None for e in recorder.progress_events].index(True) :]
+    assert all(None not in (e.loss, e.samples_per_s, e.eta_s) for e in after_first)
     steps = [e.step for e in recorder.progress_events]
     assert steps == sorted(steps) and steps[-1] == recorder.progress_events[-1].total_steps
     assert result.padding_efficiency is not None and result.padding_efficiency > 0.7

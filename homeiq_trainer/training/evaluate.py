@@ -219,7 +219,9 @@ def evaluate_adapters(
             raise _Stopped
         done += n
         # Progress keeps the daemon's stall timeout from mistaking a long generation for a hang.
-        observer.progress(ProgressEvent(step=done, total_steps=max(total, 1), epoch=float(hp.epochs)))
+        observer.progress(
+            ProgressEvent(step=done, total_steps=max(total, 1), epoch=float(hp.epochs), phase=Phase.EVALUATING)
+        )
 
     scores: dict[str, AdapterScores] = {name: AdapterScores(run_id=run_id) for name, run_id in names.items()}
     answers: dict[str, list[str]] = {name: [""] * len(probes) for name in names}

@@ -133,6 +133,7 @@ class TrainingSession:
     history: list[dict[str, float]] = field(default_factory=list)
     best: BestAdapter | None = None
     total_steps: int = 0
+    last_progress: ProgressEvent | None = None
 
     def stopping(self) -> bool:
         """Whether any worker was asked to stop; collective, so all stop at the same step and none waits forever."""
@@ -262,16 +263,15 @@ class _Progress(TrainerCallback):
         loss = meter.take_window() if step % self.every == 0 or step == state.max_steps else None
         if loss is not None:
             history.append({"step": step, "epoch": round(float(state.epoch or 0), 4), "loss": loss})
-        session.watcher.progress(
-            ProgressEvent(
-                step=step,
-                total_steps=state.max_steps,
-                epoch=round(float(state.epoch or 0), 3),
-                loss=history[-1]["loss"] if history else None,
-                samples_per_s=round(meter.examples_seen / elapsed, 2) if elapsed > 0 else None,
-                eta_s=round(elapsed / step * (state.max_steps - step), 1) if step else None,
-            )
+        session.last_progress = ProgressEvent(
+            step=step,
+            total_steps=state.max_steps,
+            epoch=round(float(state.epoch or 0), 3),
+            loss=history[-1]["loss"] if history else None,
+            samples_per_s=round(meter.examples_seen / elapsed, 2) if elapsed > 0 else None,
+            eta_s=round(elapsed / step * (state.max_steps - step), 1) if step else None,
         )
+        session.watcher.progress(session.last_progress)
         if session.stopping():
             control.should_training_stop = True
 
@@ -330,12 +330,13 @@ class BestAdapter(TrainerCallback):
         session.watcher.phase(Phase.EVALUATING, f"{len(self.features)} held-out examples at step {state.global_step}")
 
         def heartbeat(done: int, total: int) -> None:
-            # Keeps the daemon's stall timer fed on a long evaluation (the observer throttles these).
-            session.watcher.progress(
-                ProgressEvent(
-                    step=state.global_step, total_steps=state.max_steps, epoch=round(float(state.epoch or 0), 3)
-                )
+            # Keeps the daemon's stall timer fed on a long evaluation (the observer throttles these): the
+            # last step's figures again, so loss, rate and ETA do not turn unknown meanwhile.
+            step = ProgressEvent(
+                step=state.global_step, total_steps=state.max_steps, epoch=round(float(state.epoch or 0), 3)
             )
+            last = session.last_progress
+            session.watcher.progress(last if last is not None and last.step == state.global_step else step)
 
         began, began_cpu = time.monotonic(), time.process_time()
         loss = evaluate_loss(
