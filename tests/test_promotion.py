@@ -392,6 +392,18 @@ def test_an_adapter_in_use_that_cannot_be_loaded_is_replaced(make_settings: Sett
     assert run.decision_reason is not None and f"promoted: {first} in use cannot be loaded" in run.decision_reason
 
 
+@pytest.mark.parametrize("header", [b"[]", b'{"w": 1}', b'{"w": {"dtype": "F32", "shape": [2]}}', b'{"w": {}}'])
+def test_a_weights_header_that_parses_but_is_no_safetensors_table_is_an_artifact_error(
+    tmp_path: Path, header: bytes
+) -> None:
+    """Such a header raised AttributeError, TypeError or KeyError, which the check for an adapter in use
+    does not catch, so every later run failed with a traceback."""
+    weights = tmp_path / artifacts.ADAPTER_WEIGHTS
+    weights.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(artifacts.ArtifactError, match=artifacts.ADAPTER_WEIGHTS):
+        artifacts.check_safetensors(weights)
+
+
 def test_the_base_model_of_an_adapter_in_use_comes_from_peft_where_its_metadata_does_not_read(
     make_settings: SettingsFactory,
 ) -> None:

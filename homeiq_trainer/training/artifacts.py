@@ -97,14 +97,19 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(handle.read(header_len))
         except ValueError:
             raise ArtifactError(f"{path.name} has an unreadable header") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path.name} has a header that is no table of tensors")
     tensors = [value for key, value in header.items() if key != "__metadata__"]
     end = 0
     for tensor in tensors:
-        start, stop = tensor["data_offsets"]
-        count = 1
-        for dim in tensor["shape"]:
-            count *= dim
-        width = _DTYPE_BYTES.get(tensor["dtype"], 1)
+        try:
+            start, stop = (int(offset) for offset in tensor["data_offsets"])
+            count = 1
+            for dim in tensor["shape"]:
+                count *= int(dim)
+            width = _DTYPE_BYTES.get(tensor["dtype"], 1)
+        except (KeyError, TypeError, ValueError):  # valid JSON, but not what safetensors writes
+            raise ArtifactError(f"{path.name} has a tensor without a valid dtype, shape or offsets") from None
         if stop - start != count * width:
             raise ArtifactError(f"{path.name}: a tensor's size does not match its shape")
         end = max(end, stop)
