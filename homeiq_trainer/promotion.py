@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -77,6 +78,9 @@ def decide(
         )
     if mine is None or theirs is None:
         return Decision.KEPT_CURRENT, f"kept {served_run}: no held-out {label} to compare"
+    if not math.isfinite(theirs) and math.isfinite(mine):
+        # Weights gone bad (NaN) score NaN, which no gain exceeds: judged as one that cannot be loaded.
+        return Decision.PROMOTED, f"promoted: {served_run} in use scores no finite {label} ({versus})"
     gain = mine - theirs if higher else theirs - mine
     if gain > 0 and gain >= options.min_improvement:
         return Decision.PROMOTED, versus

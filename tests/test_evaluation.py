@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -95,6 +96,23 @@ POLICY = PromotionSettings()
             "r",
             Decision.KEPT_CURRENT,
             "eval loss 3.0 vs 2.5 in use",
+        ),
+        # Weights gone NaN in use scored NaN, which no gain beats: every later run was kept out for good.
+        (
+            PromotionSettings(metric="eval_loss"),
+            {"eval_loss": 3.0},
+            {"eval_loss": math.nan},
+            "r",
+            Decision.PROMOTED,
+            "no finite",
+        ),
+        (
+            PromotionSettings(metric="eval_loss"),
+            {"eval_loss": 3.0},
+            {"eval_loss": math.inf},
+            "r",
+            Decision.PROMOTED,
+            "no finite",
         ),
         (PromotionSettings(policy="always"), {"chrf": 1.0}, {"chrf": 43.0}, "r", Decision.PROMOTED, "always"),
         (
