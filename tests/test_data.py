@@ -86,7 +86,16 @@ def sha(path: Path) -> str:
         ("q", json.dumps([{"description": "   "}]), SKIP_NO_DESCRIPTION),
         ("q", json.dumps([{"description": 42}]), SKIP_NO_DESCRIPTION),
         ("   ", good("fine"), SKIP_EMPTY_QUERY),
-        ("q", b"\xff\xfe", SKIP_INVALID_JSON),
+        ("q", b"\xff\xfe", SKIP_INVALID_TEXT),
+        # BLOBs: text where they decode as UTF-8; before, a BLOB query was "empty" and Latin-1 bytes
+        # in the suggestions were trained on as U+FFFD.
+        (b"Porch light on", good("Porch light on at sunset").encode(), ("Porch light on", "Porch light on at sunset")),
+        (
+            "q",
+            json.dumps([{"description": "Licht aus in der Küche"}], ensure_ascii=False).encode("latin-1"),
+            SKIP_INVALID_TEXT,
+        ),
+        ("Küche".encode("latin-1"), good("fine"), SKIP_INVALID_TEXT),
         ("q", "[" * 100_000, SKIP_INVALID_JSON),
     ],
 )

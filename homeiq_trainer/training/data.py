@@ -106,13 +106,17 @@ def _confidence(suggestion: dict) -> float:
 
 def example_from_row(query: object, suggestions: object, exclude_sources: Iterable[str] = ()) -> tuple[str, str] | str:
     """The (instruction, response) pair of one row, or the reason it is skipped; `suggestions` is JSON text."""
+    try:  # a BLOB (SQLite keeps what it is given) is text where it decodes as UTF-8
+        query, suggestions = (
+            value.decode("utf-8") if isinstance(value, bytes) else value for value in (query, suggestions)
+        )
+    except UnicodeDecodeError:
+        return SKIP_INVALID_TEXT  # never trained on with U+FFFD in place of the bytes
     instruction = query.strip() if isinstance(query, str) else ""
     if not instruction:
         return SKIP_EMPTY_QUERY
     if suggestions is None:  # SQL NULL, as JSON's null would be
         return SKIP_NOT_A_LIST
-    if isinstance(suggestions, bytes):
-        suggestions = suggestions.decode("utf-8", "replace")
     if not isinstance(suggestions, str):
         return SKIP_INVALID_JSON
     try:
