@@ -290,8 +290,7 @@ class _ServedAdapters:
                 run.decision = Decision.PROMOTED.value
                 run.decision_reason = f"promoted on request by {triggered_by}"
                 session.add(run)
-            session.commit()
-            session.refresh(row)
+            session.commit()  # and nothing read again after it: the id is set at the flush
         return row
 
     def withdraw(self, served_id: int, triggered_by: str) -> None:
@@ -460,8 +459,7 @@ class HistoryStore(_ServedAdapters):
         )
         with self._lock, Session(self._engine, expire_on_commit=False) as session:
             session.add(run)
-            session.commit()
-            session.refresh(run)
+            session.commit()  # the id is set at the flush; a read after the commit could only fail it
         return run
 
     def mark_running(self, run_id: int) -> TrainingRun:

@@ -330,6 +330,28 @@ def test_a_disk_that_refuses_the_switch_changes_nothing(
     assert artifacts.read_current(out).run_id == second
 
 
+def test_nothing_reads_the_history_again_after_a_serve_is_committed(
+    serving: tuple[Settings, Path, HistoryStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read after the commit that failed (a PostgreSQL connection dropped just then) put `latest`
+    back under a serve the history had recorded: `adapter` and `model` disagreed until a restart."""
+    from sqlalchemy.exc import OperationalError
+    from sqlmodel import Session
+
+    settings, out, store = serving
+    _served_then_rejected(store, settings)
+    reconcile(store, out)
+
+    def gone(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(Session, "refresh", gone)
+    promote(store, settings, SECOND, triggered_by="test")
+    assert store.create("run_20250109_000000", "tiny", str(out), "test", {}).id is not None  # nor after a create
+    monkeypatch.undo()
+    assert [row.run_identifier for row in store.served_stack()][:1] == [SECOND] == [artifacts.latest_run(out)]
+
+
 def test_a_run_decided_against_an_adapter_no_longer_in_use_is_offered_not_served(
     serving: tuple[Settings, Path, HistoryStore],
 ) -> None:
