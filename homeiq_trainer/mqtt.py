@@ -51,6 +51,11 @@ class MqttLink:
         self._connected = threading.Event()
         self._last_failure: str | None = None
         self._subscribe_mid: int | None = None
+        # paho restarts its backoff at every CONNACK, so a broker that accepts the connection and then
+        # drops it (an ACL refusing a subscription by closing, as AWS IoT does) got a reconnect every
+        # second for ever: such drops double this floor, and being ready resets it.
+        self._early_drop_delay_s = RECONNECT_MIN_S
+        self._accepted = False  # this connection got its CONNACK
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id or settings.client_id,
@@ -147,7 +152,7 @@ class MqttLink:
         if reason_code.is_failure:
             self._log_failure("refused the connection", str(reason_code))
             return
-        self._last_failure = None
+        self._accepted = True
         _LOGGER.info("Connected to MQTT broker %s:%d", self.settings.host, self.settings.port)
         if not self.subscriptions:
             self._ready()
@@ -167,6 +172,10 @@ class MqttLink:
         self._ready()
 
     def _ready(self) -> None:
+        self._last_failure = None
+        if self._early_drop_delay_s != RECONNECT_MIN_S:
+            self._early_drop_delay_s = RECONNECT_MIN_S
+            self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         self._connected.set()
         try:
             self._on_connected()
@@ -176,10 +185,16 @@ class MqttLink:
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
-        was_connected = self._connected.is_set()
+        was_connected, accepted = self._connected.is_set(), self._accepted
         self._connected.clear()
+        self._accepted = False
         if was_connected and reason_code.is_failure:
             _LOGGER.warning("Lost the MQTT broker (%s); reconnecting", reason_code)
+        elif accepted and not was_connected and reason_code.is_failure:
+            # Accepted, then dropped before confirming the subscriptions: never `online`, so back off.
+            self._log_failure("closed the connection before confirming the subscriptions (its ACL?)", str(reason_code))
+            self._early_drop_delay_s = min(self._early_drop_delay_s * 2, RECONNECT_MAX_S)
+            client.reconnect_delay_set(min_delay=self._early_drop_delay_s, max_delay=RECONNECT_MAX_S)
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:

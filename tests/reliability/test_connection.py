@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +140,46 @@ def test_host_name_is_checked_unless_tls_insecure(tmp_path: Path, pki: dict[str,
         strict.stop()
         lax.stop()
         broker.stop()
+
+
+def test_a_broker_that_drops_us_after_accepting_is_backed_off_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    """One that closes on a SUBSCRIBE its ACL refuses (AWS IoT does) got a reconnect every second for
+    ever (paho restarts its backoff at each CONNACK), with no line above INFO saying why."""
+    server = socket.create_server(("127.0.0.1", 0))
+    connections: list[float] = []
+
+    def accept_then_drop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                connections.append(time.monotonic())
+                conn.recv(65536)  # CONNECT
+                conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted
+                conn.recv(65536)  # SUBSCRIBE, answered by closing
+
+    threading.Thread(target=accept_then_drop, daemon=True).start()
+    caplog.set_level(logging.INFO, logger="homeiq_trainer")
+    link = MqttLink(
+        MqttSettings(host="127.0.0.1", port=server.getsockname()[1], client_id="dropped"),
+        "t/availability",
+        {"t/command": 1},
+        lambda: None,
+        lambda _m: None,
+    )
+    link.start()
+    try:
+        time.sleep(9)
+        assert not link.connected
+    finally:
+        link.stop()
+        server.close()
+    gaps = [round(b - a, 1) for a, b in zip(connections, connections[1:], strict=False)]
+    assert 2 <= len(connections) <= 4 and gaps == sorted(gaps), gaps  # 0, 2, 6 s; before: every second
+    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(failures) == 1 and "before confirming the subscriptions" in failures[0], failures
 
 
 @pytest.fixture
