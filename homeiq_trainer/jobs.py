@@ -146,7 +146,12 @@ def recover(store: HistoryStore, settings: Settings) -> list[TrainingRun]:
 
 def open_run(store: HistoryStore, settings: Settings, request: JobRequest) -> TrainingRun:
     """Create the queued history row, with a fresh run identifier."""
+    from homeiq_trainer.promotion import reconcile
+
     output_dir = settings.storage.output_dir
+    # A served directory deleted by hand: `latest` goes back to the adapter served before it now, so
+    # the run is judged against what will be in use at its end, not against nothing.
+    reconcile(store, output_dir)
     run_identifier = artifacts.new_run_identifier(store.identifiers(), output_dir)
     return store.create(
         run_identifier=run_identifier,

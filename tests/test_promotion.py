@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from homeiq_trainer.history import HistoryStore
-from homeiq_trainer.jobs import recover
+from homeiq_trainer.jobs import JobRequest, open_run, recover
 from homeiq_trainer.messages import Decision, RunMetadata, RunResult, RunStatus, TrainParams
 from homeiq_trainer.promotion import (
     PromotionError,
@@ -483,6 +483,28 @@ def test_a_served_directory_deleted_by_hand_does_not_block_later_promotions(
     finished = conclude(store, settings, store.by_identifier(SECOND), _chosen(out, SECOND, compared_with=None))
     assert finished.promoted and finished.decision == Decision.PROMOTED.value
     assert artifacts.latest_run(out) == SECOND and [row.run_identifier for row in store.served_stack()] == [SECOND]
+
+
+def test_a_run_opened_after_the_served_directory_was_deleted_is_compared_with_the_one_before(
+    serving: tuple[Settings, Path, HistoryStore],
+) -> None:
+    """With an older adapter behind the deleted one, the run compared with nothing (`latest` dangled
+    until its end), and was then held back as compared with the wrong adapter: FIRST came back into use
+    at the run's end, unannounced, and the new adapter waited for approval."""
+    import shutil
+
+    settings, out, store = serving
+    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
+    _fake_run(store, settings, SECOND, Decision.PROMOTED, serve=True)
+    reconcile(store, out)
+    shutil.rmtree(out / SECOND)
+    opened = open_run(store, settings, JobRequest(params=TrainParams()))
+    # What the training process will compare with is in place before it starts.
+    assert artifacts.latest_run(out) == FIRST and [row.run_identifier for row in store.served_stack()] == [FIRST]
+    store.finish(opened.id, RunStatus.FAILED)  # type: ignore[arg-type]
+    _fake_run(store, settings, THIRD, Decision.PROMOTED)
+    finished = conclude(store, settings, store.by_identifier(THIRD), _chosen(out, THIRD, compared_with=FIRST))
+    assert finished.promoted and artifacts.latest_run(out) == THIRD
 
 
 def test_a_read_only_disk_that_needs_a_repair_does_not_stop_the_start(
