@@ -10,11 +10,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Table, Text, TypeDecorator, delete, event, inspect, text
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Index,
+    Table,
+    Text,
+    TypeDecorator,
+    and_,
+    delete,
+    event,
+    func,
+    inspect,
+    or_,
+    text,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from homeiq_trainer.database import (
     database_url,
@@ -148,6 +163,9 @@ class TrainingRun(SQLModel, table=True):
     decision_reason: str | None = Field(default=None, sa_column=Column(Text))
     evaluation_json: dict[str, Any] | None = Field(default=None, sa_column=Column(JsonOf(dict)))
     peak_rss_mb: float | None = None
+    served_id_at_finish: int | None = None
+    """The newest `served_adapters` id when the run ended (0: none yet), so that whether a candidate is
+    newer than the adapter in use is told by the order of records, not by a clock that can go back."""
 
 
 class ServedAdapter(SQLModel, table=True):
@@ -303,14 +321,21 @@ class _ServedAdapters:
                 session.commit()
 
     def awaiting(self) -> list[TrainingRun]:
-        """Completed runs awaiting approval, newer than the current served adapter's promotion."""
+        """Completed runs awaiting approval that ended after the current served adapter was put in use.
+
+        Told by record ids (a Raspberry Pi's clock before NTP is behind: a candidate ended then was never
+        offered, nor kept from retention); by the clock only for runs ended under a release before this one.
+        """
         stack = self.served_stack()
         query = select(TrainingRun).where(
             TrainingRun.status == RunStatus.COMPLETED.value,
             TrainingRun.decision == Decision.AWAITING_APPROVAL.value,
         )
         if stack:
-            query = query.where(TrainingRun.finished_at > stack[0].served_at)  # type: ignore[operator]
+            seen, newest = col(TrainingRun.served_id_at_finish), stack[0]
+            query = query.where(
+                or_(seen >= newest.id, and_(seen.is_(None), col(TrainingRun.finished_at) > newest.served_at))
+            )
         return self._readable(query.order_by(TrainingRun.id.desc()), AWAITING_MAX)  # type: ignore[union-attr]
 
     def _readable(self, query: Any, limit: int) -> list[TrainingRun]:
@@ -424,13 +449,17 @@ class HistoryStore(_ServedAdapters):
         if self._homeiq_runs is not None:
             self._homeiq_runs.close()
 
-    def _update(self, run_id: int, also: SQLModel | None = None, **values: Any) -> TrainingRun:
+    def _update(
+        self, run_id: int, also: SQLModel | None = None, note_served: bool = False, **values: Any
+    ) -> TrainingRun:
         with self._lock, Session(self._engine, expire_on_commit=False) as session:
             run = session.get(TrainingRun, run_id)
             if run is None:
                 raise KeyError(f"no training run with id {run_id}")
             for key, value in values.items():
                 setattr(run, key, value)
+            if note_served:  # in the same transaction as the end, before `also` serves anything
+                run.served_id_at_finish = session.exec(select(func.max(ServedAdapter.id))).one() or 0
             session.add(run)
             if also is not None:
                 session.add(also)  # in the same transaction: both or neither
@@ -512,7 +541,7 @@ class HistoryStore(_ServedAdapters):
             values["parameters_json"] = parameters
         row = self.get(run_id) if serve else None
         served = ServedAdapter(run_identifier=row.run_identifier, served_at=utcnow(), action="promote") if row else None
-        run = self._update(run_id, also=served, **values)
+        run = self._update(run_id, also=served, note_served=True, **values)
         if self._homeiq_runs is not None:
             self._homeiq_runs.record(run)
         return run

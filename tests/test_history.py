@@ -210,6 +210,36 @@ def test_an_index_missing_from_an_existing_history_is_made_again(engine: str, tm
         assert _index_names(url) == full
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_history_of_the_release_before_gains_the_served_order_and_its_candidates_keep_their_place(
+    engine: str, tmp_path: Path
+) -> None:
+    """`served_id_at_finish` is new: rows ended before it read NULL and are told by the clock, as before."""
+    from homeiq_trainer.messages import Decision
+
+    with contextlib.ExitStack() as stack:
+        target, url = _new_history_target(engine, tmp_path / "history.db", stack)
+        store = HistoryStore(target)
+        for name, decision, serve in [
+            ("run_20250101_000000", Decision.AWAITING_APPROVAL, False),  # passed over by what was served next
+            ("run_20250102_000000", Decision.PROMOTED, True),
+            ("run_20250103_000000", Decision.AWAITING_APPROVAL, False),
+        ]:
+            row = store.create(name, "m", f"/out/{name}", "test", {})
+            store.finish(row.id, RunStatus.COMPLETED, decision=decision, serve=serve)  # type: ignore[arg-type]
+            time.sleep(0.01)  # distinct clock times for the rows told by them
+        assert [run.served_id_at_finish for run in store.recent(3)] == [1, 0, 0]
+        store.close()
+        older = create_engine(url)
+        with older.begin() as connection:
+            connection.execute(text("ALTER TABLE training_runs DROP COLUMN served_id_at_finish"))
+        older.dispose()
+        store = HistoryStore(target)  # the column is added again, NULL in every row
+        assert [run.served_id_at_finish for run in store.recent(3)] == [None, None, None]
+        assert [run.run_identifier for run in store.awaiting()] == ["run_20250103_000000"]
+        store.close()
+
+
 def test_an_index_name_another_table_holds_is_an_error_not_skipped(tmp_path: Path) -> None:
     # SQLite's index names are global: an index left on an old, renamed table would make CREATE INDEX
     # fail with "already exists", which must not pass for another process having made it.

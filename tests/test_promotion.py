@@ -536,3 +536,25 @@ def test_the_offered_candidate_is_the_one_that_beat_the_adapter_in_use_by_most(
     _fake_run(store, settings, THIRD, Decision.AWAITING_APPROVAL, evaluation=better)
     chosen = offered(store, settings)
     assert chosen is not None and chosen.run_identifier == THIRD
+
+
+def test_a_candidate_that_ended_while_the_clock_was_behind_is_offered_and_kept(
+    serving: tuple[Settings, Path, HistoryStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Newer than the adapter in use was told by clock times: one that ended while a Raspberry Pi's clock
+    was a day behind (before NTP) was never offered to install, nor kept from retention."""
+    from datetime import timedelta
+
+    from homeiq_trainer import history
+    from homeiq_trainer.messages import utcnow
+
+    settings, out, store = _first_served(serving)
+    monkeypatch.setattr(history, "utcnow", lambda: utcnow() - timedelta(days=1))
+    _fake_run(store, settings, SECOND, Decision.AWAITING_APPROVAL)
+    monkeypatch.undo()
+    chosen = offered(store, settings)
+    assert chosen is not None and chosen.run_identifier == SECOND and SECOND in protected_runs(store)
+    # And one that ended before the adapter now in use was served is still passed over, whatever the clocks.
+    _fake_run(store, settings, THIRD, Decision.KEPT_CURRENT)
+    promote(store, settings, THIRD, triggered_by="test")
+    assert offered(store, settings) is None and SECOND not in protected_runs(store)
