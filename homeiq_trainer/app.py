@@ -108,10 +108,13 @@ class TrainerApp:
             lock = InstanceLock(self.settings)
             lock.acquire()
             stack.callback(lock.release)
+            keeping = threading.Event()
+            lock.keep(keeping)  # a history on a server: its lock is taken again when the server ends our session
+            stack.callback(keeping.set)
             store = open_history(self.settings)
             stack.callback(store.close)
             interrupted = recover(store, self.settings)
-            parts = self._build(store)
+            parts = self._build(store, lock)
             parts.reporter.publish_initial(interrupted)
             parts.entities.start()
             stack.callback(parts.entities.stop)
@@ -123,7 +126,7 @@ class TrainerApp:
             self._parts = parts
             self._cleanup = stack.pop_all()
 
-    def _build(self, store: HistoryStore) -> _Parts:
+    def _build(self, store: HistoryStore, lock: InstanceLock) -> _Parts:
         settings, topics = self.settings, self.topics
         commands = CommandQueue(settings.daemon.command_queue_size)
         intake = Intake(
@@ -163,7 +166,9 @@ class TrainerApp:
         )
         reporter = RunReporter(settings, topics, publisher, store)
         entities = SettingsEntities(settings, topics, store, publisher, self.command_line)
-        runner = Runner(settings, store, listener=entities.listening_to(reporter), launcher=self.launcher)
+        runner = Runner(
+            settings, store, listener=entities.listening_to(reporter), launcher=self.launcher, before_open=lock.ensure
+        )
         dispatcher = Dispatcher(
             settings,
             runner,

@@ -27,7 +27,7 @@ from homeiq_trainer.commands import (
 )
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.idempotency import RequestIdConflict, RequestMemory, fingerprint
-from homeiq_trainer.jobs import JobRequest
+from homeiq_trainer.jobs import InstanceBusy, JobRequest
 from homeiq_trainer.messages import Command, ErrorInfo, Response, RunStatus, StartParams, TriggerEvent
 from homeiq_trainer.reporter import RunReporter
 from homeiq_trainer.runner import Busy, NotRunning, Runner, ShuttingDown
@@ -333,6 +333,8 @@ class Dispatcher:
             raise CommandError("busy", str(exc), {"run_id": exc.run.run_identifier}) from None
         except ShuttingDown as exc:
             raise CommandError("shutting_down", str(exc)) from None
+        except InstanceBusy as exc:  # a history on a server whose lock another homeiq-trainer took meanwhile
+            raise CommandError("busy", str(exc), of_state=True) from None
         return {"run_id": run.run_identifier, "state": RunStatus.QUEUED.value, **extra}
 
 

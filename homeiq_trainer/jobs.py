@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +17,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from homeiq_trainer.database import masked, postgres_connect_args, sqlite_path
-from homeiq_trainer.history import HISTORY_TIMEOUT_S, HistoryStore, TrainingRun, history_unavailable
+from homeiq_trainer.history import (
+    HISTORY_TIMEOUT_S,
+    HistoryStore,
+    HistoryUnavailable,
+    TrainingRun,
+    history_unavailable,
+)
 from homeiq_trainer.homeiq_runs import HomeIQRuns
 from homeiq_trainer.messages import RunResult, RunStatus, TrainParams
 from homeiq_trainer.settings import Settings
@@ -35,8 +44,12 @@ class InstanceBusy(Exception):
     """Another homeiq-trainer works on the same history and output dir."""
 
 
+_LOGGER = logging.getLogger(__name__)
+
 # The PostgreSQL advisory lock a history on a server is held by (one key per database: "HomeIQTr").
 HISTORY_LOCK_KEY = 0x486F6D6549515472
+# How often a daemon checks that the server still holds its session (and so the lock).
+SERVER_LOCK_CHECK_S = 10.0
 
 
 class InstanceLock:
@@ -62,6 +75,8 @@ class InstanceLock:
         self._server_history = None if history is not None else history_url
         self._fds: list[int] = []
         self._session: Connection | None = None
+        self._guard = threading.Lock()  # `ensure` runs on the keeper's thread and before each run opens
+        self._lost_to_another = False
 
     def acquire(self) -> None:
         """Take every lock or raise `InstanceBusy` (holding none)."""
@@ -73,6 +88,50 @@ class InstanceLock:
         except BaseException:
             self.release()
             raise
+
+    def ensure(self) -> None:
+        """Hold the history's server lock still: where the server ended our session (a restart,
+        `idle_session_timeout`, `pg_terminate_backend`) the lock went with it, so take it again. Raises
+        `InstanceBusy` where another homeiq-trainer took it meanwhile, and the history's own error where
+        the server does not answer; nothing to do for a history in a file."""
+        if self._server_history is None:
+            return
+        with self._guard:
+            if self._session is not None:
+                try:
+                    self._session.execute(text("SELECT 1"))
+                    self._session.commit()
+                    return
+                except SQLAlchemyError:
+                    _LOGGER.warning("The history server ended the session holding our lock; taking it again")
+                    session, self._session = self._session, None
+                    with contextlib.suppress(SQLAlchemyError):
+                        session.close()
+                    session.engine.dispose()
+            try:
+                self._session = self._take_on_server(self._server_history)
+            except InstanceBusy:
+                if not self._lost_to_another:  # said once, not every check
+                    _LOGGER.error("Another homeiq-trainer took the history's lock meanwhile; runs are refused")
+                self._lost_to_another = True
+                raise
+            if self._lost_to_another:
+                _LOGGER.info("The history's lock is ours again")
+            self._lost_to_another = False
+
+    def keep(self, stop: threading.Event, every_s: float = SERVER_LOCK_CHECK_S) -> threading.Thread | None:
+        """A daemon thread that runs `ensure` every `every_s` until `stop` is set (None for a file lock)."""
+        if self._server_history is None:
+            return None
+
+        def check() -> None:
+            while not stop.wait(every_s):
+                with contextlib.suppress(InstanceBusy, HistoryUnavailable):  # said by `ensure`, or by the run
+                    self.ensure()
+
+        keeper = threading.Thread(target=check, name="history-lock", daemon=True)
+        keeper.start()
+        return keeper
 
     @staticmethod
     def _take_on_server(url: URL) -> Connection:
@@ -121,11 +180,13 @@ class InstanceLock:
         """Give the locks back."""
         while self._fds:
             os.close(self._fds.pop())
-        if self._session is not None:
-            session, self._session = self._session, None
-            engine = session.engine
-            session.close()  # the server releases a session's advisory locks when it ends
-            engine.dispose()
+        with self._guard:
+            if self._session is not None:
+                session, self._session = self._session, None
+                engine = session.engine
+                with contextlib.suppress(SQLAlchemyError):  # a session the server ended already
+                    session.close()  # the server releases a session's advisory locks when it ends
+                engine.dispose()
 
 
 def open_history(settings: Settings) -> HistoryStore:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -314,11 +314,14 @@ class Runner:
         store: HistoryStore,
         listener: RunnerListener,
         launcher: Launcher | None = None,
+        before_open: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.listener = listener
         self.launcher = launcher or SubprocessLauncher()
+        self.before_open = before_open
+        """Called before a run's row is opened (the instance lock's `ensure`); what it raises refuses the run."""
         self._lock = threading.Lock()
         self._active: ActiveJob | None = None
         self._thread: threading.Thread | None = None
@@ -342,6 +345,8 @@ class Runner:
             if self._active is not None:
                 raise Busy(self._active.run)
             self._record_unrecorded()
+            if self.before_open is not None:
+                self.before_open()
             run = open_run(self.store, settings, request)
             job = ActiveJob(run=run, request=request, settings=settings)
             self._active = job

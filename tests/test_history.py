@@ -272,3 +272,41 @@ def test_one_homeiq_trainer_per_history_on_a_server_whatever_its_output_dir(tmp_
         daemon.release()
         beside.acquire()  # free once the daemon is gone
         beside.release()
+
+
+def test_a_server_lock_lost_with_its_session_is_taken_again_or_refuses_runs(tmp_path: Path) -> None:
+    """A PostgreSQL restart (or `idle_session_timeout`) ends the session holding the daemon's lock; the
+    daemon carried on unlocked, so a `train` beside it could mark its live run interrupted."""
+    from homeiq_trainer.jobs import HISTORY_LOCK_KEY, InstanceBusy, InstanceLock
+
+    def end_the_holders_session(name: str) -> None:
+        with postgres.connect(name) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND objid = (%s::bigint & x'ffffffff'::bigint)",
+                (HISTORY_LOCK_KEY,),
+            ).fetchall()
+        assert ended == [(True,)]
+
+    with postgres.throwaway_database() as name:
+        history = postgres.sqlalchemy_url(name).render_as_string(hide_password=False)
+
+        def lock(output: str) -> InstanceLock:
+            storage = {"history": history, "output_dir": str(tmp_path / output)}
+            return InstanceLock(load_settings(None, {"storage": storage}))
+
+        daemon, beside = lock("daemon-out"), lock("cli-out")
+        daemon.acquire()
+        end_the_holders_session(name)
+        daemon.ensure()  # noticed and taken again
+        with pytest.raises(InstanceBusy):
+            beside.acquire()  # before: got it
+        end_the_holders_session(name)
+        beside.acquire()  # in the moment before the daemon looks again
+        with pytest.raises(InstanceBusy):
+            daemon.ensure()  # so the daemon refuses runs (a `start` is answered `busy`)
+        beside.release()
+        daemon.ensure()
+        with pytest.raises(InstanceBusy):
+            beside.acquire()
+        daemon.release()
