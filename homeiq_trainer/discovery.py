@@ -19,6 +19,8 @@ from homeiq_trainer.messages import Decision, State
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.topics import AVAILABLE, NOT_AVAILABLE, Topics
 
+QOS = 1  # what Home Assistant subscribes to our states and sends commands with
+
 SUPPORT_URL = "https://github.com/homeiq/homeiq-trainer"
 STATE_OPTIONS = [state.value for state in State]
 # A configuration entity reads its value from `<base>/settings`, and what pins it as an attribute.
@@ -191,6 +193,9 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
         if settings.mqtt.default_entity_ids:
             # Both keys until Home Assistant before 2025.10 (object_id only) is gone.
             options.update(default_entity_id=f"{platform}.{slug}_{key}", object_id=f"{slug}_{key}")
+        # QoS on each entity: Home Assistant copies only topics and availability from the device level
+        # into its components, so the top-level `qos` alone left every state and command at QoS 0.
+        options.setdefault("qos", QOS)
         return key, Component(platform=platform, unique_id=f"{instance}_{key}", name=name, **options)
 
     controls = [control_entity(control, settings, topics) for control in active_controls()]
@@ -365,7 +370,7 @@ def build_discovery(settings: Settings, topics: Topics | None = None) -> DeviceD
         ),
         origin=OriginInfo(name="homeiq-trainer", sw_version=__version__, support_url=SUPPORT_URL),
         availability=[Availability(topic=topics.availability)],
-        qos=1,
+        qos=QOS,
         components=components,
     )
 
@@ -439,7 +444,7 @@ def _triggers(topics: Topics, instance: str) -> dict[str, DeviceTrigger]:
             subtype="ask_ai_adapter" if event.startswith("adapter") else "training",
             payload=event,
             value_template="{{ value_json.event }}",
-            qos=1,
+            qos=QOS,
         )
         for event in TRIGGER_EVENTS
     }

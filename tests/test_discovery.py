@@ -82,6 +82,16 @@ def test_payload_has_every_entity_the_issue_names() -> None:
     DeviceDiscovery.model_validate(payload)
 
 
+def test_every_entity_asks_for_qos_1_itself() -> None:
+    """Home Assistant copies only topics and availability from the device level into components
+    (`SHARED_OPTIONS` in its mqtt/schemas.py): with `qos` at the top only, it subscribed to every state
+    and sent every button press and setting at QoS 0."""
+    payload = build_discovery(load_settings()).payload()
+    assert {key: component.get("qos") for key, component in payload["components"].items()} == dict.fromkeys(
+        payload["components"], 1
+    )
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -150,7 +160,7 @@ def test_update_entity_and_device_triggers_follow_home_assistants_schemas() -> N
     assert update["payload_install"] == "promote" and components["rollback"]["payload_press"] == "rollback"
     assert set(update) <= {
         "platform", "unique_id", "name", "default_entity_id", "object_id", "icon", "state_topic", "command_topic",
-        "payload_install", "device_class", "entity_picture",
+        "payload_install", "device_class", "entity_picture", "qos",
     }  # fmt: skip
     assert components["last_decision"]["options"] == DECISION_OPTIONS == [
         "promoted", "kept_current", "awaiting_approval", "not_promoted_invalid",
