@@ -77,6 +77,7 @@ class TrainerApp:
         self.launcher = launcher
         self.memory = RequestMemory()
         self._routes: dict[str, TopicHandler] = {}
+        self._discovery_cleared = False
         self._parts: _Parts | None = None
         self._cleanup = contextlib.ExitStack()
 
@@ -181,9 +182,13 @@ class TrainerApp:
         )
         return _Parts(store, runner, link, publisher, reporter, dispatcher, commands, entities)
 
-    def _discovery(self) -> tuple[str, dict[str, Any] | None]:
+    def _discovery(self) -> tuple[str, dict[str, Any] | None] | None:
         if not self.settings.mqtt.discovery:
             # Cleared: an earlier announcement stays retained otherwise, and Home Assistant keeps the device.
+            # Once per start: Home Assistant logs a warning for each removal of a device it no longer has.
+            if self._discovery_cleared:
+                return None
+            self._discovery_cleared = True
             return self.topics.discovery, None
         return self.topics.discovery, build_discovery(self.settings, self.topics).payload()
 

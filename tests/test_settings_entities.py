@@ -273,6 +273,15 @@ def test_discovery_off_clears_it_and_reannounce_button(
         time.sleep(0.3)
         assert DISCOVERY not in late.latest  # no retained discovery left for Home Assistant to find
         late.close()
+        # Cleared once per start: again at each announce, Home Assistant logged "No device components to
+        # cleanup" every time.
+        cleared = len(watcher.messages(DISCOVERY))
+        announced = len(watcher.messages(f"{BASE}/availability"))
+        watcher.publish(f"{BASE}/reannounce", "PRESS")
+        watcher.wait_for(f"{BASE}/availability", timeout=10)
+        while len(watcher.messages(f"{BASE}/availability")) == announced:
+            time.sleep(0.02)
+        assert len(watcher.messages(DISCOVERY)) == cleared
     finally:
         app.stop()
 
