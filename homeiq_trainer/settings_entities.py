@@ -66,7 +66,7 @@ class SettingsEntities:
         if name is None:
             return
         response = self.panel.answer(name, payload)
-        # Also after a refusal: Home Assistant's entity snaps back to the value in force.
+        # Also after a refusal: the value in force again (Home Assistant's state never left it).
         self.publish_settings()
         self.publisher.respond(response.model_dump_json())
 

@@ -50,7 +50,8 @@ EVENT_MIN_INTERVAL_S = 0.2
 CHANNEL_TIMEOUT_S = 30.0
 # Set in the training process, travel to every worker: offline mode and quiet progress bars.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM")
-INSTALL_HINT = "pip install 'homeiq-trainer[ray]'"
+# Not on PyPI: from the release tag's archive (as the add-on installs it) or a checkout.
+INSTALL_HINT = "pip install 'homeiq-trainer[ray] @ <this version's release archive or a checkout>'"
 # Ray's words when the head's per-client server died while starting: worth asking again, briefly.
 # It says so plainly when the process exits before the head looks at it, and with psutil's error
 # when it exits while the head reads its command line (a zombie, or already gone).
