@@ -75,6 +75,30 @@ def test_an_adapter_trained_with_a_smaller_eval_fraction_is_judged_on_what_it_di
     assert result.evaluation["eval_examples"] == len(unseen)
 
 
+def test_an_adapter_continued_from_one_with_a_smaller_eval_fraction_is_judged_on_what_neither_saw(
+    make_settings: SettingsFactory,
+) -> None:
+    """B continued A (eval_fraction 0.1) with 0.3, so B learned through A most of its own 30% held out:
+    the next run was compared with B on examples B had learned, which favours the adapter in use."""
+    from homeiq_trainer.training.evaluate import held_out
+    from homeiq_trainer.training.run import LINEAGE_KEY
+
+    quick = {"max_generate_examples": 4, "max_new_tokens": 4}
+    _run(make_settings(evaluation=quick, promotion={"policy": "always"}))
+    wider = make_settings(data={"eval_fraction": 0.3}, evaluation=quick, promotion={"policy": "always"})
+    _, resumed, on_parent = _run(wider, TrainParams(resume_from="latest"))
+    assert resumed.promoted and on_parent.evaluation["served"]["run_id"] != resumed.run_identifier
+    assert artifacts.read_metadata(Path(on_parent.run_dir)).hyperparameters[LINEAGE_KEY] == 0.1
+    examples, _ = load_examples(wider.data.source_db, wider.data.max_samples)
+    _, held_now = split_examples(examples, 0.3, wider.data.min_eval_examples)
+    unseen = [e for e in held_now if held_out(e, 0.1)]
+    assert 0 < len(unseen) < len(held_now)
+    assert on_parent.evaluation["eval_examples"] == len(unseen)  # the resumed run itself, beside A
+    _, _, after = _run(wider)  # a fresh run with 0.3, beside B
+    assert after.evaluation["served"]["run_id"] == resumed.run_identifier
+    assert after.evaluation["eval_examples"] == len(unseen)  # before: all of held_now
+
+
 POLICY = PromotionSettings()
 
 

@@ -217,7 +217,11 @@ def execute_run(
 
         if not _all_finite(outcome.final_loss, outcome.eval_loss):
             return _diverged(result)
-        evaluation = _evaluate(settings, hp, examples, run_identifier, staging, observer, stop)
+        # Resumed: what the parent learned, this adapter learned too. The gate must not score either
+        # adapter on it, so the share held out in the whole lineage is recorded and judged by.
+        parent = held_out_fraction(artifacts.read_metadata(resume_dir)) if resume_dir is not None else None
+        lineage = hp.eval_fraction if parent is None else min(hp.eval_fraction, parent)
+        evaluation = _evaluate(settings, hp, examples, run_identifier, staging, observer, stop, lineage)
         if stop.is_set():
             return result.model_copy(update={"status": RunStatus.CANCELLED})
         if evaluation is not None and not _all_finite(evaluation.candidate.eval_loss):
@@ -268,6 +272,7 @@ def execute_run(
             hyperparameters={
                 **parameters_record(settings, params.model_copy(update={"base_model": hp.base_model})),
                 **lora_record,
+                LINEAGE_KEY: lineage,
             },
             loss_history=outcome.loss_history,
             evaluation=evaluation_record,
@@ -337,17 +342,31 @@ def _evaluate(
     staging: Path,
     observer: TrainingObserver,
     stop: threading.Event,
+    lineage: float,
 ) -> Evaluation | None:
-    """Both adapters on the held-out examples (the same ones the engine held out), or None without any."""
-    from homeiq_trainer.training.evaluate import evaluate_adapters
+    """Both adapters on the held-out examples (the same ones the engine held out, less those its
+    lineage learned: `lineage` is `held_out_fraction` of the candidate), or None without any."""
+    from homeiq_trainer.training.evaluate import comparable, evaluate_adapters
 
     _, eval_set = split_examples(examples, hp.eval_fraction, hp.min_eval_examples)
     if not eval_set:
         return None
+    fraction = hp.eval_fraction
+    if lineage < fraction:
+        unseen_by_lineage = comparable(eval_set, lineage)
+        _LOGGER.info(
+            "It continues an adapter trained with data.eval_fraction %g: scored on the %d of %d held-out "
+            "examples none of them trained on",
+            lineage,
+            len(unseen_by_lineage),
+            len(eval_set),
+        )
+        if unseen_by_lineage:  # else it learned every one: its scores say little, and nothing is fairer
+            eval_set, fraction = unseen_by_lineage, lineage
     in_use = artifacts.latest_run(settings.storage.output_dir)
     served, note = _served_adapter(settings.storage.output_dir, in_use, hp.base_model)
     if served is not None:
-        unseen, note = _unseen_by(served, eval_set, hp.eval_fraction)
+        unseen, note = _unseen_by(served, eval_set, fraction)
         if unseen:
             eval_set = unseen
         else:  # no fair comparison: judged as if none were in use, so retraining never sticks
@@ -357,18 +376,30 @@ def _evaluate(
     return evaluation
 
 
+LINEAGE_KEY = "lineage_eval_fraction"
+
+
+def held_out_fraction(meta: RunMetadata) -> float | None:
+    """The `data.eval_fraction` under which no adapter in this one's lineage trained on an example: its
+    own, or a parent's smaller one where it was resumed from it (`LINEAGE_KEY`); 0 where it trained on
+    every example it had (a small run of an earlier version); None where its metadata does not say."""
+    if not meta.eval_examples and meta.train_examples is not None and meta.train_examples == meta.samples_used:
+        return 0.0
+    recorded = meta.hyperparameters.get(LINEAGE_KEY, meta.hyperparameters.get("eval_fraction"))
+    if not isinstance(recorded, int | float) or isinstance(recorded, bool):
+        return None
+    return float(recorded)
+
+
 def _unseen_by(served: tuple[str, Path], eval_set: list[Example], fraction: float) -> tuple[list[Example], str | None]:
     """The held-out examples the adapter in use did not train on (all of them unless it was trained
     with a smaller `data.eval_fraction`), and a note when none are left."""
     from homeiq_trainer.training.evaluate import comparable
 
-    meta = artifacts.read_metadata(served[1])
-    trained = meta.hyperparameters.get("eval_fraction")
-    if not meta.eval_examples and meta.train_examples is not None and meta.train_examples == meta.samples_used:
-        trained = 0.0  # it trained on every example it had (a small run of an earlier version): none is unseen
-    if not isinstance(trained, int | float) or isinstance(trained, bool) or trained >= fraction:
+    trained = held_out_fraction(artifacts.read_metadata(served[1]))
+    if trained is None or trained >= fraction:
         return eval_set, None
-    common = comparable(eval_set, float(trained))
+    common = comparable(eval_set, trained)
     _LOGGER.info(
         "%s in use was trained with data.eval_fraction %g: both are scored on the %d of %d held-out examples "
         "it did not train on",
