@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from homeiq_trainer.promotion import conclude, decide
 from homeiq_trainer.settings import PromotionSettings
 from homeiq_trainer.training import artifacts
 from homeiq_trainer.training.data import Example, load_examples
-from homeiq_trainer.training.evaluate import split_examples
+from homeiq_trainer.training.evaluate import held_out, split_examples
 from homeiq_trainer.training.run import execute_run
 
 from .conftest import SettingsFactory
@@ -42,6 +43,11 @@ def test_split_is_chosen_by_content_not_by_order_or_run() -> None:
         Example(instruction=f"  {e.instruction.upper()} ", response=e.response, created_at=None) for e in examples
     ]
     assert [e.response for e in split_examples(respaced, 0.1, 20)[1]] == [e.response for e in held]
+    # And in another Unicode form, as T5's tokenizer reads them (before: 28 of 200 such pairs split).
+    nfc = [Example(f"Schalte das Licht in der Küche {i} aus", "r", None) for i in range(200)]
+    nfd = [Example(unicodedata.normalize("NFD", e.instruction), "r", None) for e in nfc]
+    assert all(a.instruction != b.instruction for a, b in zip(nfc, nfd, strict=True))
+    assert [held_out(e, 0.1) for e in nfc] == [held_out(e, 0.1) for e in nfd]
     assert split_examples(examples, 0.0, 20) == (examples, [])
     assert split_examples(examples[:1], 0.99, 20) == (examples[:1], [])  # nothing else to train on
 
@@ -59,7 +65,6 @@ def test_a_run_too_small_to_evaluate_never_trains_on_what_later_runs_hold_out() 
 def test_an_adapter_trained_with_a_smaller_eval_fraction_is_judged_on_what_it_did_not_see(
     make_settings: SettingsFactory,
 ) -> None:
-    from homeiq_trainer.training.evaluate import held_out
 
     settings = make_settings(evaluation={"max_generate_examples": 4, "max_new_tokens": 4})
     store, first, _ = _run(settings)
@@ -80,7 +85,6 @@ def test_an_adapter_continued_from_one_with_a_smaller_eval_fraction_is_judged_on
 ) -> None:
     """B continued A (eval_fraction 0.1) with 0.3, so B learned through A most of its own 30% held out:
     the next run was compared with B on examples B had learned, which favours the adapter in use."""
-    from homeiq_trainer.training.evaluate import held_out
     from homeiq_trainer.training.run import LINEAGE_KEY
 
     quick = {"max_generate_examples": 4, "max_new_tokens": 4}

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import random
 import threading
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +36,9 @@ _HASH_SPAN = float(2**64)
 
 
 def _bucket(text: str) -> float:
-    """Where `text` falls in [0, 1): the same for the same words, whatever the run, case or spacing."""
-    normal = " ".join(text.casefold().split())
+    """Where `text` falls in [0, 1): the same for the same words, whatever the run, case, spacing or
+    Unicode form (T5's tokenizer reads "Küche" typed on a Mac, NFD, as the NFC one: the same example)."""
+    normal = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
     return int.from_bytes(hashlib.sha256(normal.encode("utf-8")).digest()[:8], "big") / _HASH_SPAN
 
 
