@@ -43,10 +43,18 @@ def test_urls_are_normalised(given: str, expected: str) -> None:
         ("postgresql://u:p@sspw@h:5432/db", "password contains '@': write it as %40"),
     ],
 )
-def test_unusable_source_names_the_key_never_the_password(given: str, message: str) -> None:
+def test_unusable_source_names_the_key_never_the_password(
+    given: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOMEIQ_DATA__SOURCE", given.replace("pw", PASSWORD))  # and the variable that set it
     with pytest.raises(ConfigError) as caught:
-        load_settings(None, {"data": {"source": given.replace("pw", PASSWORD)}})
+        load_settings()
     assert "data.source (HOMEIQ_DATA__SOURCE)" in str(caught.value) and message in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+    monkeypatch.delenv("HOMEIQ_DATA__SOURCE")
+    with pytest.raises(ConfigError) as caught:  # given some other way: the key alone
+        load_settings(None, {"data": {"source": given.replace("pw", PASSWORD)}})
+    assert "data.source: " in str(caught.value) and message in str(caught.value)
     assert PASSWORD not in str(caught.value)
 
 
