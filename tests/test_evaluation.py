@@ -104,6 +104,7 @@ def test_an_adapter_continued_from_one_with_a_smaller_eval_fraction_is_judged_on
 
 
 POLICY = PromotionSettings()
+BY_LOSS = PromotionSettings(metric="eval_loss")
 
 
 @pytest.mark.parametrize(
@@ -126,22 +127,8 @@ POLICY = PromotionSettings()
             "eval loss 3.0 vs 2.5 in use",
         ),
         # Weights gone NaN in use scored NaN, which no gain beats: every later run was kept out for good.
-        (
-            PromotionSettings(metric="eval_loss"),
-            {"eval_loss": 3.0},
-            {"eval_loss": math.nan},
-            "r",
-            Decision.PROMOTED,
-            "no finite",
-        ),
-        (
-            PromotionSettings(metric="eval_loss"),
-            {"eval_loss": 3.0},
-            {"eval_loss": math.inf},
-            "r",
-            Decision.PROMOTED,
-            "no finite",
-        ),
+        (BY_LOSS, {"eval_loss": 3.0}, {"eval_loss": math.nan}, "r", Decision.PROMOTED, "no finite"),
+        (BY_LOSS, {"eval_loss": 3.0}, {"eval_loss": math.inf}, "r", Decision.PROMOTED, "no finite"),
         (PromotionSettings(policy="always"), {"chrf": 1.0}, {"chrf": 43.0}, "r", Decision.PROMOTED, "always"),
         (
             PromotionSettings(policy="manual"),
