@@ -33,15 +33,25 @@ class RayHead:
         self.proc: psutil.Popen | None = None
 
     def start(self) -> None:
+        # Each free when asked, but the kernel may hand the same one out twice in a row: Ray then refuses
+        # to start ("... is trying to use a port number ... that is used by other components").
+        taken = {self.client_port}
+
+        def another_port() -> int:
+            while (port := free_port()) in taken:
+                pass
+            taken.add(port)
+            return port
+
         ports = {
-            "--port": free_port(),
+            "--port": another_port(),
             "--ray-client-server-port": self.client_port,
-            "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-            "--metrics-export-port": free_port(),
+            "--node-manager-port": another_port(),
+            "--object-manager-port": another_port(),
+            "--dashboard-agent-listen-port": another_port(),
+            "--dashboard-agent-grpc-port": another_port(),
+            "--runtime-env-agent-port": another_port(),
+            "--metrics-export-port": another_port(),
         }
         env = {
             **os.environ,
