@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from pathlib import Path
 from typing import TypeVar
 
@@ -41,6 +44,53 @@ def sqlite_when_unlocked(statement: Callable[[], _T], timeout_s: float, poll_s: 
             if (exc.sqlite_errorcode & 0xFF) not in _SQLITE_LOCKED or time.monotonic() >= deadline:
                 raise
         time.sleep(poll_s)
+
+
+class NoAnswer(Exception):  # noqa: N818 - named for what the user is told
+    """A database call that did not return within its wait (it goes on, on its own thread)."""
+
+
+class BoundedWait:
+    """Runs one blocking database call at a time on a daemon thread, waiting at most `wait_s` for it.
+
+    libpq bounds the connecting (connect_timeout) and the server its own work (statement_timeout),
+    but nothing bounds the wait for an answer on a connection made: a backend stopped or stuck on a
+    dead disk keeps the TCP connection up (keepalives are answered) and never replies. A call left
+    waiting goes on alone; while it does, the next call waits for it first and starts only once it
+    ended, so a server that hangs for days holds one connection, not one per check.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._pending: Future[object] | None = None
+        self._since = 0.0
+
+    def call(self, work: Callable[[], _T], wait_s: float) -> _T:
+        """`work()`'s result, or its exception; `NoAnswer` when it has not returned after `wait_s`.
+
+        A call still waiting from before is waited for first, up to `wait_s` as well.
+        """
+        pending = self._pending
+        if pending is not None:
+            wait_for([pending], timeout=wait_s)
+            if not pending.done():
+                waited = time.monotonic() - self._since
+                raise NoAnswer(f"no answer for {waited:.0f} s (a call started then is still waiting)")
+        future: Future[_T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # handed to the caller, whose frame decides
+                future.set_exception(exc)
+
+        self._pending, self._since = future, time.monotonic()  # type: ignore[assignment]
+        threading.Thread(target=run, name=self.name, daemon=True).start()
+        wait_for([future], timeout=wait_s)
+        if not future.done():
+            raise NoAnswer(f"no answer within {wait_s:g} s")
+        self._pending = None
+        return future.result()
 
 
 # libpq connection parameters that are secrets when a URL carries them in its query.

@@ -25,6 +25,7 @@ from homeiq_trainer.commands import (
     request_id_of,
     validate_command,
 )
+from homeiq_trainer.database import BoundedWait, NoAnswer
 from homeiq_trainer.history import HistoryStore
 from homeiq_trainer.idempotency import RequestIdConflict, RequestMemory, fingerprint
 from homeiq_trainer.jobs import InstanceBusy, JobRequest
@@ -43,6 +44,9 @@ REMEMBERED_ERRORS = frozenset({"invalid_command", "base_model_not_allowed"})
 INTERNAL_ERROR_MAX_CHARS = 200
 # A new-data count runs off the command thread, but a start should not wait for it forever.
 NEW_DATA_CHECK_DEADLINE_S = 120.0
+# Beyond the deadline and the source's own timeouts: a count not back by then waits on a server that
+# took its query and went quiet, and the start is answered instead of waiting for good.
+NEW_DATA_WAIT_MARGIN_S = 5.0
 THRESHOLD_SETTING = "daemon.min_new_samples"
 
 Reply = Callable[[str], None]
@@ -93,6 +97,7 @@ class Dispatcher:
         self._respond = respond
         self._post = post
         self._checking = False
+        self._count_wait = BoundedWait("new-data-count")
         # A `cancel` that came while a start was counting: that start ends refused, no run begins.
         self._start_cancelled = False
         # Request ids of commands still being worked on (a start counting), with their digests: the
@@ -275,9 +280,19 @@ class Dispatcher:
             note["notice"] = f"min_new_samples {wanted} is above data.max_samples ({limit}); {required} required"
         self._checking, self._start_cancelled = True, False
         return Later(
-            work=lambda: count_new_since_last_completed(self.settings, self.store, required),
+            work=lambda: self._count_new(required),
             then=lambda found: self._after_count(command, note, found),
         )
+
+    def _count_new(self, required: int) -> int:
+        data = self.settings.data
+        wait_s = NEW_DATA_CHECK_DEADLINE_S + data.connect_timeout_s + data.busy_timeout_s + NEW_DATA_WAIT_MARGIN_S
+        try:
+            return self._count_wait.call(
+                lambda: count_new_since_last_completed(self.settings, self.store, required), wait_s
+            )
+        except NoAnswer as exc:
+            raise CommandError("data_unavailable", f"counting new examples: {exc}; try again later") from None
 
     def _after_count(self, command: Command, note: Data, found: int) -> Data:
         if self._start_cancelled:

@@ -3,13 +3,12 @@
 The only write homeiq-trainer ever makes to HomeIQ's database, and only when `storage.homeiq_runs` is
 on: one INSERT per finished run, on its own connection. A failure is logged and never fails the run,
 and a server that stops answering cannot hold up the run's end: the insert waits at most
-`RECORD_WAIT_S` (on a thread of its own, left to finish or fail later), and never repeats.
+`RECORD_WAIT_S` (`BoundedWait`: left to finish or fail on its own thread), and never repeats.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import UTC, datetime
 
 from sqlalchemy import JSON, Column, DateTime, Float, Integer, MetaData, String, Table, Text, create_engine, insert
@@ -17,7 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from homeiq_trainer.database import masked, postgres_connect_args, postgres_reason, scrub, where
+from homeiq_trainer.database import BoundedWait, NoAnswer, masked, postgres_connect_args, postgres_reason, scrub, where
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ class HomeIQRuns:
             "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
         }
         self._engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+        self._wait = BoundedWait("homeiq-runs-record")
 
     def record(self, run: object) -> bool:
         """Insert one finished run (a `TrainingRun`); False, logged once, when HomeIQ's table refuses it."""
@@ -84,22 +84,16 @@ class HomeIQRuns:
         if values["status"] not in HOMEIQ_STATUSES:
             values["error_message"] = values["error_message"] or f"{values['status']} on request"
             values["status"] = "failed"
-        outcome: list[bool] = []
-        writer = threading.Thread(
-            target=lambda: outcome.append(self._insert(values)), name="homeiq-runs-record", daemon=True
+        try:
+            return self._wait.call(lambda: self._insert(values), RECORD_WAIT_S)
+        except NoAnswer as exc:
+            reason = str(exc)
+        except Exception as exc:  # what no database error is: the run's end goes on regardless
+            reason = f"{type(exc).__name__}: {scrub(str(exc), self.url)}"
+        _LOGGER.warning(
+            "Run %s not recorded in HomeIQ's %s (%s): %s", values["run_identifier"], TABLE_NAME, where(self.url), reason
         )
-        writer.start()
-        writer.join(RECORD_WAIT_S)
-        if writer.is_alive():
-            _LOGGER.warning(
-                "Run %s not recorded in HomeIQ's %s (%s): no answer within %g s",
-                values["run_identifier"],
-                TABLE_NAME,
-                where(self.url),
-                RECORD_WAIT_S,
-            )
-            return False
-        return bool(outcome) and outcome[0]  # nothing: it raised what no database error is (logged by threading)
+        return False
 
     def _insert(self, values: dict[str, object]) -> bool:
         try:

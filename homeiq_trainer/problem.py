@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from homeiq_trainer.database import scrub
+from homeiq_trainer.database import BoundedWait, NoAnswer, scrub
 from homeiq_trainer.messages import RunStatus, utcnow
 from homeiq_trainer.settings import Settings
 from homeiq_trainer.training.data import DataError, SourceOptions, count_new_examples
@@ -17,6 +17,9 @@ _LOGGER = logging.getLogger(__name__)
 SOURCE_CHECK_INTERVAL_S = 300.0
 # The check must never hold HomeIQ's writers up, nor itself wait long for them.
 SOURCE_CHECK_BUSY_TIMEOUT_S = 2.0
+# Connecting and one query, each bounded at 2 s by the server or libpq; past this the server has
+# taken the query and gone quiet (see `BoundedWait`).
+SOURCE_CHECK_WAIT_S = 4 * SOURCE_CHECK_BUSY_TIMEOUT_S + 2.0
 
 
 def probe_source(settings: Settings) -> str | None:
@@ -76,6 +79,7 @@ class SourceWatch:
         """Set when the problem sensor could not be published: the next check publishes it again."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._probe = BoundedWait("source-probe")
 
     def start(self) -> None:
         """Start checking in the background."""
@@ -90,7 +94,10 @@ class SourceWatch:
 
     def check(self) -> str | None:
         """Check now; report to `on_change` when the answer changed."""
-        error = probe_source(self.settings)
+        try:
+            error = self._probe.call(lambda: probe_source(self.settings), SOURCE_CHECK_WAIT_S)
+        except NoAnswer as exc:
+            error = str(exc)
         if error != self.error:
             self.error = error
             if error is None:

@@ -257,3 +257,44 @@ class PasswordRejectingServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class StallingProxy:
+    """Passes each connection's start-up through to the tests' server, then holds all the client sends:
+    a backend that took the connection and went quiet (stopped, or stuck on a dead disk), which
+    neither libpq's connect_timeout nor the server's statement_timeout ends."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted = 0
+        self._server = make_url(admin_url())
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, dbname: str | None = None) -> str:
+        """A libpq URL of the tests' server (`dbname`, else its maintenance database) through the proxy."""
+        url = make_url(admin_url()).set(host="127.0.0.1", port=self.port)
+        return url.set(database=dbname or url.database).render_as_string(hide_password=False)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.sock.accept()
+                self.accepted += 1
+                upstream = socket.create_connection((self._server.host or "127.0.0.1", self._server.port or 5432))
+                ready = threading.Event()
+                threading.Thread(target=self._pipe, args=(client, upstream, True, ready), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(upstream, client, False, ready), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, from_client: bool, ready: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if from_client and ready.is_set():
+                    continue  # swallowed: the server never answers again
+                if not from_client and b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery: connected
+                    ready.set()
+                sink.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()

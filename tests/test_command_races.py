@@ -268,3 +268,23 @@ def test_a_repeat_answered_busy_does_not_free_the_id_of_the_counting_start(
     assert [a["error"]["code"] for a in got[:2]] == ["busy", "request_id_conflict"]
     assert got[2]["action"] == "start" and got[2]["status"] == "ok"
     app.runner.cancel()
+
+
+def test_a_count_on_a_source_gone_quiet_is_answered_and_frees_the_next_start(
+    daemon: Any, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count waited for good on a server that took its query and never answered, and every later
+    start, the nightly automation's too, was refused `busy` ("another start is counting")."""
+    proxy = postgres.StallingProxy()
+    monkeypatch.setattr(dispatcher_module, "NEW_DATA_CHECK_DEADLINE_S", 0.5)
+    monkeypatch.setattr(dispatcher_module, "NEW_DATA_WAIT_MARGIN_S", 0.0)
+    app = daemon(["result"], data={"source": proxy.url(), "connect_timeout_s": 1, "busy_timeout_s": 1})
+    start = {"action": "start", "params": {"min_new_samples": 1}}
+    refused = watcher.request(CMD, RESP, start, timeout=15)
+    assert refused["error"]["code"] == "data_unavailable"
+    assert refused["error"]["message"] == "counting new examples: no answer within 2.5 s; try again later"
+    answered = watcher.request(CMD, RESP, {"action": "start"})  # not `busy`: the count no longer holds starts
+    assert answered["status"] == "ok"
+    watcher.wait_for(f"{BASE}/last_run", lambda v: v.get("run_id") == answered["data"]["run_id"], timeout=15)
+    wait_idle(app)
+    proxy.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,47 +124,27 @@ def test_refused_write_is_logged_once_and_the_run_completes(
 def test_a_server_that_stops_answering_cannot_hold_up_the_runs_end(
     homeiq_db: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A proxy passes the connection's start-up, then holds all the client sends (a hung disk at COMMIT)."""
-    import socket
-    import threading
+    """The server took the connection, then went quiet (a hung disk at COMMIT)."""
     import time
 
     from homeiq_trainer import homeiq_runs as module
-    from homeiq_trainer.database import database_url
     from homeiq_trainer.history import TrainingRun
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    server = database_url(postgres.admin_url())
-
-    def pipe(source: socket.socket, sink: socket.socket, from_client: bool, ready: threading.Event) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if from_client and ready.is_set():
-                    continue  # swallowed: the server never answers again
-                if not from_client and b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery: connected
-                    ready.set()
-                sink.sendall(data)
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = listener.accept()
-                upstream = socket.create_connection((server.host or "127.0.0.1", server.port or 5432))
-                ready = threading.Event()
-                threading.Thread(target=pipe, args=(client, upstream, True, ready), daemon=True).start()
-                threading.Thread(target=pipe, args=(upstream, client, False, ready), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    proxy = postgres.StallingProxy()
     monkeypatch.setattr(module, "RECORD_WAIT_S", 3.0)
-    url = postgres.sqlalchemy_url(homeiq_db).set(host="127.0.0.1", port=listener.getsockname()[1])
+    url = postgres.sqlalchemy_url(homeiq_db).set(host="127.0.0.1", port=proxy.port)
     caplog.set_level(logging.WARNING)
     runs = module.HomeIQRuns(url)
     started = time.monotonic()
     recorded = runs.record(TrainingRun(run_identifier="run_stalled", status="completed"))
     waited = time.monotonic() - started
-    listener.close()
     assert recorded is False and waited < 10  # before: blocked for good
     assert any("no answer within 3 s" in r.getMessage() for r in caplog.records)
+    # The next run's record waits for the first, which still hangs, and opens no second connection.
+    assert runs.record(TrainingRun(run_identifier="run_next", status="completed")) is False
+    assert any("still waiting" in r.getMessage() and "run_next" in r.getMessage() for r in caplog.records)
+    assert proxy.accepted == 1
+    proxy.close()
 
 
 def test_a_run_a_stopped_process_left_is_recorded_when_it_is_marked_failed(homeiq_db: str, tmp_path: Path) -> None:

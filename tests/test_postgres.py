@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from datetime import UTC, timedelta, timezone
 from pathlib import Path
 
@@ -273,6 +274,30 @@ def test_server_gone_mid_read_is_one_line(current_db: str, monkeypatch: pytest.M
     assert "server closed the connection" in message
     assert f"automation.ask_ai_queries from database {current_db} on {server(url)}" in message
     assert PASSWORD not in message and "\n" not in message
+
+
+def test_a_source_that_took_the_connection_and_went_quiet_is_a_problem_not_a_hang(
+    current_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq bounds the connecting and the server its own work, nothing the wait for an answer: the
+    source check waited for good, and the problem sensor said the source was fine all the while."""
+    from homeiq_trainer import problem
+    from homeiq_trainer.settings import load_settings
+
+    proxy = postgres.StallingProxy()
+    monkeypatch.setattr(problem, "SOURCE_CHECK_WAIT_S", 2.0)
+    settings = load_settings(None, {"data": {"source": proxy.url(current_db)}})
+    seen: list[str | None] = []
+    watch = problem.SourceWatch(settings, seen.append)
+    checked = threading.Thread(target=watch.check, daemon=True)
+    checked.start()
+    checked.join(10)
+    assert not checked.is_alive()  # before: still waiting
+    assert seen == ["no answer within 2 s"]
+    # The next check waits for the hung one again instead of opening a connection per check.
+    assert watch.check() is not None and proxy.accepted == 1
+    assert seen == ["no answer within 2 s", watch.error] and "still waiting" in str(watch.error)
+    proxy.close()
 
 
 @pytest.mark.parametrize(
