@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,6 +46,9 @@ class SettingsEntities:
         if self.panel.effective.log_level != settings.log_level:
             apply_log_level(self.panel.effective.log_level)
         self.source_watch = SourceWatch(settings, lambda _error: self.publish_problem())
+        # Three threads publish it (start, the source check, a run's end): each reads and publishes
+        # under the lock, so the last one published was also the last one read.
+        self._problem_lock = threading.Lock()
 
     def run_settings(self) -> Settings:
         """The settings a run started now trains with."""
@@ -90,6 +94,10 @@ class SettingsEntities:
 
     def publish_problem(self) -> None:
         """The retained `problem` value (left as it was when the history cannot be read now)."""
+        with self._problem_lock:
+            self._publish_problem()
+
+    def _publish_problem(self) -> None:
         try:
             last = self.store.latest_finished()
         except Exception as exc:  # the history's own database errors; the source check's thread lives on

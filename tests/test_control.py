@@ -400,3 +400,43 @@ def test_a_problem_sensor_the_history_could_not_publish_is_published_at_the_next
     entities.source_watch.check()
     assert len(published) == 1
     store.close()
+
+
+def test_the_problem_sensor_published_last_is_the_one_read_last(tmp_path: Path) -> None:
+    """A run's end and the source check publish it from two threads: a read of the last run that
+    was slow (the history busy) was published after the newer one, and the sensor stayed on."""
+    import threading
+    import time
+
+    from homeiq_trainer.history import TrainingRun
+    from homeiq_trainer.settings_entities import SettingsEntities
+    from homeiq_trainer.topics import Topics
+
+    settings = load_settings(None, {"storage": {"history_db": str(tmp_path / "h.db"), "output_dir": str(tmp_path)}})
+    published: list[bool] = []
+
+    class Publisher:
+        def retain(self, topic: str, payload: str) -> None:
+            published.append(json.loads(payload)["last_run_failed"])
+
+    store = HistoryStore(settings.storage.history_db)
+    entities = SettingsEntities(settings, Topics.from_settings(settings), store, Publisher())  # type: ignore[arg-type]
+    last = {"status": "failed"}
+    reading = threading.Event()
+
+    def latest_finished() -> TrainingRun:
+        run = TrainingRun(run_identifier="run_1", status=last["status"])
+        if threading.current_thread().name == "slow":
+            reading.set()
+            time.sleep(0.5)  # read before the run below ended, published after it
+        return run
+
+    store.latest_finished = latest_finished  # type: ignore[method-assign]
+    slow = threading.Thread(target=entities.publish_problem, name="slow")
+    slow.start()
+    assert reading.wait(5)
+    last["status"] = "completed"  # a new run completed: its end publishes the sensor
+    entities.publish_problem()
+    slow.join(5)
+    assert published[-1] is False  # before: [False, True], the failed run's sensor last
+    store.close()
