@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,10 @@ from homeiq_trainer.settings_entities import SettingsEntities
 from homeiq_trainer.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
+
+DISCOVERY_REMOVAL_GRACE_S = 2.0
+"""`discovery --remove`: time for Home Assistant to drop the entities before their state topics are
+cleared (an empty state reaching a live entity is a template warning in its log)."""
 
 
 class NotStarted(RuntimeError):
@@ -279,8 +284,12 @@ def remove_retained(settings: Settings, timeout_s: float = 10.0) -> int:
         _LOGGER.error("Could not reach the MQTT broker %s:%d", settings.mqtt.host, settings.mqtt.port)
         link.stop()
         return 1
-    infos = [link.publish(topic, b"", qos=1, retain=True) for topic in topics.retained_state_topics()]
+    discovery, *states = topics.retained_state_topics()
+    infos = [link.publish(discovery, b"", qos=1, retain=True)]
     with contextlib.suppress(RuntimeError, ValueError):  # raised when the connection drops meanwhile
+        infos[0].wait_for_publish(timeout=timeout_s)
+        time.sleep(DISCOVERY_REMOVAL_GRACE_S)
+        infos += [link.publish(topic, b"", qos=1, retain=True) for topic in states]
         for info in infos:
             info.wait_for_publish(timeout=timeout_s)
     link.stop(announce_offline=False)

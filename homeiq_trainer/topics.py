@@ -58,7 +58,7 @@ class Topics:
         )
 
     def retained_state_topics(self) -> tuple[str, ...]:
-        """The retained topics the daemon owns, discovery and availability included."""
+        """The retained topics the daemon owns, discovery first (`discovery --remove` clears it first)."""
         return (
             self.discovery,
             self.state,

@@ -370,10 +370,18 @@ def test_discovery_remove_clears_every_retained_topic(make_settings: SettingsFac
     first.close()
     daemon.stop()  # leaves `offline`, discovery and every state retained
     env = {**os.environ, "HOMEIQ_MQTT__HOST": "127.0.0.1", "HOMEIQ_MQTT__PORT": str(broker.port)}
+    live = Watcher(broker.port)  # as Home Assistant, subscribed while the topics are cleared
+    live.wait_for(DISCOVERY, timeout=10)
     done = subprocess.run(
         [sys.executable, "-m", "homeiq_trainer", "discovery", "--remove"], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+    live.close()
+    cleared = {topic: at for at, topic, payload in live.log if payload == b""}
+    # The device is removed before its states empty (before: all in one burst, so Home Assistant's
+    # entities, still subscribed, rendered empty states).
+    assert len(cleared) == 11 and min(cleared.values()) == cleared[DISCOVERY]
+    assert min(at for topic, at in cleared.items() if topic != DISCOVERY) - cleared[DISCOVERY] >= 1.0
     late = Watcher(broker.port)
     try:
         # Retained messages arrive right after subscribing, before anything published later.
