@@ -192,7 +192,7 @@ def conclude(store: HistoryStore, settings: Settings, run: TrainingRun, result: 
 
 
 def promote(store: HistoryStore, settings: Settings, run_identifier: str, triggered_by: str) -> TrainingRun:
-    """Serve a completed run's adapter on request (whatever its decision was)."""
+    """Serve a completed run's adapter on request (whatever its decision was); the run as read before."""
     output_dir = settings.storage.output_dir
     with _SWITCH_LOCK:
         run = store.by_identifier(run_identifier)
@@ -207,7 +207,8 @@ def promote(store: HistoryStore, settings: Settings, run_identifier: str, trigge
             raise PromotionError("already_served", f"run {run_identifier} is already served")
         with _switched(output_dir, run_identifier, stack[0] if stack else None):
             store.serve(run_identifier, action="promote", triggered_by=triggered_by)
-    return store.by_identifier(run_identifier) or run
+    # Not read again: a read failing after the commit would answer an error for a switch that took effect.
+    return run
 
 
 def offered(store: HistoryStore, settings: Settings) -> TrainingRun | None:

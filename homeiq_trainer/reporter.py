@@ -68,6 +68,7 @@ class RunReporter:
         self.publisher = publisher
         self.store = store
         self._lock = threading.Lock()
+        self._serving_lock = threading.Lock()
         self._state = StatePayload(state=State.IDLE, message="no run yet")
         self._progress = ProgressPayload()
         self._runs: list[RunRecord] = []
@@ -146,14 +147,19 @@ class RunReporter:
         self.publisher.retain(self.topics.model, model)
 
     def publish_serving(self) -> None:
-        """The served adapter, the update entity, the last decision and the history that records them."""
-        self.publish_model()
-        self.publish_history()
-        update = update_payload(self.store, self.settings)
-        with self._lock:
-            self._offered = update.latest_version if update.latest_version != update.installed_version else None
-        self.publisher.retain(self.topics.adapter, update)
-        self.publisher.retain(self.topics.decision, decision_payload(self.store))
+        """The served adapter, the update entity, the last decision and the history that records them.
+
+        A run's end and a promote publish them from two threads: each reads and publishes under one
+        lock, so the last published is also the last read.
+        """
+        with self._serving_lock:
+            self.publish_model()
+            self.publish_history()
+            update = update_payload(self.store, self.settings)
+            with self._lock:
+                self._offered = update.latest_version if update.latest_version != update.installed_version else None
+            self.publisher.retain(self.topics.adapter, update)
+            self.publisher.retain(self.topics.decision, decision_payload(self.store))
 
     def offered(self) -> str | None:
         """The candidate the update entity last showed for install (what its Install button means)."""

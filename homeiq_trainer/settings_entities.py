@@ -117,7 +117,7 @@ class SettingsEntities:
 
 
 class _ProblemAfterRuns:
-    """A runner listener that also re-publishes `problem` when a run ends."""
+    """A runner listener that also re-publishes `problem` when a run ends (the run recorded by then)."""
 
     def __init__(self, listener: RunnerListener, publish_problem: Callable[[], None]) -> None:
         self.listener = listener
@@ -130,5 +130,7 @@ class _ProblemAfterRuns:
         self.listener.run_progress(run, event)
 
     def run_finished(self, run: TrainingRun, result: RunResult) -> None:
-        self.listener.run_finished(run, result)
+        # First: after the final state, whoever starts the next run on it must find the runner free,
+        # not one more history read away from it (refused `busy`).
         self.publish_problem()
+        self.listener.run_finished(run, result)

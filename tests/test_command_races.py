@@ -288,3 +288,110 @@ def test_a_count_on_a_source_gone_quiet_is_answered_and_frees_the_next_start(
     watcher.wait_for(f"{BASE}/last_run", lambda v: v.get("run_id") == answered["data"]["run_id"], timeout=15)
     wait_idle(app)
     proxy.close()
+
+
+@pytest.fixture
+def served_app(daemon: Any, make_settings: SettingsFactory) -> TrainerApp:
+    """FIRST served, SECOND completed and kept out, and a daemon whose fake run completes."""
+    from homeiq_trainer.history import HistoryStore
+    from homeiq_trainer.messages import Decision
+    from tests.test_promotion import FIRST, SECOND, _fake_run
+
+    settings = make_settings()
+    store = HistoryStore(settings.storage.history_db)
+    _fake_run(store, settings, FIRST, Decision.PROMOTED, serve=True)
+    _fake_run(store, settings, SECOND, Decision.KEPT_CURRENT)
+    store.close()
+    app: TrainerApp = daemon([PhaseEvent(phase=Phase.TRAINING), "result"])
+    assert app.settings.storage.history_db == settings.storage.history_db
+    return app
+
+
+def test_a_promote_whose_history_read_fails_after_the_switch_is_answered_ok(
+    served_app: TrainerApp, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The promote read its run again after the commit: a connection dropping then answered
+    `internal_error` for a switch that had happened, and nothing was refreshed."""
+    from sqlalchemy.exc import OperationalError
+
+    from tests.test_promotion import FIRST, SECOND
+
+    store = served_app.store
+    watcher.wait_for(f"{BASE}/adapter", lambda v: v["installed_version"] == FIRST, timeout=10)
+    real_serve, real_by_id, committed = store.serve, store.by_identifier, threading.Event()
+
+    def serve(*args: Any, **kwargs: Any) -> Any:
+        committed.set()
+        return real_serve(*args, **kwargs)
+
+    def by_identifier(run_identifier: str) -> Any:
+        if committed.is_set():
+            committed.clear()
+            raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+        return real_by_id(run_identifier)
+
+    monkeypatch.setattr(store, "serve", serve)
+    monkeypatch.setattr(store, "by_identifier", by_identifier)
+    answer = watcher.request(CMD, RESP, {"action": "promote", "run_id": SECOND})
+    assert answer["status"] == "ok", answer  # before: internal_error, and no `adapter_promoted`
+    watcher.wait_for(f"{BASE}/event", lambda v: v["event"] == "adapter_promoted" and v["run_id"] == SECOND, timeout=10)
+
+
+def test_a_promote_while_a_runs_end_is_published_is_what_the_adapter_topic_says_last(
+    served_app: TrainerApp, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's end read the served adapter, the promote switched and published, then the run's
+    end published what it had read: `adapter` said FIRST installed until the next change."""
+    from homeiq_trainer import reporter as reporter_module
+    from tests.test_promotion import FIRST, SECOND
+
+    watcher.wait_for(f"{BASE}/adapter", lambda v: v["installed_version"] == FIRST, timeout=10)
+    real, computed, release = reporter_module.update_payload, threading.Event(), threading.Event()
+
+    def held_on_the_run_thread(*args: Any) -> Any:
+        payload = real(*args)
+        if threading.current_thread().name.startswith("run-"):
+            computed.set()
+            release.wait(10)  # read now, published a moment later (a slow history)
+        return payload
+
+    monkeypatch.setattr(reporter_module, "update_payload", held_on_the_run_thread)
+    assert watcher.request(CMD, RESP, {"action": "start"})["status"] == "ok"
+    assert computed.wait(10)
+    since = len(watcher.messages(RESP))
+    watcher.publish(CMD, json.dumps({"action": "promote", "run_id": SECOND, "request_id": "p1"}))
+    time.sleep(0.5)
+    release.set()
+    assert answers(watcher, since, 1)[0]["status"] == "ok"
+    watcher.wait_for(f"{BASE}/state", lambda v: v["state"] == "completed", timeout=10)
+    wait_idle(served_app)
+    assert served_app.store.served_stack()[0].run_identifier == SECOND
+    assert watcher.json(f"{BASE}/adapter")["installed_version"] == SECOND  # before: FIRST
+
+
+def test_a_start_on_the_completed_state_finds_the_runner_free(
+    daemon: Any, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the final state the problem sensor read the history before the runner let the run go:
+    a start sent on `completed` was refused `busy` ("run … is running") whenever that read was slow."""
+    from homeiq_trainer import settings_entities
+
+    real = settings_entities.SettingsEntities.publish_problem
+
+    def slow_on_the_run_thread(self: Any) -> None:  # a PostgreSQL history a few tens of ms away
+        if threading.current_thread().name.startswith("run-"):
+            time.sleep(0.3)
+        real(self)
+
+    monkeypatch.setattr(settings_entities.SettingsEntities, "publish_problem", slow_on_the_run_thread)
+    app = daemon([PhaseEvent(phase=Phase.TRAINING), "result"])
+    for _ in range(2):
+        run_id = watcher.request(CMD, RESP, {"action": "start"})["data"]["run_id"]
+        watcher.wait_for(
+            f"{BASE}/state", lambda v, r=run_id: v["run_id"] == r and v["state"] == "completed", timeout=10
+        )
+        again = watcher.request(CMD, RESP, {"action": "start"})
+        assert again["status"] == "ok", again  # before: busy
+        done = again["data"]["run_id"]
+        watcher.wait_for(f"{BASE}/state", lambda v, r=done: v["run_id"] == r and v["state"] == "completed", timeout=10)
+        wait_idle(app)
