@@ -62,6 +62,7 @@ class BoundedWait:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._lock = threading.Lock()  # callers on several threads (a lock's keeper and a run's start)
         self._pending: Future[object] | None = None
         self._since = 0.0
 
@@ -70,12 +71,12 @@ class BoundedWait:
 
         A call still waiting from before is waited for first, up to `wait_s` as well.
         """
-        pending = self._pending
+        with self._lock:
+            pending, since = self._pending, self._since
         if pending is not None:
             wait_for([pending], timeout=wait_s)
             if not pending.done():
-                waited = time.monotonic() - self._since
-                raise NoAnswer(f"no answer for {waited:.0f} s (a call started then is still waiting)")
+                raise NoAnswer(f"no answer for {time.monotonic() - since:.0f} s (a call started then is still waiting)")
         future: Future[_T] = Future()
 
         def run() -> None:
@@ -84,12 +85,15 @@ class BoundedWait:
             except BaseException as exc:  # handed to the caller, whose frame decides
                 future.set_exception(exc)
 
-        self._pending, self._since = future, time.monotonic()  # type: ignore[assignment]
+        with self._lock:
+            self._pending, self._since = future, time.monotonic()  # type: ignore[assignment]
         threading.Thread(target=run, name=self.name, daemon=True).start()
         wait_for([future], timeout=wait_s)
         if not future.done():
             raise NoAnswer(f"no answer within {wait_s:g} s")
-        self._pending = None
+        with self._lock:
+            if self._pending is future:
+                self._pending = None
         return future.result()
 
 

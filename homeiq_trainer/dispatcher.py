@@ -26,7 +26,7 @@ from homeiq_trainer.commands import (
     validate_command,
 )
 from homeiq_trainer.database import BoundedWait, NoAnswer
-from homeiq_trainer.history import HistoryStore
+from homeiq_trainer.history import HistoryStore, HistoryUnavailable
 from homeiq_trainer.idempotency import RequestIdConflict, RequestMemory, fingerprint
 from homeiq_trainer.jobs import InstanceBusy, JobRequest
 from homeiq_trainer.messages import Command, ErrorInfo, Response, RunStatus, StartParams, TriggerEvent
@@ -350,6 +350,8 @@ class Dispatcher:
             raise CommandError("shutting_down", str(exc)) from None
         except InstanceBusy as exc:  # a history on a server whose lock another homeiq-trainer took meanwhile
             raise CommandError("busy", str(exc), of_state=True) from None
+        except HistoryUnavailable as exc:  # its lock's server does not answer: no run opened
+            raise CommandError("history_unavailable", str(exc), of_state=True) from None
         return {"run_id": run.run_identifier, "state": RunStatus.QUEUED.value, **extra}
 
 

@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from homeiq_trainer.database import masked, postgres_connect_args, sqlite_path
+from homeiq_trainer.database import BoundedWait, NoAnswer, masked, postgres_connect_args, sqlite_path
 from homeiq_trainer.history import (
     HISTORY_TIMEOUT_S,
     HistoryStore,
@@ -50,6 +50,9 @@ _LOGGER = logging.getLogger(__name__)
 HISTORY_LOCK_KEY = 0x486F6D6549515472
 # How often a daemon checks that the server still holds its session (and so the lock).
 SERVER_LOCK_CHECK_S = 10.0
+# Connecting and one statement, each bounded by libpq or the server; past this the server took the
+# query and went quiet (see `BoundedWait`), and the check or the release gives up waiting.
+LOCK_CHECK_WAIT_S = 2 * HISTORY_TIMEOUT_S + 5.0
 
 
 class InstanceLock:
@@ -76,6 +79,7 @@ class InstanceLock:
         self._fds: list[int] = []
         self._session: Connection | None = None
         self._guard = threading.Lock()  # `ensure` runs on the keeper's thread and before each run opens
+        self._check = BoundedWait("history-lock")  # bounds ensure's and release's waits on the server
         self._lost_to_another = False
 
     def acquire(self) -> None:
@@ -96,6 +100,13 @@ class InstanceLock:
         the server does not answer; nothing to do for a history in a file."""
         if self._server_history is None:
             return
+        try:
+            self._check.call(self._ensure, LOCK_CHECK_WAIT_S)
+        except NoAnswer as exc:  # a server that took the query and went quiet: the run's start is refused
+            raise HistoryUnavailable(f"the history at {masked(self._server_history)} does not answer: {exc}") from None
+
+    def _ensure(self) -> None:
+        assert self._server_history is not None
         with self._guard:
             if self._session is not None:
                 try:
@@ -180,6 +191,14 @@ class InstanceLock:
         """Give the locks back."""
         while self._fds:
             os.close(self._fds.pop())
+        if self._session is None:
+            return
+        try:
+            self._check.call(self._close_session, LOCK_CHECK_WAIT_S)
+        except NoAnswer as exc:  # the server drops the lock with our connection, when the process exits
+            _LOGGER.warning("The history server does not answer (%s); its lock goes with this process", exc)
+
+    def _close_session(self) -> None:
         with self._guard:
             if self._session is not None:
                 session, self._session = self._session, None

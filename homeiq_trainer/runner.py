@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from homeiq_trainer.history import HistoryStore, TrainingRun
+from homeiq_trainer.history import HISTORY_TIMEOUT_S, HistoryStore, TrainingRun
 from homeiq_trainer.jobs import JobRequest, crash_result, open_run
 from homeiq_trainer.messages import (
     Decision,
@@ -371,9 +371,15 @@ class Runner:
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop accepting, cancel any active run and wait for it to end (it is killed after `timeout_s`)."""
-        with self._lock:
-            self._accepting = False
-            thread = self._thread
+        # A start holds the lock while it opens its run (bounded by the history's statement timeout),
+        # and on a history server gone quiet for good: then the stop goes on without it.
+        locked = self._lock.acquire(timeout=HISTORY_TIMEOUT_S + JOIN_TIMEOUT_S)
+        self._accepting = False
+        thread = self._thread
+        if locked:
+            self._lock.release()
+        else:
+            _LOGGER.error("A run's start is waiting on the history and does not end; stopping without it")
         self._stopping.set()
         if self._active is not None:
             with contextlib.suppress(NotRunning):
@@ -387,8 +393,11 @@ class Runner:
             if thread.ident is not None:
                 # The worker kills the process at the deadline, then records and publishes the end.
                 thread.join(timeout=timeout_s + TICK_S + JOIN_TIMEOUT_S * 2)
-        with self._lock:
-            self._record_unrecorded()
+        if self._lock.acquire(timeout=JOIN_TIMEOUT_S):
+            try:
+                self._record_unrecorded()
+            finally:
+                self._lock.release()
 
     def _work(self, job: ActiveJob) -> None:
         """The worker thread: running → events → outcome, and the row is always closed."""

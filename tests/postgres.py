@@ -260,14 +260,17 @@ class PasswordRejectingServer:
 
 
 class StallingProxy:
-    """Passes each connection's start-up through to the tests' server, then holds all the client sends:
+    """Passes each connection's start-up (or all, until `frozen`) to the tests' server, then holds all the client sends:
     a backend that took the connection and went quiet (stopped, or stuck on a dead disk), which
     neither libpq's connect_timeout nor the server's statement_timeout ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, after_startup: bool = True) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.sock.getsockname()[1])
         self.accepted = 0
+        self.after_startup = after_startup
+        """False: everything passes until `frozen` is set (a server that goes quiet later)."""
+        self.frozen = threading.Event()
         self._server = make_url(admin_url())
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -286,11 +289,10 @@ class StallingProxy:
                 threading.Thread(target=self._pipe, args=(client, upstream, True, ready), daemon=True).start()
                 threading.Thread(target=self._pipe, args=(upstream, client, False, ready), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket, from_client: bool, ready: threading.Event) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool, ready: threading.Event) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if from_client and ready.is_set():
+                if from_client and (self.frozen.is_set() or (self.after_startup and ready.is_set())):
                     continue  # swallowed: the server never answers again
                 if not from_client and b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery: connected
                     ready.set()

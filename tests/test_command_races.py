@@ -395,3 +395,24 @@ def test_a_start_on_the_completed_state_finds_the_runner_free(
         done = again["data"]["run_id"]
         watcher.wait_for(f"{BASE}/state", lambda v, r=done: v["run_id"] == r and v["state"] == "completed", timeout=10)
         wait_idle(app)
+
+
+def test_a_start_while_the_history_server_is_quiet_is_answered_history_unavailable(
+    daemon: Any, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock's check waited for good on a PostgreSQL history that took it and went quiet, with
+    the runner's lock held: the start got no answer, and nor did any command after it."""
+    from homeiq_trainer import jobs
+
+    monkeypatch.setattr(jobs, "LOCK_CHECK_WAIT_S", 1.0)
+    proxy = postgres.StallingProxy(after_startup=False)
+    with postgres.throwaway_database() as name:
+        history = proxy.url(name).replace("postgresql://", "postgresql+psycopg://")
+        app = daemon(["result"], storage={"history": history})
+        proxy.frozen.set()
+        refused = watcher.request(CMD, RESP, {"action": "start"}, timeout=15)
+        assert refused["error"]["code"] == "history_unavailable", refused  # before: no answer
+        assert "does not answer" in refused["error"]["message"]
+        assert watcher.request(CMD, RESP, {"action": "cancel"})["error"]["code"] == "not_running"
+        app.stop()
+    proxy.close()

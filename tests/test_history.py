@@ -310,3 +310,49 @@ def test_a_server_lock_lost_with_its_session_is_taken_again_or_refuses_runs(tmp_
         with pytest.raises(InstanceBusy):
             beside.acquire()
         daemon.release()
+
+
+def test_a_history_server_gone_quiet_cannot_hold_up_the_lock_check_a_start_or_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that took the lock's `SELECT 1` and went quiet held the check's guard for good: a
+    `start` waited on it holding the runner's lock, and the daemon's SIGTERM never finished."""
+    import threading
+    import time
+
+    from homeiq_trainer import jobs
+    from homeiq_trainer.history import HistoryUnavailable
+    from homeiq_trainer.jobs import InstanceLock, JobRequest
+    from homeiq_trainer.messages import TrainParams
+    from homeiq_trainer.runner import Runner
+
+    monkeypatch.setattr(jobs, "LOCK_CHECK_WAIT_S", 1.0)
+    proxy = postgres.StallingProxy(after_startup=False)
+    with postgres.throwaway_database() as name:
+        quiet = proxy.url(name).replace("postgresql://", "postgresql+psycopg://")
+        lock = InstanceLock(load_settings(None, {"storage": {"history": quiet, "output_dir": str(tmp_path / "o")}}))
+        lock.acquire()
+        settings = load_settings(None, {"storage": {"history_db": str(tmp_path / "h.db"), "output_dir": str(tmp_path)}})
+        store = HistoryStore(settings.storage.history_db)
+
+        class Listener:
+            def run_state(self, *_args: object) -> None: ...
+            def run_progress(self, *_args: object) -> None: ...
+            def run_finished(self, *_args: object) -> None: ...
+
+        runner = Runner(settings, store, Listener(), before_open=lock.ensure)  # type: ignore[arg-type]
+        proxy.frozen.set()  # the server goes quiet (stopped, paused, a dead disk)
+        stop = threading.Event()
+        lock.keep(stop, every_s=0.2)
+        time.sleep(0.5)  # the keeper's check is waiting by now
+        with pytest.raises(HistoryUnavailable, match="does not answer"):
+            runner.submit(JobRequest(params=TrainParams()))  # before: waited for good
+        assert runner.active is None
+        stopped = threading.Thread(target=lambda: (runner.shutdown(1.0), stop.set(), lock.release()), daemon=True)
+        started = time.monotonic()
+        stopped.start()
+        stopped.join(30)
+        assert not stopped.is_alive(), "the stop waited on the quiet server"  # before: for good
+        assert time.monotonic() - started < 10
+        store.close()
+    proxy.close()
